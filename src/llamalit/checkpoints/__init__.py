@@ -1,0 +1,1 @@
+"""Reading and writing model weights: our format, llama2.c, Hugging Face, PEFT."""

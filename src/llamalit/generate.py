@@ -1,0 +1,114 @@
+"""Sampling from a Llama with a KV cache: temperature, top-k, top-p, EOS stop, seeded."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import torch
+
+from llamalit.model import Llama
+
+
+def filter_logits(logits: torch.Tensor, top_k: int | None = None, top_p: float | None = None) -> torch.Tensor:
+    """Set to -inf every logit outside the top-k and outside the nucleus (smallest set of mass >= top_p)."""
+    if top_k is not None and top_k > 0 and top_k < logits.shape[-1]:
+        kth = torch.topk(logits, top_k, dim=-1).values[..., -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p is not None and 0.0 < top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
+        probs = torch.softmax(sorted_logits.float(), dim=-1)
+        mass_before = probs.cumsum(-1) - probs
+        drop_sorted = mass_before >= top_p  # keep a token while the mass before it is short of p
+        drop = drop_sorted.scatter(-1, order, drop_sorted)
+        logits = logits.masked_fill(drop, float("-inf"))
+    return logits
+
+
+def sample_next(logits: torch.Tensor, temperature: float = 1.0, top_k: int | None = None,
+                top_p: float | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Next token ids (B,) from last-position logits (B, vocab). temperature 0 means greedy."""
+    if temperature == 0.0:
+        return logits.argmax(dim=-1)
+    logits = filter_logits(logits.float() / temperature, top_k, top_p)
+    probs = torch.softmax(logits, dim=-1)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+def _check_args(model: Llama, prompt_len: int, max_new_tokens: int, temperature: float) -> None:
+    if prompt_len == 0:
+        raise ValueError("generate: the prompt is empty; pass at least one token (e.g. BOS)")
+    if max_new_tokens < 1:
+        raise ValueError(f"generate: max_new_tokens must be >= 1, got {max_new_tokens}")
+    if temperature < 0:
+        raise ValueError(f"generate: temperature must be >= 0, got {temperature}")
+    if prompt_len + max_new_tokens > model.cfg.max_seq_len:
+        raise ValueError(
+            f"generate: prompt ({prompt_len} tokens) + max_new_tokens ({max_new_tokens}) = "
+            f"{prompt_len + max_new_tokens} exceeds the model's max_seq_len={model.cfg.max_seq_len}; "
+            "shorten the prompt or lower max_new_tokens"
+        )
+
+
+@torch.inference_mode()
+def generate_stream(model: Llama, prompt_ids: list[int] | list[list[int]], max_new_tokens: int,
+                    temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
+                    eos_id: int | None = None, seed: int | None = None) -> Iterator[int | list[int]]:
+    """Yield new token ids as they are produced: an int per step for one prompt, a list for a batch.
+
+    A batch is a list of equal-length prompts. Generation stops once every row has sampled
+    ``eos_id``; a finished row yields ``eos_id`` again (as padding) until the rest finish.
+    """
+    batched = bool(prompt_ids) and isinstance(prompt_ids[0], (list, tuple))
+    rows = [list(p) for p in prompt_ids] if batched else [list(prompt_ids)]
+    if len({len(r) for r in rows}) > 1:
+        raise ValueError("generate: prompts in a batch must have equal length")
+    _check_args(model, len(rows[0]), max_new_tokens, temperature)
+
+    device = model.output.weight.device
+    generator = None
+    if seed is not None:
+        generator = torch.Generator(device=device)
+        generator.manual_seed(seed)
+    was_training = model.training
+    model.eval()
+    try:
+        caches = model.new_caches(len(rows))
+        tokens = torch.tensor(rows, dtype=torch.long, device=device)
+        logits = model.output(model.hidden(tokens, 0, caches)[:, -1])
+        pos = tokens.shape[1]
+        finished = torch.zeros(len(rows), dtype=torch.bool, device=device)
+        for step in range(max_new_tokens):
+            nxt = sample_next(logits, temperature, top_k, top_p, generator)
+            if eos_id is not None:
+                nxt = nxt.masked_fill(finished, eos_id)
+                finished |= nxt == eos_id
+            ids = nxt.tolist()
+            if not batched:
+                if ids[0] == eos_id:
+                    return
+                yield ids[0]
+            else:
+                if bool(finished.all()):
+                    if any(i != eos_id for i in ids):
+                        yield ids
+                    return
+                yield ids
+            if step + 1 < max_new_tokens:
+                logits = model.output(model.hidden(nxt[:, None], pos, caches)[:, -1])
+                pos += 1
+    finally:
+        model.train(was_training)
+
+
+def generate(model: Llama, prompt_ids: list[int] | list[list[int]], max_new_tokens: int,
+             temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
+             eos_id: int | None = None, seed: int | None = None) -> list[int] | list[list[int]]:
+    """New tokens only (the EOS that stops a row is not included). A batch gives one list per row."""
+    steps = list(generate_stream(model, prompt_ids, max_new_tokens, temperature, top_k, top_p, eos_id, seed))
+    if prompt_ids and isinstance(prompt_ids[0], (list, tuple)):
+        return [_until_eos([ids[row] for ids in steps], eos_id) for row in range(len(prompt_ids))]
+    return steps
+
+
+def _until_eos(ids: list[int], eos_id: int | None) -> list[int]:
+    return ids[: ids.index(eos_id)] if eos_id is not None and eos_id in ids else ids
