@@ -1,0 +1,22 @@
+"""``python train.py experiment=NAME [key=value ...]`` / ``llamalit-train``: one run, or a sweep with -m."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import hydra
+from omegaconf import DictConfig
+
+CONF_DIR = str(Path(__file__).resolve().parents[3] / "conf")
+
+
+@hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="train")
+def main(cfg: DictConfig) -> float | None:
+    """Train; return the final val/loss (what a Hydra sweeper such as Optuna minimises)."""
+    from llamalit.training.run import train
+
+    return train(cfg)["val/loss"]
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,288 @@
+"""LoRA (Hu et al. 2021): low-rank adapters on a Llama's linear layers, merge, and adapter files.
+
+``apply_lora`` swaps each targeted ``nn.Linear`` for a :class:`LoRALinear` that keeps the base
+``weight`` under its own name, so ``layers.0.attention.wq.weight`` is still that key and a base
+checkpoint loads into the wrapped model with only the adapter keys (``...wq.lora_A``,
+``...wq.lora_B``) missing. Adapter files: ``adapter.safetensors`` + ``adapter_config.json``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections import Counter
+from dataclasses import dataclass, fields, replace
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file
+from torch import nn
+
+from llamalit.checkpoints.native import save_tensors
+from llamalit.fileio import atomic_write_json
+
+ADAPTER_FORMAT = "llamalit-lora/1"
+ADAPTER_WEIGHTS = "adapter.safetensors"
+ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_SUFFIXES = (".lora_A", ".lora_B")
+# Linear layers of our Llama, by the last component of their module name.
+LINEAR_NAMES = ("wq", "wk", "wv", "wo", "w1", "w2", "w3", "output")
+
+
+@dataclass(frozen=True)
+class LoraConfig:
+    """Adapter settings: rank r, scaling alpha / r, dropout on the LoRA path, targeted module names."""
+
+    rank: int
+    alpha: float
+    dropout: float = 0.0
+    targets: tuple[str, ...] = ("wq", "wk", "wv", "wo")
+
+    def __post_init__(self) -> None:
+        targets = self.targets
+        if isinstance(targets, str):  # "wq,wk" from a command line
+            targets = [t.strip() for t in targets.split(",") if t.strip()]
+        object.__setattr__(self, "targets", tuple(str(t) for t in targets))
+        if isinstance(self.rank, bool) or not isinstance(self.rank, int) or self.rank < 1:
+            raise ValueError(f"LoraConfig.rank={self.rank!r}: must be an int >= 1 "
+                             "(lora=none has rank 0: check lora.enabled before building a LoraConfig)")
+        if not self.alpha > 0:
+            raise ValueError(f"LoraConfig.alpha={self.alpha!r}: must be > 0")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"LoraConfig.dropout={self.dropout!r}: must be in [0, 1)")
+        if not self.targets:
+            raise ValueError(f"LoraConfig.targets is empty; name modules among {list(LINEAR_NAMES)}")
+
+    @property
+    def scaling(self) -> float:
+        return self.alpha / self.rank
+
+    @classmethod
+    def from_dict(cls, d) -> LoraConfig:
+        """Build from a dict or DictConfig, ignoring keys that are not fields (``enabled``, ...)."""
+        names = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in dict(d).items() if k in names})
+
+    def to_dict(self) -> dict:
+        return {"rank": self.rank, "alpha": self.alpha, "dropout": self.dropout, "targets": list(self.targets)}
+
+
+class LoRALinear(nn.Module):
+    """``y = x W^T + b + (alpha / r) * dropout(x) A^T B^T``; W (and b) are the frozen base tensors.
+
+    ``weight_tied`` marks a base weight shared with another module (the tied output head); its
+    LoRA path is still applied in forward, but it is never merged in place (see :func:`merge_lora`).
+    """
+
+    def __init__(self, base: nn.Linear, rank: int, alpha: float, dropout: float = 0.0,
+                 weight_tied: bool = False):
+        super().__init__()
+        self.in_features, self.out_features = base.in_features, base.out_features
+        self.weight = base.weight  # the same Parameter: ties and state-dict names survive
+        self.bias = base.bias
+        self.rank, self.alpha, self.scaling = rank, alpha, alpha / rank
+        w = base.weight
+        self.lora_A = nn.Parameter(torch.empty(rank, self.in_features, dtype=w.dtype, device=w.device))
+        self.lora_B = nn.Parameter(torch.zeros(self.out_features, rank, dtype=w.dtype, device=w.device))
+        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))  # nn.Linear's init; B = 0: a no-op at start
+        self.lora_dropout = nn.Dropout(dropout)
+        self.weight_tied = weight_tied
+        self.merged = False
+
+    def delta_weight(self) -> torch.Tensor:
+        """The low-rank update (out, in): B @ A * alpha / r."""
+        return (self.lora_B @ self.lora_A) * self.scaling
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = F.linear(x, self.weight, self.bias)
+        if self.merged:
+            return out
+        lora = F.linear(F.linear(self.lora_dropout(x), self.lora_A), self.lora_B)
+        return out + lora * self.scaling
+
+    @torch.no_grad()
+    def merge_(self) -> None:
+        """Fold the update into the base weight in place (fast inference); :meth:`unmerge_` undoes it."""
+        if self.weight_tied:
+            raise ValueError("this layer's weight is tied to another module (the embedding); merging in "
+                             "place would change that module too: use merge_lora(model), which unties it")
+        if not self.merged:
+            self.weight.add_(self.delta_weight())
+            self.merged = True
+
+    @torch.no_grad()
+    def unmerge_(self) -> None:
+        if self.merged:
+            self.weight.sub_(self.delta_weight())
+            self.merged = False
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, rank={self.rank}, "
+                f"alpha={self.alpha}, dropout={self.lora_dropout.p}, merged={self.merged}")
+
+
+def lora_layers(model: nn.Module) -> dict[str, LoRALinear]:
+    """Every :class:`LoRALinear` in ``model`` by module name."""
+    return {name: m for name, m in model.named_modules() if isinstance(m, LoRALinear)}
+
+
+def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent_name) if parent_name else model, child, module)
+
+
+def apply_lora(model: nn.Module, cfg: LoraConfig) -> nn.Module:
+    """Wrap each ``nn.Linear`` whose name ends in one of ``cfg.targets``; freeze everything else.
+
+    In place; returns ``model``. Load base weights before calling this (or load them after with
+    ``strict=False``: only the adapter keys are then missing).
+    """
+    if lora_layers(model):
+        raise ValueError("model already has LoRA adapters; merge_lora(model) first or build a fresh model")
+    linears = {name: m for name, m in model.named_modules() if isinstance(m, nn.Linear)}
+    available = sorted({name.rpartition(".")[2] for name in linears})
+    unmatched = [t for t in cfg.targets if t not in available]
+    if unmatched:
+        raise ValueError(f"LoRA targets {unmatched}: no module named so in model; "
+                         f"available linears: {available}")
+    uses = Counter(id(p) for _, p in model.named_parameters(remove_duplicate=False))
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for name, base in linears.items():
+        if name.rpartition(".")[2] in cfg.targets:
+            wrapped = LoRALinear(base, cfg.rank, cfg.alpha, cfg.dropout,
+                                 weight_tied=uses[id(base.weight)] > 1)
+            _set_submodule(model, name, wrapped)
+    return model
+
+
+@torch.no_grad()
+def merge_lora(model: nn.Module) -> nn.Module:
+    """Fold B @ A * alpha / r into each base weight and put back a plain ``nn.Linear`` (in place).
+
+    A tied output head gets its own merged weight: the embedding is left unchanged and
+    ``model.cfg.tie_embeddings`` becomes False, so the merged model saves and loads as an untied one.
+    """
+    untied = False
+    for name, layer in lora_layers(model).items():
+        if layer.merged:  # already folded in place
+            weight = layer.weight
+        else:  # a new tensor: the base tensor may be shared (tied embedding) and must not change
+            weight = nn.Parameter(layer.weight + layer.delta_weight(), requires_grad=False)
+        plain = nn.Linear(layer.in_features, layer.out_features, bias=False, device="meta")
+        plain.weight, plain.bias = weight, layer.bias
+        untied = untied or layer.weight_tied
+        _set_submodule(model, name, plain)
+    cfg = getattr(model, "cfg", None)
+    if untied and getattr(cfg, "tie_embeddings", False):
+        model.cfg = replace(cfg, tie_embeddings=False)
+    return model
+
+
+def lora_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Only the adapter tensors (``<module>.lora_A`` / ``<module>.lora_B``) of ``model``."""
+    return {k: v for k, v in model.state_dict().items() if k.endswith(ADAPTER_SUFFIXES)}
+
+
+@torch.no_grad()
+def load_lora_state_dict(model: nn.Module, sd: dict[str, torch.Tensor]) -> None:
+    """Copy adapter tensors into a model already wrapped by :func:`apply_lora`; strict about keys and shapes."""
+    params = dict(model.named_parameters())
+    expected = {k for k in params if k.endswith(ADAPTER_SUFFIXES)}
+    if not expected:
+        raise ValueError("model has no LoRA adapters: call apply_lora(model, cfg) before loading them")
+    missing, unexpected = sorted(expected - sd.keys()), sorted(sd.keys() - expected)
+    bad_shapes = [f"{k}: file {tuple(sd[k].shape)} vs model {tuple(params[k].shape)}"
+                  for k in sorted(expected & sd.keys()) if sd[k].shape != params[k].shape]
+    if missing or unexpected or bad_shapes:
+        raise ValueError(
+            "adapter does not fit this model (were rank/targets the same as when it was saved?): "
+            f"missing {missing}, unexpected {unexpected}, shape mismatches {bad_shapes}"
+        )
+    if any(layer.merged for layer in lora_layers(model).values()):
+        raise ValueError("model has adapters merged in place; unmerge_() them before loading new ones")
+    for k in expected:
+        params[k].copy_(sd[k])
+
+
+def adapter_num_params(model_cfg, lora_cfg: LoraConfig) -> int:
+    """Adapter parameters that ``apply_lora`` adds to a Llama of shape ``model_cfg`` (no model built)."""
+    c = model_cfg
+    q_out, kv_out = c.n_heads * c.head_dim, c.n_kv_heads * c.head_dim
+    shapes = {"wq": (c.dim, q_out), "wk": (c.dim, kv_out), "wv": (c.dim, kv_out), "wo": (q_out, c.dim),
+              "w1": (c.dim, c.hidden_dim), "w2": (c.hidden_dim, c.dim), "w3": (c.dim, c.hidden_dim)}
+    unknown = [t for t in lora_cfg.targets if t not in LINEAR_NAMES]
+    if unknown:
+        raise ValueError(f"LoRA targets {unknown}: not a Llama linear; choose among {list(LINEAR_NAMES)}")
+    per_layer = sum(sum(shapes[t]) for t in lora_cfg.targets if t in shapes) * c.n_layers
+    head = c.dim + c.vocab_size if "output" in lora_cfg.targets else 0
+    return lora_cfg.rank * (per_layer + head)
+
+
+def _check_matches(model: nn.Module, cfg: LoraConfig) -> None:
+    layers = lora_layers(model)
+    if not layers:
+        raise ValueError("model has no LoRA adapters to save; call apply_lora(model, cfg) first")
+    found = sorted({name.rpartition(".")[2] for name in layers})
+    if found != sorted(cfg.targets):
+        raise ValueError(f"model has adapters on {found} but the LoraConfig being saved targets "
+                         f"{list(cfg.targets)}; save the config the model was built with")
+    for name, layer in layers.items():
+        if (layer.rank, layer.alpha, layer.lora_dropout.p) != (cfg.rank, cfg.alpha, cfg.dropout):
+            raise ValueError(f"{name}: rank={layer.rank} alpha={layer.alpha} dropout={layer.lora_dropout.p} "
+                             f"do not match the LoraConfig being saved ({cfg}); "
+                             "save the config the model was built with")
+
+
+def save_adapter(model: nn.Module, out_dir: str | Path, base: str | None, lora_cfg: LoraConfig) -> Path:
+    """Write ``adapter.safetensors`` and ``adapter_config.json`` (naming the base) into ``out_dir``.
+
+    Each file is written atomically; the config goes last, so a directory with a config is complete.
+    """
+    _check_matches(model, lora_cfg)
+    out_dir = Path(out_dir)
+    sd = lora_state_dict(model)
+    if any(layer.merged for layer in lora_layers(model).values()):
+        raise ValueError("adapters are merged in place; unmerge_() them before saving the adapter")
+    save_tensors(sd, out_dir / ADAPTER_WEIGHTS, metadata={"format": ADAPTER_FORMAT})
+    meta = {"format": ADAPTER_FORMAT, "base": base, "lora": lora_cfg.to_dict()}
+    model_cfg = getattr(model, "cfg", None)
+    if model_cfg is not None:
+        meta["model"] = model_cfg.to_dict()
+    atomic_write_json(out_dir / ADAPTER_CONFIG, meta)
+    return out_dir
+
+
+def is_adapter_dir(path: str | Path) -> bool:
+    """True when ``path`` holds a complete adapter written by :func:`save_adapter`."""
+    path = Path(path)
+    if not (path.is_dir() and (path / ADAPTER_WEIGHTS).is_file() and (path / ADAPTER_CONFIG).is_file()):
+        return False
+    try:
+        return json.loads((path / ADAPTER_CONFIG).read_text()).get("format") == ADAPTER_FORMAT
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return False
+
+
+def load_adapter(path: str | Path, map_location: str = "cpu") -> tuple[LoraConfig, dict[str, torch.Tensor], dict]:
+    """Read an adapter directory: its LoraConfig, the adapter tensors and the whole config JSON."""
+    path = Path(path)
+    cfg_path = path / ADAPTER_CONFIG
+    try:
+        meta = json.loads(cfg_path.read_text())
+    except FileNotFoundError as e:
+        raise FileNotFoundError(f"{cfg_path}: missing; is {path} a llamalit adapter directory?") from e
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{cfg_path}: invalid JSON ({e})") from e
+    if meta.get("format") != ADAPTER_FORMAT or "lora" not in meta:
+        raise ValueError(f"{cfg_path}: not a llamalit adapter config "
+                         f"(format {meta.get('format')!r}, expected {ADAPTER_FORMAT!r})")
+    try:
+        lora_cfg = LoraConfig.from_dict(meta["lora"])
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"{cfg_path}: bad 'lora' section {meta['lora']!r}: {e}") from e
+    weights = path / ADAPTER_WEIGHTS
+    if not weights.is_file():
+        raise FileNotFoundError(f"{weights}: missing (the adapter config is there but not its tensors)")
+    return lora_cfg, load_file(str(weights), device=map_location), meta

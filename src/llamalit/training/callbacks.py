@@ -1,0 +1,141 @@
+"""Callbacks: throughput/MFU, and text samples from fixed prompts at each validation."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import lightning as L
+import torch
+
+from llamalit.model import Llama
+
+
+def peak_flops(device: torch.device, configured: float | None = None) -> float | None:
+    """Peak bf16 dense FLOP/s of the device for MFU, or None when unknown (CPU) and not configured."""
+    if configured:
+        return float(configured)
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device).lower()
+    table = {"h200": 989e12, "h100": 989e12, "a100": 312e12, "l4": 121e12, "4090": 165e12, "a10": 125e12}
+    return next((v for k, v in table.items() if k in name), None)
+
+
+class SpeedMonitor(L.Callback):
+    """Logs tokens/s (input tokens, all ranks) and MFU every ``log_every`` optimizer steps.
+
+    Wall time over a window of steps needs no GPU sync: queued kernels finish within the window.
+    """
+
+    def __init__(self, log_every: int = 10, peak_flops_per_s: float | None = None):
+        self.log_every = log_every
+        self.configured_peak = peak_flops_per_s
+        self.tokens_seen = 0
+        self.train_time_s = 0.0
+        self._window_tokens = 0
+        self._window_start: float | None = None
+        self._last_step = -1
+        self.tokens_per_s: float | None = None
+        self.mfu: float | None = None
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if self._window_start is None:
+            self._window_start = time.perf_counter()
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        n = batch["input_ids"].numel() * trainer.world_size
+        self.tokens_seen += n
+        self._window_tokens += n
+        step = trainer.global_step
+        if step == self._last_step or step % self.log_every:
+            return
+        self._last_step = step
+        now = time.perf_counter()
+        elapsed = now - self._window_start
+        self.train_time_s += elapsed
+        self.tokens_per_s = self._window_tokens / max(elapsed, 1e-9)
+        metrics = {"perf/tokens_per_s": self.tokens_per_s, "perf/tokens_seen": float(self.tokens_seen)}
+        model: Llama = pl_module.model
+        peak = peak_flops(pl_module.device, self.configured_peak)
+        if peak:
+            seq = batch["input_ids"].shape[1]
+            flops = model.flops_per_token(seq) * self.tokens_per_s / trainer.world_size
+            self.mfu = flops / peak
+            metrics["perf/mfu"] = self.mfu
+        pl_module.log_dict(metrics, on_step=True, rank_zero_only=True)
+        self._window_tokens = 0
+        self._window_start = now
+
+    def on_validation_start(self, trainer, pl_module) -> None:
+        self._pause = time.perf_counter()
+
+    def on_validation_end(self, trainer, pl_module) -> None:
+        if self._window_start is not None:  # validation time does not count as training time
+            self._window_start += time.perf_counter() - self._pause
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"tokens_seen": self.tokens_seen, "train_time_s": self.train_time_s}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.tokens_seen = state_dict.get("tokens_seen", 0)
+        self.train_time_s = state_dict.get("train_time_s", 0.0)
+
+
+class SampleCallback(L.Callback):
+    """Generates from fixed prompts after each validation; logs a wandb table, or prints them.
+
+    For instruct data a prompt is encoded without BOS and followed by BOS, as in the shards.
+    """
+
+    def __init__(self, prompts: Sequence[str] = (), max_new_tokens: int = 64, temperature: float = 0.0,
+                 top_k: int | None = None, seed: int = 0, every_n_val: int = 1):
+        self.prompts = list(prompts)
+        self.max_new_tokens = max_new_tokens
+        self.temperature = temperature
+        self.top_k = top_k
+        self.seed = seed
+        self.every_n_val = every_n_val
+        self._n_val = 0
+        self.last_samples: list[tuple[str, str]] = []
+
+    def on_validation_end(self, trainer, pl_module) -> None:
+        self._n_val += 1
+        if not self.prompts or trainer.sanity_checking or (self._n_val - 1) % self.every_n_val:
+            return
+        if trainer.global_rank != 0:
+            return
+        dm = trainer.datamodule
+        if dm is None or not getattr(dm, "tokenizer_path", None):
+            return
+        self.last_samples = sample_texts(pl_module.model, dm.tokenizer_path, self.prompts,
+                                         instruct=dm.manifest.get("kind") == "instruct",
+                                         max_new_tokens=self.max_new_tokens,
+                                         temperature=self.temperature, top_k=self.top_k, seed=self.seed)
+        logger = trainer.logger
+        if logger is not None and hasattr(logger, "log_text"):
+            logger.log_text(key="samples", columns=["step", "prompt", "sample"],
+                            data=[[trainer.global_step, p, s] for p, s in self.last_samples])
+        else:
+            for p, s in self.last_samples:
+                print(f"[step {trainer.global_step}] {p!r} -> {s!r}", flush=True)
+
+
+def sample_texts(model: Llama, tokenizer_path: str, prompts: Sequence[str], instruct: bool,
+                 max_new_tokens: int = 64, temperature: float = 0.0, top_k: int | None = None,
+                 seed: int = 0) -> list[tuple[str, str]]:
+    """(prompt, generated text) pairs; generation stops at EOS or the model's context."""
+    from llamalit.data.tokenizer import Tokenizer
+    from llamalit.generate import generate
+
+    tok = Tokenizer(tokenizer_path)
+    out = []
+    for prompt in prompts:
+        ids = tok.encode(prompt, bos=False, eos=False) + [tok.bos_id] if instruct else tok.encode(prompt, bos=True, eos=False)
+        budget = min(max_new_tokens, model.cfg.max_seq_len - len(ids))
+        if budget < 1:
+            continue
+        new = generate(model, ids, budget, temperature=temperature, top_k=top_k, eos_id=tok.eos_id, seed=seed)
+        out.append((prompt, tok.decode(new)))
+    return out

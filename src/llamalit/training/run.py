@@ -1,0 +1,191 @@
+"""One training run, top to bottom: data, model, trainer, fit, validate the best, export, summary.json."""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import time
+from pathlib import Path
+
+import lightning as L
+import torch
+from hydra.core.hydra_config import HydraConfig
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from llamalit.fileio import atomic_write_json
+from llamalit.training.loggers import build_logger, finish_wandb
+from llamalit.training.module import LlamaLitModule
+
+log = logging.getLogger(__name__)
+
+
+def resolve_precision(precision: str | int, accelerator: str) -> str | int:
+    """``auto``: bf16-mixed on a bf16-capable GPU, 32-true otherwise."""
+    if str(precision) != "auto":
+        return precision
+    if accelerator in ("auto", "gpu", "cuda") and torch.cuda.is_available() and torch.cuda.is_bf16_supported():
+        return "bf16-mixed"
+    return "32-true"
+
+
+def resolve_ckpt_path(ckpt_path: str | None, run_dir: Path) -> str | None:
+    """``last``: the newest ``checkpoints/last.ckpt`` among sibling runs of this experiment."""
+    if not ckpt_path:
+        return None
+    if ckpt_path != "last":
+        if not Path(ckpt_path).is_file():
+            raise FileNotFoundError(f"ckpt_path={ckpt_path}: no such checkpoint file")
+        return ckpt_path
+    candidates = [p for p in run_dir.parent.glob("*/checkpoints/last.ckpt") if run_dir not in p.parents]
+    if not candidates:
+        raise FileNotFoundError(
+            f"ckpt_path=last: no earlier run of this experiment has a checkpoints/last.ckpt under "
+            f"{run_dir.parent}; pass ckpt_path=/path/to/last.ckpt"
+        )
+    return str(max(candidates, key=lambda p: p.stat().st_mtime))
+
+
+def run_name(cfg: DictConfig) -> str:
+    """Experiment name plus the command-line overrides that matter (not paths/logger settings)."""
+    parts = [str(cfg.get("experiment_name") or "run")]
+    if HydraConfig.initialized():
+        for o in HydraConfig.get().overrides.task:
+            key = o.split("=", 1)[0].lstrip("+~")
+            if not key.startswith(("experiment", "paths", "logger", "hydra", "data.dir", "ckpt_path")):
+                parts.append(o)
+    return "-".join(parts)
+
+
+def sweep_group(cfg: DictConfig) -> str | None:
+    """In a multirun, every job shares one wandb group named after the sweep directory."""
+    if not HydraConfig.initialized():
+        return None
+    hc = HydraConfig.get()
+    if str(hc.mode) != "RunMode.MULTIRUN":
+        return None
+    return f"{cfg.get('experiment_name') or 'sweep'}-{Path(hc.sweep.dir).name}"
+
+
+def build_callbacks(cfg: DictConfig) -> list[L.Callback]:
+    return [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c is not None]
+
+
+def adapt_model_to_data(cfg: DictConfig, vocab_size: int, input_len: int) -> None:
+    """From scratch, the model takes the tokenizer's vocab; any model grows its context to the data's."""
+    if not cfg.get("init_from") and cfg.model.vocab_size != vocab_size:
+        log.info("model.vocab_size %s -> %s (the tokenizer's)", cfg.model.vocab_size, vocab_size)
+        cfg.model.vocab_size = vocab_size
+    if cfg.model.max_seq_len < input_len:
+        log.info("model.max_seq_len %s -> %s (the data's)", cfg.model.max_seq_len, input_len)
+        cfg.model.max_seq_len = input_len
+
+
+def export_weights(module: LlamaLitModule, out_dir: Path, tokenizer_path: str | None, cfg: dict) -> dict:
+    """Weights only, loadable without Lightning: a full model, or for a LoRA run the adapter alone."""
+    files: dict[str, str] = {}
+    tok_copy = None
+    if tokenizer_path and Path(tokenizer_path).is_file():
+        tok_copy = out_dir / "tokenizer.model"
+        if Path(tokenizer_path).resolve() != tok_copy.resolve():
+            shutil.copyfile(tokenizer_path, tok_copy)
+        files["tokenizer"] = str(tok_copy)
+    extra = {"tokenizer": str(tok_copy) if tok_copy else tokenizer_path,
+             "experiment": cfg.get("experiment_name")}
+    if (cfg.get("lora") or {}).get("enabled"):
+        from llamalit.lora import LoraConfig, save_adapter
+
+        save_adapter(module.model, out_dir, base=cfg.get("init_from"), lora_cfg=LoraConfig.from_dict(cfg["lora"]))
+        files["adapter"] = str(out_dir / "adapter.safetensors")
+    else:
+        from llamalit.checkpoints.native import save_model
+
+        save_model(module.model, out_dir, extra=extra)
+        files["model"] = str(out_dir / "model.safetensors")
+    return files
+
+
+def copy_export(files: dict[str, str], dest: Path) -> None:
+    """Publish a run's exported files to a shared place (e.g. where demo_lora finds the demo model)."""
+    dest.mkdir(parents=True, exist_ok=True)
+    for path in files.values():
+        src = Path(path)
+        for f in [src, src.with_name("config.json"), src.with_name("adapter_config.json")]:
+            if f.is_file():
+                shutil.copyfile(f, dest / f.name)
+
+
+def train(cfg: DictConfig) -> dict:
+    """Run ``cfg`` and return the summary written to ``summary.json`` in the run directory."""
+    from llamalit.data.datamodule import LlamaDataModule
+
+    start = time.time()
+    run_dir = Path(HydraConfig.get().runtime.output_dir) if HydraConfig.initialized() else Path.cwd()
+    L.seed_everything(cfg.seed, workers=True)
+
+    dm = LlamaDataModule(OmegaConf.to_container(cfg.data, resolve=True), cache_dir=cfg.paths.cache_dir,
+                         seed=cfg.seed)
+    dm.prepare_data()
+    dm.setup("fit")
+    adapt_model_to_data(cfg, dm.vocab_size, dm.seq_len)
+    resolved = OmegaConf.to_container(cfg, resolve=True)
+    module = LlamaLitModule(resolved)
+
+    callbacks = build_callbacks(cfg)
+    logger = build_logger(cfg.logger, run_dir, run_name(cfg), sweep_group(cfg), resolved)
+    trainer_cfg = OmegaConf.to_container(cfg.trainer, resolve=True)
+    trainer_cfg["precision"] = resolve_precision(trainer_cfg.get("precision", "auto"),
+                                                 trainer_cfg.get("accelerator", "auto"))
+    trainer: L.Trainer = instantiate(trainer_cfg, callbacks=callbacks, logger=logger or False,
+                                     default_root_dir=str(run_dir))
+    try:
+        trainer.fit(module, datamodule=dm, ckpt_path=resolve_ckpt_path(cfg.get("ckpt_path"), run_dir))
+        summary = finish_run(cfg, resolved, trainer, module, dm, run_dir, start)
+    finally:
+        finish_wandb()
+    return summary
+
+
+def finish_run(cfg: DictConfig, resolved: dict, trainer: L.Trainer, module: LlamaLitModule, dm,
+               run_dir: Path, start: float) -> dict:
+    """Validate the best checkpoint, export its weights and write summary.json."""
+    ckpt_cb = trainer.checkpoint_callback
+    best = ckpt_cb.best_model_path if ckpt_cb is not None else ""
+    last = ckpt_cb.last_model_path if ckpt_cb is not None else ""
+    metrics = {}
+    if not trainer.fast_dev_run:
+        ckpt = best or last or None
+        results = trainer.validate(module, datamodule=dm, ckpt_path=ckpt, verbose=False)
+        metrics = results[0] if results else {}
+    else:
+        metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")}
+    files = {}
+    if trainer.is_global_zero:
+        files = export_weights(module, run_dir, dm.tokenizer_path, resolved)
+        if cfg.get("export_dir"):
+            copy_export(files, Path(str(cfg.export_dir)).expanduser())
+    speed = next((c for c in trainer.callbacks if c.__class__.__name__ == "SpeedMonitor"), None)
+    summary = {
+        "experiment": cfg.get("experiment_name"),
+        "val/loss": float(metrics["val/loss"]) if "val/loss" in metrics else None,
+        "val/ppl": float(metrics["val/ppl"]) if "val/ppl" in metrics else None,
+        "val/acc": float(metrics["val/acc"]) if "val/acc" in metrics else None,
+        "uniform_loss": float(torch.log(torch.tensor(float(module.model.cfg.vocab_size)))),
+        "vocab_size": module.model.cfg.vocab_size,
+        "step": trainer.global_step,
+        "tokens_seen": speed.tokens_seen if speed else None,
+        "tokens_per_s": (speed.tokens_seen / speed.train_time_s) if speed and speed.train_time_s else None,
+        "mfu": speed.mfu if speed else None,
+        "params": module.model.num_params(),
+        "trainable_params": module.model.num_params(trainable_only=True),
+        "lora": resolved.get("lora"),
+        "best_checkpoint": best or None,
+        "last_checkpoint": last or None,
+        "files": files,
+        "run_dir": str(run_dir),
+        "seconds": round(time.time() - start, 1),
+    }
+    if trainer.is_global_zero:
+        atomic_write_json(run_dir / "summary.json", summary)
+        log.info("summary: %s", {k: summary[k] for k in ("val/loss", "step", "tokens_per_s")})
+    return summary
