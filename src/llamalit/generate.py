@@ -73,6 +73,7 @@ def generate_stream(model: Llama, prompt_ids: list[int] | list[list[int]], max_n
     model.eval()
     try:
         caches = model.new_caches(len(rows))
+        weights = model.decode_weights()
         tokens = torch.tensor(rows, dtype=torch.long, device=device)
         logits = model.output(model.hidden(tokens, 0, caches)[:, -1])
         pos = tokens.shape[1]
@@ -94,7 +95,7 @@ def generate_stream(model: Llama, prompt_ids: list[int] | list[list[int]], max_n
                     return
                 yield ids
             if step + 1 < max_new_tokens:
-                logits = model.output(model.hidden(nxt[:, None], pos, caches)[:, -1])
+                logits = model.decode_step(nxt[:, None], pos, caches, weights)
                 pos += 1
     finally:
         model.train(was_training)

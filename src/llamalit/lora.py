@@ -89,6 +89,7 @@ class LoRALinear(nn.Module):
         self.lora_dropout = nn.Dropout(dropout)
         self.weight_tied = weight_tied
         self.merged = False
+        self.train(base.training)  # a wrapper made after model.eval() must not drop out
 
     def delta_weight(self) -> torch.Tensor:
         """The low-rank update (out, in): B @ A * alpha / r."""

@@ -1,0 +1,141 @@
+"""LlamaLitModule: optimizer groups, the schedule under accumulation, the NaN guard, metrics."""
+
+from __future__ import annotations
+
+import math
+
+import lightning as L
+import pytest
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from llamalit.model import ModelConfig
+from llamalit.training.module import LlamaLitModule
+from llamalit.training.optim import OptimConfig, lr_at, param_groups
+
+VOCAB = 64
+
+
+class RandomRows(Dataset):
+    def __init__(self, n: int, seq: int):
+        g = torch.Generator().manual_seed(0)
+        self.x = torch.randint(0, VOCAB, (n, seq), generator=g)
+
+    def __len__(self) -> int:
+        return len(self.x)
+
+    def __getitem__(self, i: int) -> dict:
+        y = self.x[i].roll(-1).clone()
+        y[:3] = -100  # a masked "prompt"
+        return {"input_ids": self.x[i], "labels": y}
+
+
+def make_cfg(max_steps: int = 10, **optim) -> dict:
+    model = ModelConfig(dim=16, n_layers=1, n_heads=2, vocab_size=VOCAB, multiple_of=8, max_seq_len=16)
+    return {"model": model.to_dict(), "optim": {"warmup_steps": 3, "lr": 1e-2, "min_lr": 1e-3, **optim},
+            "lora": {"enabled": False}, "init_from": None, "trainer": {"max_steps": max_steps}}
+
+
+def fit(module: LlamaLitModule, callbacks=(), **trainer_kw) -> L.Trainer:
+    trainer = L.Trainer(accelerator="cpu", logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, callbacks=list(callbacks),
+                        max_steps=module.max_steps, **trainer_kw)
+    trainer.fit(module, DataLoader(RandomRows(64, 12), batch_size=4))
+    return trainer
+
+
+def test_param_groups_decay_only_matrices_and_only_trainable():
+    module = LlamaLitModule(make_cfg())
+    model = module.model
+    model.layers[0].attention.wq.weight.requires_grad_(False)
+    decay, no_decay = param_groups(model, 0.1)
+    decay_ids = {id(p) for p in decay["params"]}
+    no_decay_ids = {id(p) for p in no_decay["params"]}
+    assert id(model.layers[0].attention.wq.weight) not in decay_ids | no_decay_ids
+    assert id(model.norm.weight) in no_decay_ids and id(model.layers[0].ffn_norm.weight) in no_decay_ids
+    assert id(model.tok_embeddings.weight) in decay_ids and id(model.layers[0].feed_forward.w1.weight) in decay_ids
+    assert all(p.dim() >= 2 for p in decay["params"]) and all(p.dim() < 2 for p in no_decay["params"])
+    # The tied embedding/output weight is one parameter, listed once.
+    assert len(decay_ids) == len(decay["params"])
+    assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
+    optimizer = module.configure_optimizers()["optimizer"]
+    assert optimizer.defaults["betas"] == (0.9, 0.95)
+
+
+def test_lr_schedule_values():
+    cfg = OptimConfig(lr=1.0, min_lr=0.1, warmup_steps=10)
+    assert lr_at(0, cfg, 100) == pytest.approx(0.1)
+    assert lr_at(9, cfg, 100) == pytest.approx(1.0)  # warmup ends at the peak
+    assert lr_at(10, cfg, 100) == pytest.approx(1.0)
+    assert lr_at(55, cfg, 100) == pytest.approx(0.1 + 0.9 * 0.5)  # half way through the cosine
+    assert lr_at(100, cfg, 100) == pytest.approx(0.1)
+    const = OptimConfig(lr=2e-4, warmup_ratio=0.03, schedule="constant")
+    assert lr_at(2, const, 100) == pytest.approx(2e-4)
+    assert lr_at(50, const, 100) == pytest.approx(2e-4)
+    with pytest.raises(ValueError, match="schedule"):
+        lr_at(50, OptimConfig(schedule="bogus", warmup_steps=0), 100)
+
+
+class LrRecorder(L.Callback):
+    def __init__(self):
+        self.lrs: list[float] = []
+        self.batches = 0
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self.batches += 1
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+        self.lrs.append(optimizer.param_groups[0]["lr"])
+
+
+def test_scheduler_steps_per_optimizer_step_under_accumulation():
+    module = LlamaLitModule(make_cfg(max_steps=8))
+    rec = LrRecorder()
+    fit(module, [rec], accumulate_grad_batches=4)
+    expected = [lr_at(s, module.optim_cfg, 8) for s in range(8)]
+    assert rec.batches == 32
+    assert rec.lrs == pytest.approx(expected)
+    assert rec.lrs[2] == pytest.approx(1e-2)  # warmup end
+    assert lr_at(8, module.optim_cfg, 8) == pytest.approx(1e-3)  # the end of the schedule
+
+
+def test_nan_loss_stops_the_run_naming_the_step():
+    module = LlamaLitModule(make_cfg(max_steps=10))
+    real = module._forward
+
+    def poisoned(tokens, labels, **kw):
+        logits, targets = real(tokens, labels, **kw)
+        if module.global_step == 3:
+            logits = logits * float("nan")
+        return logits, targets
+
+    module._forward = poisoned
+    with pytest.raises(FloatingPointError, match="step 3"):
+        fit(module)
+
+
+def test_training_reduces_loss_and_validation_metrics():
+    module = LlamaLitModule(make_cfg(max_steps=30, lr=3e-2))
+    trainer = L.Trainer(accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                        enable_model_summary=False, max_steps=30)
+    loader = DataLoader(RandomRows(8, 12), batch_size=4)  # memorisable
+    before = trainer.validate(module, loader, verbose=False)[0]
+    trainer.fit(module, loader)
+    after = trainer.validate(module, loader, verbose=False)[0]
+    assert before["val/loss"] == pytest.approx(math.log(VOCAB), abs=0.2)
+    assert after["val/loss"] < before["val/loss"] - 1.0
+    assert after["val/ppl"] == pytest.approx(math.exp(after["val/loss"]), rel=1e-4)
+    assert 0.0 <= after["val/acc"] <= 1.0 and after["val/acc"] > before["val/acc"]
+
+
+def test_validation_loss_is_token_weighted_cross_entropy():
+    module = LlamaLitModule(make_cfg())
+    loader = DataLoader(RandomRows(6, 12), batch_size=4)  # batches of 4 and 2 rows
+    trainer = L.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False)
+    got = trainer.validate(module, loader, verbose=False)[0]["val/loss"]
+    ds = loader.dataset
+    x = torch.stack([ds[i]["input_ids"] for i in range(6)])
+    y = torch.stack([ds[i]["labels"] for i in range(6)])
+    with torch.no_grad():
+        ref = torch.nn.functional.cross_entropy(module.model(x).flatten(0, 1), y.flatten(), ignore_index=-100)
+    assert got == pytest.approx(float(ref), rel=1e-5)
