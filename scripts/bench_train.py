@@ -1,0 +1,200 @@
+"""Training throughput: our Lightning path (as train.py runs it) against a plain PyTorch loop, same run.
+
+    python scripts/bench_train.py                     # CPU shapes: stories260K 32x256, stories15M 8x256, fp32
+    python scripts/bench_train.py --configs 15m_pretrain,110m --device cuda   # GPU shapes (BENCHMARKS.md)
+
+Both paths train the same model (same init) on the same random-token batches with the same optimizer,
+schedule, clipping and accumulation; each is timed over steady-state optimizer steps after warm-up.
+Prints a table; --json writes the rows.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, Dataset
+
+from llamalit.model import Llama, ModelConfig
+from llamalit.training.callbacks import SpeedMonitor, peak_flops
+from llamalit.training.module import LlamaLitModule
+from llamalit.training.optim import OptimConfig, build_optimizer, build_scheduler
+
+
+@dataclass
+class BenchConfig:
+    name: str
+    preset: str
+    batch: int
+    seq: int
+    accum: int
+    lora: bool = False
+    llama2c_tokens_per_s: float | None = None  # reference in ../shared/docs/BENCHMARKS.md, same shapes
+
+
+CONFIGS = {
+    # CPU references: llama2.c train.py fp32, no compile, on the 2-core machine.
+    "260k_cpu": BenchConfig("stories260K 32x256", "stories260k", 32, 256, 1, llama2c_tokens_per_s=20_000),
+    "15m_cpu": BenchConfig("stories15M 8x256", "stories15m", 8, 256, 1, llama2c_tokens_per_s=1_200),
+    # GPU references: llama2.c train.py on one H100, bf16, compile, fused AdamW.
+    "15m_pretrain": BenchConfig("15M pretrain 128x256x4", "stories15m", 128, 256, 4,
+                                llama2c_tokens_per_s=2.2e6),
+    "15m_instruct": BenchConfig("15M instruct 64x350x8", "stories15m", 64, 350, 8, llama2c_tokens_per_s=1.5e6),
+    "110m": BenchConfig("110M 16x1024x8", "stories110m", 16, 1024, 8, llama2c_tokens_per_s=0.49e6),
+    "110m_lora": BenchConfig("110M LoRA 64x350x8", "stories110m", 64, 350, 8, lora=True),
+}
+
+
+class RandomTokens(Dataset):
+    """Fixed random rows of token ids; labels are the next tokens (every position counts)."""
+
+    def __init__(self, n: int, seq: int, vocab: int, seed: int = 0):
+        g = torch.Generator().manual_seed(seed)
+        self.rows = torch.randint(0, vocab, (n, seq + 1), generator=g)
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, i: int) -> dict:
+        return {"input_ids": self.rows[i, :-1], "labels": self.rows[i, 1:]}
+
+
+def run_cfg(bc: BenchConfig, steps: int) -> dict:
+    model = ModelConfig.preset(bc.preset, max_seq_len=max(bc.seq, 256))
+    lora = {"enabled": True, "rank": 2, "alpha": 1, "dropout": 0.1, "targets": ["wq", "wk", "wv", "wo"]}
+    return {"model": model.to_dict(), "optim": {"warmup_steps": 2}, "init_from": None,
+            "lora": lora if bc.lora else {"enabled": False}, "trainer": {"max_steps": steps}}
+
+
+class StepTimer(L.Callback):
+    """Wall-clock time of each optimizer step (measured at batch boundaries, synchronised on CUDA)."""
+
+    def __init__(self):
+        self.times: list[float] = []
+        self._last_step = -1
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if trainer.global_step != self._last_step:
+            self._last_step = trainer.global_step
+            if pl_module.device.type == "cuda":
+                torch.cuda.synchronize()
+            self.times.append(time.perf_counter())
+
+
+def bench_lightning(bc: BenchConfig, data: Dataset, steps: int, device: str, precision: str,
+                    compile_: bool, run_dir: Path) -> list[float]:
+    torch.manual_seed(0)
+    module = LlamaLitModule({**run_cfg(bc, steps), "compile": compile_})
+    timer = StepTimer()
+    callbacks = [timer, SpeedMonitor(log_every=10), L.pytorch.callbacks.LearningRateMonitor("step")]
+    logger = L.pytorch.loggers.CSVLogger(str(run_dir), name="bench")
+    trainer = L.Trainer(accelerator=device, devices=1, precision=precision, max_steps=steps,
+                        accumulate_grad_batches=bc.accum, gradient_clip_val=1.0, logger=logger,
+                        callbacks=callbacks, enable_checkpointing=False, enable_progress_bar=False,
+                        enable_model_summary=False, log_every_n_steps=10, num_sanity_val_steps=0)
+    loader = DataLoader(data, batch_size=bc.batch, shuffle=False, pin_memory=device == "cuda", drop_last=True)
+    trainer.fit(module, loader)
+    return [b - a for a, b in zip(timer.times, timer.times[1:])]
+
+
+def bench_plain(bc: BenchConfig, data: Dataset, steps: int, device: str, precision: str,
+                compile_: bool) -> list[float]:
+    torch.manual_seed(0)
+    cfg = run_cfg(bc, steps)
+    module = LlamaLitModule(cfg)  # same model construction (incl. LoRA); the loop below is plain PyTorch
+    model: Llama = module.model.to(device)
+    forward = torch.compile(model.counted_logits) if compile_ else model.counted_logits
+    opt = build_optimizer(model, OptimConfig.from_dict(cfg["optim"]))
+    sched = build_scheduler(opt, OptimConfig.from_dict(cfg["optim"]), steps)
+    loader = DataLoader(data, batch_size=bc.batch, shuffle=False, pin_memory=device == "cuda", drop_last=True)
+    autocast = torch.autocast(device_type=device, dtype=torch.bfloat16, enabled=precision == "bf16-mixed")
+    batches = iter(loader)
+    times = [time.perf_counter()]
+    model.train()
+    for _ in range(steps):
+        for _ in range(bc.accum):
+            batch = next(batches)
+            x = batch["input_ids"].to(device, non_blocking=True)
+            y = batch["labels"].to(device, non_blocking=True)
+            with autocast:
+                logits, targets = forward(x, y)
+                loss = F.cross_entropy(logits.float(), targets) / bc.accum
+            loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+        if device == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.perf_counter())
+    return [b - a for a, b in zip(times, times[1:])]
+
+
+def steady(step_times: list[float], warmup: int) -> float:
+    """Median seconds per optimizer step after ``warmup`` steps."""
+    return statistics.median(step_times[warmup:])
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--configs", default="260k_cpu,15m_cpu", help=f"comma list of {sorted(CONFIGS)}")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--steps", type=int, default=12, help="optimizer steps per path")
+    p.add_argument("--warmup", type=int, default=3, help="steps excluded from timing")
+    p.add_argument("--compile", action="store_true", help="torch.compile both paths")
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--json", type=Path, default=None)
+    p.add_argument("--run-dir", type=Path, default=Path("outputs/bench_train"))
+    args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    precision = "bf16-mixed" if args.device == "cuda" else "32-true"
+    rows = []
+    for key in args.configs.split(","):
+        bc = CONFIGS[key]
+        vocab = ModelConfig.preset(bc.preset).vocab_size
+        data = RandomTokens(bc.batch * bc.accum * (args.steps + 1), bc.seq, vocab)
+        tokens_per_step = bc.batch * bc.seq * bc.accum
+        plain = steady(bench_plain(bc, data, args.steps, args.device, precision, args.compile), args.warmup)
+        lit = steady(bench_lightning(bc, data, args.steps, args.device, precision, args.compile, args.run_dir),
+                     args.warmup)
+        peak = peak_flops(torch.device(args.device))
+        fpt = Llama(ModelConfig.preset(bc.preset, max_seq_len=max(bc.seq, 256))).flops_per_token(bc.seq) \
+            if peak else None
+        row = {
+            "config": bc.name, "device": args.device, "precision": precision, "compile": args.compile,
+            "plain_tokens_per_s": tokens_per_step / plain, "lightning_tokens_per_s": tokens_per_step / lit,
+            "lightning_overhead_pct": 100 * (lit / plain - 1),
+            "llama2c_tokens_per_s": bc.llama2c_tokens_per_s,
+            "ratio_vs_llama2c": (tokens_per_step / lit) / bc.llama2c_tokens_per_s if bc.llama2c_tokens_per_s else None,
+            "mfu": (fpt * tokens_per_step / lit / peak) if peak else None,
+        }
+        rows.append(row)
+    print_table(rows)
+    if args.json:
+        args.json.write_text(json.dumps(rows, indent=2))
+    return rows
+
+
+def print_table(rows: list[dict]) -> None:
+    head = f"{'config':26} {'plain tok/s':>12} {'lightning tok/s':>16} {'overhead':>9} {'llama2.c':>10} {'ratio':>6} {'MFU':>6}"
+    print(head)
+    print("-" * len(head))
+    for r in rows:
+        ref = f"{r['llama2c_tokens_per_s']:,.0f}" if r["llama2c_tokens_per_s"] else "-"
+        ratio = f"{r['ratio_vs_llama2c']:.2f}x" if r["ratio_vs_llama2c"] else "-"
+        mfu = f"{100 * r['mfu']:.1f}%" if r["mfu"] else "-"
+        print(f"{r['config']:26} {r['plain_tokens_per_s']:>12,.0f} {r['lightning_tokens_per_s']:>16,.0f} "
+              f"{r['lightning_overhead_pct']:>8.1f}% {ref:>10} {ratio:>6} {mfu:>6}")
+
+
+if __name__ == "__main__":
+    sys.exit(0 if main() else 1)

@@ -1,0 +1,59 @@
+"""Lightning ``.ckpt`` files written while training a ``LlamaLitModule``.
+
+``state_dict`` holds ``model.<our parameter name>`` (LoRA wrappers keep the base names and add
+``...lora_A`` / ``...lora_B``); ``hyper_parameters["cfg"]`` is the resolved run config with the
+model shape under ``model`` and the adapter settings under ``lora``. Read with
+``torch.load(weights_only=True)`` only.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from llamalit.checkpoints.llama2c import CheckpointError, model_from_state_dict, safe_torch_load, strip_prefix
+from llamalit.model import Llama, ModelConfig
+
+
+def is_lightning_ckpt(obj: object) -> bool:
+    """A loaded dict that looks like a Lightning checkpoint of our module."""
+    return isinstance(obj, dict) and "state_dict" in obj and "hyper_parameters" in obj
+
+
+def model_from_lightning(ckpt: dict, source: str | Path, merge: bool = True) -> Llama:
+    """The Llama of a loaded Lightning checkpoint; LoRA adapters merged unless ``merge=False``."""
+    hp = ckpt.get("hyper_parameters") or {}
+    cfg = hp.get("cfg") if isinstance(hp, dict) else None
+    if not isinstance(cfg, dict) or not isinstance(cfg.get("model"), dict):
+        raise CheckpointError(f"{source}: hyper_parameters has no cfg['model'] dict; "
+                              "not a llamalit training checkpoint")
+    sd: dict[str, torch.Tensor] = ckpt["state_dict"]
+    sd = {k[len("model."):]: v for k, v in sd.items() if k.startswith("model.")}
+    sd = strip_prefix(sd, "_orig_mod.")
+    if not sd:
+        raise CheckpointError(f"{source}: state_dict has no 'model.*' keys")
+    try:
+        model_cfg = ModelConfig.from_dict(cfg["model"])
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(f"{source}: bad cfg['model'] {cfg['model']}: {e}") from e
+    lora = cfg.get("lora") or {}
+    has_adapter = any(k.endswith((".lora_A", ".lora_B")) for k in sd)
+    if not has_adapter:
+        return model_from_state_dict(model_cfg, sd, source)
+    if not lora.get("enabled"):
+        raise CheckpointError(f"{source}: state_dict has LoRA tensors but cfg['lora'].enabled is not true")
+    from llamalit.lora import LoraConfig, apply_lora, merge_lora
+
+    model = apply_lora(Llama(model_cfg), LoraConfig.from_dict(lora))
+    model_from_state_dict(model_cfg, sd, source, model=model)
+    model.requires_grad_(False)
+    return merge_lora(model) if merge else model
+
+
+def load_lightning_ckpt(path: str | Path, merge: bool = True) -> Llama:
+    """Load the model of a Lightning ``.ckpt`` (see :func:`model_from_lightning`)."""
+    ckpt = safe_torch_load(path)
+    if not is_lightning_ckpt(ckpt):
+        raise CheckpointError(f"{path}: not a Lightning checkpoint (no 'state_dict' + 'hyper_parameters')")
+    return model_from_lightning(ckpt, path, merge)
