@@ -326,7 +326,7 @@ class DecodeWeights:
                 ))
             self.norm = model.norm
             self.output_t = model.output.weight.t().contiguous()
-        self.cos, self.sin = model.freqs_cos, model.freqs_sin
+        self.rot = torch.complex(model.freqs_cos, model.freqs_sin)
 
     def _norm(self, x: torch.Tensor, norm: RMSNorm) -> torch.Tensor:
         if self.fp32:  # one fused kernel; RMSNorm's float() casts are no-ops here
@@ -336,23 +336,18 @@ class DecodeWeights:
     def step(self, tok: torch.Tensor, pos: int, caches: list[KVCache]) -> torch.Tensor:
         cfg = self.cfg
         b, hd, nh, nkv = tok.shape[0], cfg.head_dim, cfg.n_heads, cfg.n_kv_heads
-        group = nh // nkv
-        q_end, k_end = nh * hd, (nh + nkv) * hd
-        cos, sin = self.cos[pos], self.sin[pos]
-        scale = 1.0 / math.sqrt(hd)
+        k_end = (nh + nkv) * hd
+        rot = self.rot[pos]  # cos + i sin: RoPE on adjacent pairs is a complex product
         x = self.embedding[tok]  # (B, dim)
         for (attn_norm, wqkv, wo, ffn_norm, w13, w2), cache in zip(self.layers, caches):
             qkv = self._norm(x, attn_norm) @ wqkv
-            qk = qkv[:, :k_end].unflatten(-1, (nh + nkv, hd // 2, 2)).float()
-            re, im = qk.unbind(-1)
-            qk = torch.stack((re * cos - im * sin, re * sin + im * cos), dim=-1).type_as(x)
-            q = qk[:, :nh].reshape(b, nkv, group, hd)
-            cache.k[:, :, pos] = qk[:, nh:].reshape(b, nkv, hd)
+            qk = torch.view_as_complex(qkv[:, :k_end].float().unflatten(-1, (nh + nkv, hd // 2, 2)))
+            qk = torch.view_as_real(qk * rot).flatten(-2).type_as(x)  # (B, nh + nkv, hd)
+            cache.k[:, :, pos] = qk[:, nh:]
             cache.v[:, :, pos] = qkv[:, k_end:].view(b, nkv, hd)
-            keys, values = cache.k[:, :, :pos + 1], cache.v[:, :, :pos + 1]
-            att = torch.softmax((q @ keys.transpose(-1, -2)) * scale, dim=-1)  # (B, kv, group, T)
-            x = x + (att @ values).reshape(b, nh * hd) @ wo
-            h13 = self._norm(x, ffn_norm) @ w13
-            h1, h3 = h13.chunk(2, dim=-1)
+            out = F.scaled_dot_product_attention(
+                qk[:, :nh, None], cache.k[:, :, :pos + 1], cache.v[:, :, :pos + 1], enable_gqa=nh != nkv)
+            x = x + out.view(b, nh * hd) @ wo
+            h1, h3 = (self._norm(x, ffn_norm) @ w13).chunk(2, dim=-1)
             x = x + F.linear(F.silu(h1) * h3, w2)
         return self._norm(x, self.norm) @ self.output_t

@@ -47,7 +47,6 @@ def model_from_lightning(ckpt: dict, source: str | Path, merge: bool = True) -> 
 
     model = apply_lora(Llama(model_cfg), LoraConfig.from_dict(lora))
     model_from_state_dict(model_cfg, sd, source, model=model)
-    model.requires_grad_(False)
     return merge_lora(model) if merge else model
 
 

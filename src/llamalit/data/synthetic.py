@@ -108,7 +108,7 @@ def make_story(rng: random.Random, verb: str, noun: str, adjective: str, feature
 def make_record(rng: random.Random) -> dict:
     """One TinyStories-schema record (story, instruction, summary, source)."""
     verb, noun, adjective = rng.choice(VERBS), rng.choice(NOUNS), rng.choice(ADJECTIVES)
-    features = sorted(rng.sample(FEATURES, rng.choice((0, 1, 1, 2, 2, 3))), key=FEATURES.index)
+    features = sorted(rng.sample(FEATURES, rng.choice((0, 1, 1, 2, 2))), key=FEATURES.index)
     story = make_story(rng, verb, noun, adjective, features)
     return {
         "story": story,

@@ -1,0 +1,158 @@
+"""``load_checkpoint(path_or_url)``: detect which supported format a path holds and load it.
+
+Directories: ours (``model.safetensors`` + ``config.json`` with ``format: llamalit/1``), a
+llamalit LoRA adapter (``adapter.safetensors`` + ``adapter_config.json`` naming its base), a
+PEFT adapter (``adapter_model.safetensors``), a Hugging Face Llama (``config.json`` + weights).
+Files: a torch pickle (Lightning ``.ckpt`` or llama2.c ``.pt``, read with ``weights_only=True``),
+a llama2.c ``.bin`` (v1/v2 by magic, v0 by a plausible header and exact size), or a
+``.safetensors`` file inside one of the directories above. URLs are downloaded into the cache
+first. Adapters are merged into the base on load unless ``merge=False``, which returns the
+model with LoRA layers applied (for further training or PEFT export).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from llamalit.checkpoints import hf, llama2c, native, peft
+from llamalit.checkpoints.lightning_ckpt import is_lightning_ckpt, model_from_lightning
+from llamalit.checkpoints.llama2c import CheckpointError
+from llamalit.model import Llama, ModelConfig
+
+_PICKLE_HEADS = (b"PK\x03\x04", b"\x80")  # torch zip archive, legacy pickle protocol 2+
+
+
+def resolve_relative(ref: str, base_dir: Path) -> str:
+    """A path named inside a checkpoint's JSON: URLs and absolute paths as is, others relative to it."""
+    from llamalit.data.download import is_url
+
+    if is_url(ref) or Path(ref).expanduser().is_absolute():
+        return str(Path(ref).expanduser()) if not is_url(ref) else ref
+    candidate = base_dir / ref
+    return str(candidate if candidate.exists() else Path(ref))
+
+
+def fetch(path_or_url: str | Path) -> Path:
+    """A local path for ``path_or_url``: URLs are downloaded into the cache (once)."""
+    from llamalit.data.download import cached_download, default_cache_dir, is_url
+
+    if is_url(str(path_or_url)):
+        return cached_download(str(path_or_url), default_cache_dir())
+    path = Path(path_or_url).expanduser()
+    if not path.exists():
+        raise FileNotFoundError(f"checkpoint {path}: no such file or directory")
+    return path
+
+
+def detect_format(path: Path) -> str:
+    """One of ``native``, ``adapter``, ``peft``, ``hf``, ``torch``, ``llama2c_bin``, or an error."""
+    if path.is_dir():
+        from llamalit.lora import is_adapter_dir
+
+        if native.is_native_dir(path):
+            return "native"
+        if is_adapter_dir(path):
+            return "adapter"
+        if peft.is_peft_dir(path):
+            return "peft"
+        if hf.is_hf_dir(path):
+            return "hf"
+        listing = sorted(p.name for p in path.iterdir())[:12]
+        raise CheckpointError(
+            f"{path}: unknown checkpoint directory (found {listing}); expected model.safetensors + "
+            "config.json (llamalit or Hugging Face), adapter.safetensors + adapter_config.json, "
+            "or adapter_model.safetensors (PEFT)"
+        )
+    if path.suffix == ".safetensors" or path.name in ("config.json", "adapter_config.json"):
+        return detect_format(path.parent)
+    with open(path, "rb") as f:
+        head = f.read(8)
+    if head.startswith(_PICKLE_HEADS):
+        return "torch"
+    if len(head) >= 4 and int.from_bytes(head[:4], "little") == llama2c.MAGIC:
+        return "llama2c_bin"
+    if path.suffix == ".bin":
+        return "llama2c_bin"  # v0 has no magic: its header and size are checked while reading
+    raise CheckpointError(
+        f"{path}: unknown checkpoint format (first bytes {head!r}); supported: llamalit or Hugging Face "
+        "directories, adapter directories, Lightning .ckpt, llama2.c .pt / .bin"
+    )
+
+
+def _load_torch(path: Path, merge: bool) -> Llama:
+    obj = llama2c.safe_torch_load(path)
+    if is_lightning_ckpt(obj):
+        return model_from_lightning(obj, path, merge)
+    if isinstance(obj, dict) and "model" in obj and "model_args" in obj:
+        return llama2c.load_llama2c_pt(path)
+    keys = sorted(obj)[:8] if isinstance(obj, dict) else type(obj).__name__
+    raise CheckpointError(
+        f"{path}: a torch pickle that is neither a Lightning checkpoint (state_dict + hyper_parameters) "
+        f"nor a llama2.c checkpoint (model + model_args); found {keys}"
+    )
+
+
+def _load_adapter_dir(path: Path, merge: bool) -> Llama:
+    from llamalit.lora import apply_lora, load_adapter, load_lora_state_dict, merge_lora
+
+    lora_cfg, sd, meta = load_adapter(path)
+    base_ref = meta.get("base")
+    if not base_ref:
+        raise CheckpointError(f"{path / 'adapter_config.json'}: no 'base' recorded; load the base model and "
+                              "apply the adapter yourself (llamalit.lora.load_adapter)")
+    base = load_checkpoint(resolve_relative(str(base_ref), path))
+    if isinstance(meta.get("model"), dict):  # the shape trained with (e.g. a longer context)
+        want = ModelConfig.from_dict(meta["model"])
+        if want != base.cfg:
+            base = llama2c.model_from_state_dict(want, base.state_dict(), f"{base_ref} (base of {path})")
+    model = apply_lora(base, lora_cfg)
+    try:
+        load_lora_state_dict(model, sd)
+    except ValueError as e:
+        raise CheckpointError(f"{path}: {e}") from e
+    return merge_lora(model) if merge else model
+
+
+def load_checkpoint(path_or_url: str | Path, merge: bool = True) -> Llama:
+    """Load any supported checkpoint (see the module docstring) as a float32 Llama on the CPU.
+
+    ``merge``: fold LoRA adapters into the weights (default) or keep them as LoRA layers.
+    """
+    path = fetch(path_or_url)
+    fmt = detect_format(path)
+    if fmt != "torch" and path.is_file() and path.suffix in (".safetensors", ".json"):
+        path = path.parent
+    if fmt == "native":
+        try:
+            return native.load_model(path)
+        except (ValueError, RuntimeError) as e:
+            raise CheckpointError(f"{path}: {e}") from e
+    if fmt == "adapter":
+        return _load_adapter_dir(path, merge)
+    if fmt == "peft":
+        return peft.load_peft(path, merge=merge)
+    if fmt == "hf":
+        return hf.load_hf(path)
+    if fmt == "torch":
+        return _load_torch(path, merge)
+    return llama2c.read_llama2c_bin(path)[0]
+
+
+def find_tokenizer(ckpt: str | Path) -> Path | None:
+    """The tokenizer a checkpoint names (``config.json`` "tokenizer") or a ``tokenizer.model`` beside it."""
+    path = Path(ckpt)
+    folder = path if path.is_dir() else path.parent
+    for cfg_name in ("config.json", "adapter_config.json"):
+        cfg = folder / cfg_name
+        if cfg.is_file():
+            try:
+                ref = json.loads(cfg.read_text()).get("tokenizer")
+            except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):
+                ref = None
+            if isinstance(ref, str) and ref:
+                candidate = Path(resolve_relative(ref, folder))
+                if candidate.is_file():
+                    return candidate
+    candidate = folder / "tokenizer.model"
+    return candidate if candidate.is_file() else None

@@ -1,0 +1,154 @@
+"""PEFT LoRA adapters: export our LoRA model so ``peft.PeftModel.from_pretrained`` loads it on top of
+our Hugging Face export (:func:`llamalit.checkpoints.hf.save_hf` of the base), and import back.
+
+PEFT computes ``W x + (alpha / r) * B A x`` like we do; only names and the RoPE layout differ.
+HF's q_proj/k_proj rows are a per-head permutation P of ours, so ``P (W + s B A) = P W + s (P B) A``:
+lora_B of wq/wk gets the same row permutation as the base weight, lora_A stays.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+
+from llamalit.checkpoints.hf_layout import hf_name, permute_from_hf, permute_to_hf
+from llamalit.checkpoints.llama2c import CheckpointError
+from llamalit.checkpoints.native import save_tensors
+from llamalit.fileio import atomic_write_json
+from llamalit.model import Llama
+
+PEFT_CONFIG = "adapter_config.json"
+PEFT_WEIGHTS = "adapter_model.safetensors"
+_PREFIX = "base_model.model."
+_TO_HF = {"wq": "q_proj", "wk": "k_proj", "wv": "v_proj", "wo": "o_proj",
+          "w1": "gate_proj", "w2": "down_proj", "w3": "up_proj", "output": "lm_head"}
+_FROM_HF = {v: k for k, v in _TO_HF.items()}
+
+
+def _hf_module(name: str) -> str:
+    """``layers.0.attention.wq`` -> ``model.layers.0.self_attn.q_proj``."""
+    return hf_name(f"{name}.weight").removesuffix(".weight")
+
+
+def _row_heads(model: Llama, name: str) -> int | None:
+    """Heads whose rows are permuted for this module (wq: n_heads, wk: n_kv_heads), else None."""
+    leaf = name.rpartition(".")[2]
+    return {"wq": model.cfg.n_heads, "wk": model.cfg.n_kv_heads}.get(leaf)
+
+
+def is_peft_dir(path: str | Path) -> bool:
+    path = Path(path)
+    if not ((path / PEFT_CONFIG).is_file() and (path / PEFT_WEIGHTS).is_file()):
+        return False
+    try:
+        return json.loads((path / PEFT_CONFIG).read_text()).get("peft_type") == "LORA"
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return False
+
+
+def save_peft(model: Llama, out_dir: str | Path, base: str | None = None) -> Path:
+    """Write ``adapter_config.json`` + ``adapter_model.safetensors`` for a model with LoRA applied.
+
+    ``base`` is recorded as ``base_model_name_or_path`` (the Hugging Face export of the base model).
+    """
+    from llamalit.lora import lora_layers
+
+    layers = lora_layers(model)
+    if not layers:
+        raise CheckpointError("save_peft: the model has no LoRA adapters (load it with merge=False)")
+    settings = {(m.rank, m.alpha, m.lora_dropout.p) for m in layers.values()}
+    if len(settings) != 1:
+        raise CheckpointError(f"save_peft: adapters differ in (rank, alpha, dropout) {sorted(settings)}; "
+                              "PEFT's config holds one setting")
+    if any(m.merged for m in layers.values()):
+        raise CheckpointError("save_peft: adapters are merged in place; unmerge_() them first")
+    rank, alpha, dropout = settings.pop()
+    tensors: dict[str, torch.Tensor] = {}
+    for name, m in layers.items():
+        key = _PREFIX + _hf_module(name)
+        b = m.lora_B.detach().float()
+        heads = _row_heads(model, name)
+        tensors[f"{key}.lora_A.weight"] = m.lora_A.detach().float()
+        tensors[f"{key}.lora_B.weight"] = permute_to_hf(b, heads) if heads else b
+    targets = sorted({_TO_HF[name.rpartition(".")[2]] for name in layers})
+    out_dir = Path(out_dir)
+    save_tensors(tensors, out_dir / PEFT_WEIGHTS, metadata={"format": "pt"})
+    atomic_write_json(out_dir / PEFT_CONFIG, {
+        "peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base,
+        "r": rank, "lora_alpha": int(alpha) if float(alpha).is_integer() else alpha,
+        "lora_dropout": dropout, "target_modules": targets, "bias": "none", "fan_in_fan_out": False,
+        "inference_mode": True, "modules_to_save": None, "init_lora_weights": True,
+        "use_rslora": False, "use_dora": False, "layers_to_transform": None, "layers_pattern": None,
+        "rank_pattern": {}, "alpha_pattern": {}, "revision": None,
+    })
+    return out_dir
+
+
+def _read_peft_config(path: Path) -> dict:
+    cfg_path = path / PEFT_CONFIG
+    try:
+        cfg = json.loads(cfg_path.read_text())
+    except (FileNotFoundError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{cfg_path}: unreadable PEFT adapter config ({e})") from e
+    problems = []
+    if cfg.get("peft_type") != "LORA":
+        problems.append(f"peft_type={cfg.get('peft_type')!r} (only LORA)")
+    for key in ("use_rslora", "use_dora", "fan_in_fan_out"):
+        if cfg.get(key):
+            problems.append(f"{key}=true")
+    for key in ("rank_pattern", "alpha_pattern"):
+        if cfg.get(key):
+            problems.append(f"{key} set")
+    if cfg.get("bias", "none") != "none" or cfg.get("modules_to_save") or cfg.get("layers_to_transform"):
+        problems.append("bias/modules_to_save/layers_to_transform")
+    targets = cfg.get("target_modules")
+    if not isinstance(targets, list) or any(t not in _FROM_HF for t in targets):
+        problems.append(f"target_modules={targets!r} (a list among {sorted(_FROM_HF)})")
+    if problems:
+        raise CheckpointError(f"{cfg_path}: unsupported PEFT adapter: {', '.join(problems)}")
+    return cfg
+
+
+def load_peft(path: str | Path, base: Llama | None = None, merge: bool = True) -> Llama:
+    """Our Llama with a PEFT LoRA adapter applied (merged unless ``merge=False``).
+
+    ``base`` defaults to ``load_checkpoint(base_model_name_or_path)`` (relative to the adapter dir).
+    """
+    from llamalit.lora import LoraConfig, apply_lora, load_lora_state_dict, merge_lora
+
+    path = Path(path)
+    cfg = _read_peft_config(path)
+    if base is None:
+        ref = cfg.get("base_model_name_or_path")
+        if not ref:
+            raise CheckpointError(f"{path / PEFT_CONFIG}: no base_model_name_or_path; pass the base model")
+        from llamalit.checkpoints.detect import load_checkpoint, resolve_relative
+
+        base = load_checkpoint(resolve_relative(ref, path))
+    lora_cfg = LoraConfig(rank=int(cfg["r"]), alpha=float(cfg["lora_alpha"]),
+                          dropout=float(cfg.get("lora_dropout") or 0.0),
+                          targets=tuple(_FROM_HF[t] for t in cfg["target_modules"]))
+    model = apply_lora(base, lora_cfg)
+    from llamalit.lora import lora_layers
+
+    theirs = load_file(str(path / PEFT_WEIGHTS))
+    sd: dict[str, torch.Tensor] = {}
+    for name in lora_layers(model):
+        key = _PREFIX + _hf_module(name)
+        for part in ("lora_A", "lora_B"):
+            full = f"{key}.{part}.weight"
+            if full not in theirs:
+                raise CheckpointError(f"{path / PEFT_WEIGHTS}: missing {full}")
+            t = theirs.pop(full).float()
+            heads = _row_heads(model, name)
+            sd[f"{name}.{part}"] = permute_from_hf(t, heads) if part == "lora_B" and heads else t
+    if theirs:
+        raise CheckpointError(f"{path / PEFT_WEIGHTS}: tensors not matching the targets: {sorted(theirs)[:5]}")
+    try:
+        load_lora_state_dict(model, sd)
+    except ValueError as e:
+        raise CheckpointError(f"{path}: {e}") from e
+    return merge_lora(model) if merge else model
