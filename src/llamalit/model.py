@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import weakref
 from dataclasses import asdict, dataclass, fields
 
 import torch
@@ -81,6 +82,11 @@ class ModelConfig:
         return asdict(self)
 
 
+def _at_least_fp32(x: torch.Tensor) -> torch.Tensor:
+    """float32 for half-precision input; float32/float64 unchanged (``.float()`` would round float64)."""
+    return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
+
+
 def rope_tables(head_dim: int, end: int, theta: float = 10000.0) -> tuple[torch.Tensor, torch.Tensor]:
     """cos and sin of shape (end, head_dim // 2), float32, as llama2.c computes them."""
     freqs = 1.0 / (theta ** (torch.arange(0, head_dim, 2)[: head_dim // 2].float() / head_dim))
@@ -90,7 +96,7 @@ def rope_tables(head_dim: int, end: int, theta: float = 10000.0) -> tuple[torch.
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Rotate adjacent channel pairs (2i, 2i+1) of x (B, T, H, D); cos/sin are (T, D/2) or (B, T, D/2)."""
-    xr, xi = x.float().reshape(*x.shape[:-1], -1, 2).unbind(-1)
+    xr, xi = _at_least_fp32(x).reshape(*x.shape[:-1], -1, 2).unbind(-1)
     cos = cos.unsqueeze(-2)  # broadcast over heads
     sin = sin.unsqueeze(-2)
     out = torch.stack((xr * cos - xi * sin, xr * sin + xi * cos), dim=-1)
@@ -106,7 +112,7 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        xf = x.float()
+        xf = _at_least_fp32(x)
         normed = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
         return normed.type_as(x) * self.weight
 
@@ -248,7 +254,9 @@ class Llama(nn.Module):
     def loss(self, tokens: torch.Tensor, labels: torch.Tensor, **kw) -> torch.Tensor:
         """Mean next-token cross-entropy over counted positions (labels already aligned to tokens)."""
         logits, targets = self.counted_logits(tokens, labels, **kw)
-        return F.cross_entropy(logits.float(), targets, reduction="sum") / max(targets.numel(), 1)
+        if logits.dtype in (torch.float16, torch.bfloat16):  # keep float64 as it is
+            logits = logits.float()
+        return F.cross_entropy(logits, targets, reduction="sum") / max(targets.numel(), 1)
 
     def new_caches(self, batch: int, dtype: torch.dtype | None = None) -> list[KVCache]:
         """Fresh per-layer KV caches sized to max_seq_len."""
@@ -271,10 +279,12 @@ class Llama(nn.Module):
                               layer.feed_forward.w3)) and type(self.output) is nn.Linear
         if not plain:
             return None
-        key = tuple((p.data_ptr(), p._version, p.dtype) for p in self.parameters())
+        params = list(self.parameters())
         cached = self.__dict__.get("_decode_weights")
-        if cached is None or cached.key != key:
-            cached = DecodeWeights(self, key)
+        if cached is None or not cached.matches(params):
+            cached = None
+            self.__dict__.pop("_decode_weights", None)  # free the old copies before building new ones
+            cached = DecodeWeights(self)
             self.__dict__["_decode_weights"] = cached  # a plain attribute: not in state_dict
         return cached
 
@@ -306,9 +316,10 @@ class Llama(nn.Module):
 class DecodeWeights:
     """Weight copies laid out for one-token decoding; built by :meth:`Llama.decode_weights`."""
 
-    def __init__(self, model: Llama, key: tuple):
+    def __init__(self, model: Llama):
         cfg = model.cfg
-        self.key = key
+        # what the copies were made from: the same tensor objects, storage and in-place version
+        self.sources = [(weakref.ref(p), p.data_ptr(), p._version) for p in model.parameters()]
         self.cfg = cfg
         self.fp32 = model.output.weight.dtype == torch.float32
         self.embedding = model.tok_embeddings.weight
@@ -328,6 +339,12 @@ class DecodeWeights:
             self.output_t = model.output.weight.t().contiguous()
         self.rot = torch.complex(model.freqs_cos, model.freqs_sin)
 
+    def matches(self, params: list[nn.Parameter]) -> bool:
+        """True while ``params`` are the tensors the copies were made from, unmodified."""
+        return len(params) == len(self.sources) and all(
+            ref() is p and ptr == p.data_ptr() and version == p._version
+            for p, (ref, ptr, version) in zip(params, self.sources))
+
     def _norm(self, x: torch.Tensor, norm: RMSNorm) -> torch.Tensor:
         if self.fp32:  # one fused kernel; RMSNorm's float() casts are no-ops here
             return F.rms_norm(x, (x.shape[-1],), norm.weight, norm.eps)
@@ -341,7 +358,7 @@ class DecodeWeights:
         x = self.embedding[tok]  # (B, dim)
         for (attn_norm, wqkv, wo, ffn_norm, w13, w2), cache in zip(self.layers, caches):
             qkv = self._norm(x, attn_norm) @ wqkv
-            qk = torch.view_as_complex(qkv[:, :k_end].float().unflatten(-1, (nh + nkv, hd // 2, 2)))
+            qk = torch.view_as_complex(_at_least_fp32(qkv[:, :k_end]).unflatten(-1, (nh + nkv, hd // 2, 2)))
             qk = torch.view_as_real(qk * rot).flatten(-2).type_as(x)  # (B, nh + nkv, hd)
             cache.k[:, :, pos] = qk[:, nh:]
             cache.v[:, :, pos] = qkv[:, k_end:].view(b, nkv, hd)

@@ -93,6 +93,21 @@ def _load_torch(path: Path, merge: bool) -> Llama:
     )
 
 
+def _load_native(path: Path) -> Llama:
+    """Our directory, through the shape-checked loader (errors name the tensor and both shapes)."""
+    from safetensors.torch import load_file
+
+    try:
+        cfg = ModelConfig.from_dict(native.read_config(path)["model"])
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(f"{path / native.CONFIG}: {e}") from e
+    try:
+        sd = load_file(str(path / native.WEIGHTS))
+    except Exception as e:  # safetensors raises its own error types
+        raise CheckpointError(f"{path / native.WEIGHTS}: unreadable safetensors file ({e})") from e
+    return llama2c.model_from_state_dict(cfg, sd, path / native.WEIGHTS)
+
+
 def _load_adapter_dir(path: Path, merge: bool) -> Llama:
     from llamalit.lora import apply_lora, load_adapter, load_lora_state_dict, merge_lora
 
@@ -115,19 +130,19 @@ def _load_adapter_dir(path: Path, merge: bool) -> Llama:
 
 
 def load_checkpoint(path_or_url: str | Path, merge: bool = True) -> Llama:
-    """Load any supported checkpoint (see the module docstring) as a float32 Llama on the CPU.
+    """Load any supported checkpoint (see the module docstring): a float32 Llama on the CPU, in eval mode.
 
     ``merge``: fold LoRA adapters into the weights (default) or keep them as LoRA layers.
     """
-    path = fetch(path_or_url)
+    return _load(fetch(path_or_url), merge).eval()
+
+
+def _load(path: Path, merge: bool) -> Llama:
     fmt = detect_format(path)
     if fmt != "torch" and path.is_file() and path.suffix in (".safetensors", ".json"):
         path = path.parent
     if fmt == "native":
-        try:
-            return native.load_model(path)
-        except (ValueError, RuntimeError) as e:
-            raise CheckpointError(f"{path}: {e}") from e
+        return _load_native(path)
     if fmt == "adapter":
         return _load_adapter_dir(path, merge)
     if fmt == "peft":
@@ -140,19 +155,24 @@ def load_checkpoint(path_or_url: str | Path, merge: bool = True) -> Llama:
 
 
 def find_tokenizer(ckpt: str | Path) -> Path | None:
-    """The tokenizer a checkpoint names (``config.json`` "tokenizer") or a ``tokenizer.model`` beside it."""
+    """The tokenizer a checkpoint names (``config.json`` "tokenizer") or a ``tokenizer.model`` beside it.
+
+    For a file (e.g. ``RUN/checkpoints/last.ckpt``) its folder is searched, then the folder above.
+    """
     path = Path(ckpt)
-    folder = path if path.is_dir() else path.parent
-    for cfg_name in ("config.json", "adapter_config.json"):
-        cfg = folder / cfg_name
-        if cfg.is_file():
-            try:
-                ref = json.loads(cfg.read_text()).get("tokenizer")
-            except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):
-                ref = None
-            if isinstance(ref, str) and ref:
-                candidate = Path(resolve_relative(ref, folder))
-                if candidate.is_file():
-                    return candidate
-    candidate = folder / "tokenizer.model"
-    return candidate if candidate.is_file() else None
+    folders = [path] if path.is_dir() else [path.parent, path.parent.parent]
+    for folder in folders:
+        for cfg_name in ("config.json", "adapter_config.json"):
+            cfg = folder / cfg_name
+            if cfg.is_file():
+                try:
+                    ref = json.loads(cfg.read_text()).get("tokenizer")
+                except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):
+                    ref = None
+                if isinstance(ref, str) and ref:
+                    candidate = Path(resolve_relative(ref, folder))
+                    if candidate.is_file():
+                        return candidate
+        if (folder / "tokenizer.model").is_file():
+            return folder / "tokenizer.model"
+    return None

@@ -14,7 +14,12 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
-from llamalit.checkpoints.hf_layout import config_from_hf, from_hf_state_dict, hf_config_dict, to_hf_state_dict
+from llamalit.checkpoints.hf_layout import (
+    config_from_hf,
+    from_hf_state_dict,
+    hf_config_dict,
+    to_hf_state_dict,
+)
 from llamalit.checkpoints.llama2c import CheckpointError, model_from_state_dict, safe_torch_load
 from llamalit.checkpoints.native import save_tensors
 from llamalit.fileio import atomic_path, atomic_write_json

@@ -43,9 +43,11 @@ def safe_torch_load(path: str | Path) -> object:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
+        lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+        why = next((ln for ln in lines if "Unsupported" in ln), lines[0] if lines else "")
         raise CheckpointError(
             f"{path}: not a plain-weights pickle; torch.load(weights_only=True) refused it "
-            f"({str(e).splitlines()[0]}). llamalit never executes pickled code: if you trust the "
+            f"({why}). llamalit never executes pickled code: if you trust the "
             "file, re-save only its tensors and plain values (e.g. torch.save(ckpt['model'], ...))"
         ) from e
     except (RuntimeError, EOFError, OSError) as e:
@@ -77,12 +79,13 @@ def model_from_state_dict(cfg: ModelConfig, sd: dict[str, torch.Tensor], source:
             f"{' ...' if len(missing) > 5 else ''}, unexpected {unexpected[:5]}"
             f"{' ...' if len(unexpected) > 5 else ''})"
         )
-    for name, t in sd.items():
-        if tuple(t.shape) != tuple(expected[name].shape):
+    for name, ref in expected.items():  # in model order, so the first bad tensor is reported
+        t = sd[name]
+        if tuple(t.shape) != tuple(ref.shape):
             raise CheckpointError(
                 f"{source}: shape mismatch for {name}: file has {tuple(t.shape)}, the config "
                 f"(dim={cfg.dim}, n_heads={cfg.n_heads}, n_kv_heads={cfg.n_kv_heads}, "
-                f"hidden_dim={cfg.hidden_dim}, vocab_size={cfg.vocab_size}) needs {tuple(expected[name].shape)}"
+                f"hidden_dim={cfg.hidden_dim}, vocab_size={cfg.vocab_size}) needs {tuple(ref.shape)}"
             )
     model.load_state_dict(sd, strict=True)
     return model

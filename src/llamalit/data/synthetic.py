@@ -37,7 +37,7 @@ GIRLS = ("Lily", "Mia", "Anna", "Lucy", "Sue", "Zoe")
 BOYS = ("Tom", "Ben", "Max", "Tim", "Sam", "Jack")
 PLACES = ("garden", "yard", "street", "forest", "beach", "house")
 SETUPS = ("rope", "lamp", "whistle", "map", "stick")  # foreshadowing: found early, saves the day later
-TWISTS = ("a frog jumped out and said hello", "the sun went away and it began to snow",
+TWISTS = ("a frog came out and said hello", "the sun went away and it began to snow",
           "a mouse came and took it away", "it turned into gold")
 MORALS = ("it is good to be kind to friends", "sharing makes everyone glad",
           "it is good to listen to mom", "it is good to say sorry")
@@ -79,8 +79,7 @@ def make_story(rng: random.Random, verb: str, noun: str, adjective: str, feature
              f"{He} had a {adjective} {noun}." if rng.random() < 0.5
              else f"{hero} loved {his} {adjective} {noun} very much."]
     if "Foreshadowing" in f:
-        intro.append(f"One day, {hero} found an old {setup} in the {place}. "
-                     f"{He} did not know it would be important later.")
+        intro.append(f"{He} found an old {setup} that would be important later.")
 
     middle = [f"{hero} liked to {verb} with {his} friend {friend} in the {place}."]
     if "Dialogue" in f:
@@ -89,11 +88,11 @@ def make_story(rng: random.Random, verb: str, noun: str, adjective: str, feature
     if "Conflict" in f:
         middle.append(f"They both wanted the {noun}, so they argued and pulled.")
     if "Twist" in f:
-        middle.append(f"Then something unexpected happened. When they looked at the {noun}, {rng.choice(TWISTS)}!")
+        middle.append(f"Then something unexpected happened: {rng.choice(TWISTS)}!")
 
     end = []
     if "Foreshadowing" in f:
-        end.append(f"Good thing {hero} had the {setup}! {He} used the {setup} to get the {noun} back.")
+        end.append(f"Good thing {he} had the {setup} to get the {noun} back.")
     if "BadEnding" in f:
         end.append(rng.choice((f"In the end, the {noun} was gone, and {hero} was very sad.",
                                f"But the {noun} broke, and {hero} cried all day.")))

@@ -120,7 +120,8 @@ def train(cfg: DictConfig) -> dict:
     from llamalit.data.datamodule import LlamaDataModule
 
     start = time.time()
-    run_dir = Path(HydraConfig.get().runtime.output_dir) if HydraConfig.initialized() else Path.cwd()
+    run_dir = Path(str(cfg.run_dir))
+    run_dir.mkdir(parents=True, exist_ok=True)
     L.seed_everything(cfg.seed, workers=True)
 
     dm = LlamaDataModule(OmegaConf.to_container(cfg.data, resolve=True), cache_dir=cfg.paths.cache_dir,

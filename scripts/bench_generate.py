@@ -1,0 +1,249 @@
+"""Batch-1 greedy generation speed on one model, measured in one run.
+
+Variants (tokens/s of new tokens, prompt = [BOS]):
+  kv          ours: ``llamalit.generate.generate`` (KV cache + the one-token decode path)
+  kv_generic  ours: KV cache through the ordinary ``Llama.hidden`` forward (what decode_step replaces)
+  recompute   ours: the whole prefix through the model for every new token, no cache
+  hf          transformers ``LlamaForCausalLM.generate`` on the same weights (greedy, use_cache=True)
+  static      CUDA only: one-token step with static shapes (full-cache masked attention)
+  cudagraph   CUDA only: ``static`` captured once in a CUDA graph and replayed per token
+  compile     CUDA only: ``torch.compile(static, mode="reduce-overhead")``
+
+Random weights, vocab 32000, fp32. ``match`` says whether a variant's ids equal ``kv``'s.
+Example: python scripts/bench_generate.py --json bench.json ; python scripts/bench_generate.py --quick
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import functools
+import os
+import platform
+import sys
+import time
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+
+from llamalit.fileio import atomic_write_json
+from llamalit.generate import generate
+from llamalit.model import DecodeWeights, KVCache, Llama, ModelConfig
+
+CPU_VARIANTS = ("kv", "kv_generic", "recompute", "hf")
+CUDA_VARIANTS = ("kv", "kv_generic", "recompute", "hf", "static", "cudagraph", "compile")
+
+
+def build_model(shape: str, tokens: int, device: str) -> Llama:
+    """Random-weight model of a preset shape; max_seq_len raised to hold [BOS] + tokens if needed."""
+    preset = ModelConfig.preset(shape)
+    cfg = ModelConfig.preset(shape, max_seq_len=max(preset.max_seq_len, tokens + 1))
+    torch.manual_seed(0)
+    return Llama(cfg).to(device).eval()
+
+
+def _sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+@torch.inference_mode()
+def run_kv_generic(model: Llama, tokens: int) -> list[int]:
+    caches = model.new_caches(1)
+    tok = torch.tensor([[1]], device=model.output.weight.device)
+    ids = []
+    for pos in range(tokens):
+        tok = model.output(model.hidden(tok, pos, caches)[:, -1]).argmax(-1, keepdim=True)
+        ids.append(tok)
+    return torch.cat(ids, 1)[0].tolist()
+
+
+@torch.inference_mode()
+def run_recompute(model: Llama, tokens: int) -> list[int]:
+    seq = torch.tensor([[1]], device=model.output.weight.device)
+    for _ in range(tokens):
+        nxt = model.output(model.hidden(seq)[:, -1]).argmax(-1, keepdim=True)
+        seq = torch.cat([seq, nxt], 1)
+    return seq[0, 1:].tolist()
+
+
+def build_hf(model: Llama):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from llamalit.checkpoints.hf_layout import hf_config_dict, to_hf_state_dict
+
+    hf = LlamaForCausalLM(LlamaConfig(**hf_config_dict(model.cfg), attn_implementation="sdpa"))
+    hf.load_state_dict(to_hf_state_dict(model.state_dict(), model.cfg), strict=not model.cfg.tie_embeddings)
+    return hf.to(model.output.weight.device).eval()
+
+
+@torch.inference_mode()
+def run_hf(hf, tokens: int) -> list[int]:
+    prompt = torch.tensor([[1]], device=hf.device)
+    out = hf.generate(prompt, max_new_tokens=tokens, min_new_tokens=tokens, do_sample=False,
+                      use_cache=True, pad_token_id=0, eos_token_id=None)
+    return out[0, 1:].tolist()
+
+
+def static_step(w: DecodeWeights, tok: torch.Tensor, pos: torch.Tensor, caches: list[KVCache],
+                positions: torch.Tensor) -> torch.Tensor:
+    """DecodeWeights.step with static shapes (``pos`` a 1-element tensor), for CUDA graphs / compile."""
+    cfg = w.cfg
+    b, hd, nh, nkv = tok.shape[0], cfg.head_dim, cfg.n_heads, cfg.n_kv_heads
+    k_end = (nh + nkv) * hd
+    rot = w.rot.index_select(0, pos)
+    visible = (positions <= pos)[None]  # (1, max_seq_len): keys up to pos
+    x = w.embedding[tok]
+    for (attn_norm, wqkv, wo, ffn_norm, w13, w2), cache in zip(w.layers, caches):
+        qkv = w._norm(x, attn_norm) @ wqkv
+        qk = torch.view_as_complex(qkv[:, :k_end].unflatten(-1, (nh + nkv, hd // 2, 2)))
+        qk = torch.view_as_real(qk * rot).flatten(-2)
+        cache.k.index_copy_(2, pos, qk[:, nh:, None])
+        cache.v.index_copy_(2, pos, qkv[:, k_end:].view(b, nkv, 1, hd))
+        out = F.scaled_dot_product_attention(qk[:, :nh, None], cache.k, cache.v, attn_mask=visible,
+                                             enable_gqa=nh != nkv)
+        x = x + out.view(b, nh * hd) @ wo
+        h1, h3 = (w._norm(x, ffn_norm) @ w13).chunk(2, dim=-1)
+        x = x + F.linear(F.silu(h1) * h3, w2)
+    return w._norm(x, w.norm) @ w.output_t
+
+
+@torch.inference_mode()
+def run_static(model: Llama, tokens: int, mode: str) -> list[int]:
+    """Greedy loop on device: ``mode`` is eager, cudagraph or compile."""
+    dev = model.output.weight.device
+    w, caches = model.decode_weights(), model.new_caches(1)
+    positions = torch.arange(model.cfg.max_seq_len, device=dev)
+    tok, pos = torch.ones(1, dtype=torch.long, device=dev), torch.zeros(1, dtype=torch.long, device=dev)
+    ids = torch.empty(tokens, dtype=torch.long, device=dev)
+    step: Callable[[], torch.Tensor] = lambda: static_step(w, tok, pos, caches, positions)  # noqa: E731
+    if mode == "compile":
+        fn = torch.compile(static_step, mode="reduce-overhead", fullgraph=True)
+        step = lambda: fn(w, tok, pos, caches, positions)  # noqa: E731
+    elif mode == "cudagraph":
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            for _ in range(3):
+                static_step(w, tok, pos, caches, positions)
+        torch.cuda.current_stream().wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            logits_out = static_step(w, tok, pos, caches, positions)
+
+        def step() -> torch.Tensor:
+            graph.replay()
+            return logits_out
+    for i in range(tokens):  # the warm-up writes are overwritten: every position is rewritten in order
+        nxt = step().argmax(-1)
+        ids[i] = nxt[0]
+        tok.copy_(nxt)
+        pos.add_(1)
+    return ids.tolist()
+
+
+def timed(fn: Callable[[], list[int]], device: str) -> tuple[float, list[int]]:
+    _sync(device)
+    t0 = time.perf_counter()
+    ids = fn()
+    _sync(device)
+    return time.perf_counter() - t0, ids
+
+
+def bench_one(shape: str, device: str, threads: int, tokens: int, variants: list[str]) -> list[dict]:
+    if device == "cpu":
+        torch.set_num_threads(threads)
+    model = build_model(shape, tokens, device)
+    hf = build_hf(model) if "hf" in variants else None
+    fns: dict[str, Callable[[int], list[int]]] = {
+        "kv": lambda n: generate(model, [1], n, temperature=0.0),
+        "kv_generic": lambda n: run_kv_generic(model, n),
+        "recompute": lambda n: run_recompute(model, n),
+        "hf": lambda n: run_hf(hf, n),
+        "static": lambda n: run_static(model, n, "eager"),
+        "cudagraph": lambda n: run_static(model, n, "cudagraph"),
+        "compile": lambda n: run_static(model, n, "compile"),
+    }
+    rows, ref = [], None
+    for name in variants:
+        row = dict(shape=shape, device=device, threads=threads if device == "cpu" else None,
+                   variant=name, tokens=tokens)
+        try:
+            fns[name](8 if name != "compile" else tokens)  # warm-up (compile: also traces)
+            seconds, ids = timed(functools.partial(fns[name], tokens), device)
+            if name == "kv":
+                ref = ids
+            row.update(seconds=round(seconds, 4), tok_s=round(tokens / seconds, 1),
+                       match=None if ref is None or name == "kv" else ids == ref)
+        except Exception as e:  # record and go on: one failing variant should not lose the table
+            row.update(seconds=None, tok_s=None, error=f"{type(e).__name__}: {e}"[:300])
+        rows.append(row)
+        print(_fmt(row), flush=True)
+    return rows
+
+
+def _fmt(row: dict) -> str:
+    where = row["device"] + (f" x{row['threads']}" if row["threads"] else "")
+    speed = f"{row['tok_s']:>9.1f}" if row.get("tok_s") else "   failed"
+    extra = row.get("error") or ("" if row.get("match") is None else f"ids match kv: {row['match']}")
+    return f"| {row['shape']:<11} | {where:<8} | {row['variant']:<10} | {speed} | {extra} |"
+
+
+def summary(rows: list[dict]) -> list[str]:
+    """Ratios per (shape, device, threads): kv / recompute and kv / hf."""
+    lines = []
+    groups = {(r["shape"], r["device"], r["threads"]) for r in rows}
+    for key in sorted(groups, key=str):
+        speed = {r["variant"]: r.get("tok_s") for r in rows if (r["shape"], r["device"], r["threads"]) == key}
+        kv = speed.get("kv")
+        parts = [f"{v}: {kv / speed[v]:.1f}x" for v in ("recompute", "hf", "kv_generic") if kv and speed.get(v)]
+        lines.append(f"{key[0]} {key[1]} threads={key[2]}: kv vs " + ", ".join(parts))
+    return lines
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--tokens", type=int, default=256, help="new tokens per run (default 256)")
+    p.add_argument("--shapes", default="stories15m,stories110m", help="comma-separated presets")
+    p.add_argument("--threads", default="1,all", help="CPU thread counts, comma-separated; 'all' = every core")
+    p.add_argument("--devices", default="auto", help="cpu, cuda, or auto (cpu plus cuda when present)")
+    p.add_argument("--variants", default="", help=f"subset of {','.join(CUDA_VARIANTS)} (default: all that apply)")
+    p.add_argument("--quick", action="store_true", help="32 tokens, stories15m only, 1 thread")
+    p.add_argument("--json", default=None, help="write the rows and run details to this JSON file")
+    args = p.parse_args(argv)
+    if args.quick:
+        args.tokens, args.shapes, args.threads = 32, "stories15m", "1"
+    all_threads = os.cpu_count() or 1
+    threads = [all_threads if t.strip() == "all" else int(t) for t in args.threads.split(",")]
+    devices = ["cpu", "cuda"] if args.devices == "auto" else args.devices.split(",")
+    devices = [d for d in devices if d != "cuda" or torch.cuda.is_available()]
+
+    print(f"torch {torch.__version__}, {platform.processor() or platform.machine()}, {all_threads} cores, "
+          f"{args.tokens} new tokens, batch 1, greedy, fp32")
+    print("| shape       | where    | variant    |     tok/s | |")
+    rows = []
+    for device in devices:
+        names = CPU_VARIANTS if device == "cpu" else CUDA_VARIANTS
+        if args.variants:
+            names = [v for v in args.variants.split(",") if v in names]
+        for shape in args.shapes.split(","):
+            for t in threads if device == "cpu" else [0]:
+                rows += bench_one(shape, device, t, args.tokens, list(names))
+    lines = summary(rows)
+    print("\n".join(lines))
+    if args.json:
+        import transformers
+
+        atomic_write_json(args.json, {
+            "date": datetime.datetime.now().isoformat(timespec="seconds"),
+            "command": " ".join([os.path.basename(sys.executable), *sys.argv]),
+            "torch": torch.__version__, "transformers": transformers.__version__,
+            "cpu_count": all_threads,
+            "cuda_device": torch.cuda.get_device_name() if "cuda" in devices else None,
+            "rows": rows, "summary": lines,
+        })
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,105 @@
+"""``python scripts/evaluate.py ckpt=PATH data=synthetic [n=100 max_new_tokens=200 ...]`` / ``llamalit-evaluate``.
+
+Instruction adherence of a checkpoint on held-out instructions (the validation shard ``data00`` of
+``data.source``, or of ``source=`` when given): prints a table, writes JSON to ``out=`` when given.
+The tokenizer is ``tokenizer=``, else the checkpoint's (its ``config.json`` or a ``tokenizer.model``
+beside it), else the prepared data's (``data.dir/tokenizer.model``), else for a 32000-piece model
+the Llama 2 tokenizer.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Mapping
+from pathlib import Path
+from typing import TextIO
+
+import hydra
+from omegaconf import DictConfig, OmegaConf
+
+CONF_DIR = str(Path(__file__).resolve().parents[3] / "conf")
+
+
+def pick_tokenizer(cfg: Mapping, ckpt_local: Path, vocab_size: int) -> Path:
+    """The tokenizer file to use (see the module docstring)."""
+    from llamalit.cli.generate import resolve_tokenizer
+
+    cache_dir = (cfg.get("paths") or {}).get("cache_dir", "~/.cache/llamalit")
+    try:
+        return resolve_tokenizer(cfg.get("tokenizer"), ckpt_local, vocab_size, cache_dir)
+    except FileNotFoundError:
+        data_dir = (cfg.get("data") or {}).get("dir")
+        candidate = Path(str(data_dir)).expanduser() / "tokenizer.model" if data_dir else None
+        if candidate is not None and candidate.is_file():
+            return candidate
+        raise FileNotFoundError(
+            f"no tokenizer for {ckpt_local}: none named in its config.json, no tokenizer.model beside it, "
+            f"none in data.dir={data_dir}; pass tokenizer=PATH (the SentencePiece .model it was trained with)"
+        ) from None
+
+
+def format_table(result: Mapping, title: str = "") -> str:
+    """A plain-text table of the adherence metrics, then the example stories."""
+    keys = ["adherence", "word_recall", "feature_rate"]
+    keys += sorted(k for k in result if k.startswith("feature/"))
+    lines = [title] if title else []
+    lines.append(f"{'metric':<24} {'value':>8}")
+    lines.append("-" * 33)
+    for k in keys:
+        v = result.get(k)
+        lines.append(f"{k:<24} {'-' if v is None else f'{v:.3f}':>8}")
+    lines.append(f"{'stories':<24} {result.get('n_stories', 0):>8}")
+    lines.append(f"{'skipped (too long)':<24} {result.get('skipped', 0):>8}")
+    secs = result.get("seconds") or 0.0
+    rate = result.get("new_tokens", 0) / secs if secs else 0.0
+    lines.append(f"{'tokens/s':<24} {rate:>8.1f}")
+    for i, ex in enumerate(result.get("examples", [])):
+        lines.append("")
+        score = "-" if ex["adherence"] is None else f"{ex['adherence']:.2f}"
+        lines.append(f"[{i}] words {ex['words']} features {ex['features']} -> adherence {score}, "
+                     f"missing {ex['words_missing']}")
+        lines.append("    " + ex["story"][:400].replace("\n", "\n    "))
+    return "\n".join(lines)
+
+
+def run_evaluate(cfg: Mapping, out: TextIO | None = None) -> dict:
+    """Load the checkpoint and tokenizer, evaluate on held-out records, print, write ``cfg.out``."""
+    from llamalit.checkpoints.detect import fetch, load_checkpoint
+    from llamalit.cli.generate import resolve_device
+    from llamalit.data.tokenizer import Tokenizer
+    from llamalit.evaluation import evaluate_adherence, held_out_records
+    from llamalit.fileio import atomic_write_json
+
+    out = out if out is not None else sys.stdout
+    local = fetch(cfg["ckpt"])
+    model = load_checkpoint(local)
+    tok = Tokenizer(pick_tokenizer(cfg, local, model.cfg.vocab_size))
+    if tok.vocab_size != model.cfg.vocab_size:
+        raise ValueError(f"tokenizer {tok.path} has {tok.vocab_size} pieces but the model's vocab_size is "
+                         f"{model.cfg.vocab_size}; pass tokenizer= the one the model was trained with")
+    model.to(resolve_device(cfg.get("device")))
+    n = cfg.get("n")
+    cache_dir = (cfg.get("paths") or {}).get("cache_dir")
+    records = held_out_records(cfg.get("source") or cfg["data"], n=None if n in (None, 0) else int(n),
+                               seed=int(cfg.get("seed", 0)), cache_dir=cache_dir)
+    result = evaluate_adherence(model, tok, records, max_new_tokens=int(cfg.get("max_new_tokens", 200)),
+                                temperature=float(cfg.get("temperature", 0.0)), seed=int(cfg.get("seed", 0)),
+                                batch_size=int(cfg.get("batch_size", 8)), n_examples=int(cfg.get("examples", 3)))
+    result = {"ckpt": str(cfg["ckpt"]), "tokenizer": str(tok.path),
+              "data": cfg.get("source") or (cfg.get("data") or {}).get("name"), **result}
+    out.write(format_table(result, title=f"instruction adherence: {cfg['ckpt']} on {result['data']}") + "\n")
+    if cfg.get("out"):
+        atomic_write_json(Path(str(cfg["out"])).expanduser(), result)
+        out.write(f"wrote {cfg['out']}\n")
+    out.flush()
+    return result
+
+
+@hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="evaluate")
+def main(cfg: DictConfig) -> float | None:
+    """Evaluate; return the mean adherence."""
+    return run_evaluate(OmegaConf.to_container(cfg, resolve=True))["adherence"]
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,29 @@
+"""``llamalit-prepare`` / ``python scripts/prepare.py data=NAME [key=value ...]``: prepare a data config."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import hydra
+from omegaconf import DictConfig
+
+import llamalit
+
+
+def config_dir() -> str:
+    """The Hydra config tree: packaged ``llamalit/conf`` when installed so, else the repository's ``conf/``."""
+    packaged = Path(llamalit.__file__).parent / "conf"
+    return str(packaged if packaged.is_dir() else Path(__file__).resolve().parents[3] / "conf")
+
+
+@hydra.main(version_base="1.3", config_path=config_dir(), config_name="prepare")
+def main(cfg: DictConfig) -> None:
+    """Prepare ``cfg.data`` under ``cfg.data.dir`` and print a one-line summary."""
+    from llamalit.data.prepare import run_prepare
+
+    result = run_prepare(cfg.data, cfg.paths.cache_dir, progress=bool(cfg.get("progress", True)))
+    print(result.summary(), flush=True)
+
+
+if __name__ == "__main__":
+    main()

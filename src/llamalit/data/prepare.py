@@ -1,0 +1,305 @@
+"""Data preparation, end to end: source -> JSON files -> tokenizer -> shards -> ``manifest.json``.
+
+:func:`prepare` is what ``llamalit-prepare`` and training call; :func:`load_manifest` is how any
+reader opens the result. The manifest follows CONTRACT.md, plus a ``prepared_from`` record of the
+settings, so a rerun with the same settings returns at once.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+from llamalit.data.download import DownloadError, cached_download, extract_tar, is_url, sha256_file
+from llamalit.data.pretokenize import IGNORE_INDEX, LABEL_DTYPE, TOKEN_DTYPE, ShardJob, run_jobs
+from llamalit.data.synthetic import make_corpus
+from llamalit.data.text_formats import FORMATS, read_records, text_for_kind
+from llamalit.data.tokenizer import (
+    Tokenizer,
+    TokenizerError,
+    check_vocab_fits,
+    fetch_tokenizer,
+    parse_train_spec,
+    train_tokenizer,
+    write_llama2c_tokenizer_bin,
+)
+from llamalit.fileio import atomic_path, atomic_write_json
+
+MANIFEST = "manifest.json"
+MANIFEST_FORMAT = "llamalit-shards/1"
+TOKENIZER_FILE = "tokenizer.model"
+SYNTHETIC = "synthetic"
+TARBALL_SUFFIXES = (".tar.gz", ".tgz", ".tar", ".tar.bz2", ".tar.xz")
+
+# Settings that decide the shards' content (compared with the manifest's prepared_from).
+_KEYED = ("kind", "format", "source", "sha256", "tokenizer", "tokenizer_sha256", "seq_len", "val_shards",
+          "train_on_inputs", "records_per_shard", "tokenizer_train_stories",
+          "n_shards", "stories_per_shard", "seed")
+_DEFAULTS = {"format": "tinystories", "sha256": None, "tokenizer_sha256": None, "seq_len": None,
+             "val_shards": ["data00"], "train_on_inputs": False, "records_per_shard": 2000,
+             "tokenizer_train_stories": 200_000, "num_workers": None,
+             "n_shards": 5, "stories_per_shard": 2000, "seed": 0}
+
+
+class ManifestError(ValueError):
+    """Prepared data that cannot be used as it is; the message says what to do."""
+
+
+@dataclass
+class PrepareResult:
+    manifest_path: Path
+    stories: int
+    tokens: int
+    dropped: int
+    seconds: float
+    shards_done: int
+    shards_skipped: int
+
+    def summary(self) -> str:
+        return (f"prepared {self.manifest_path}: {self.stories} stories, {self.tokens} tokens, "
+                f"{self.dropped} dropped, {self.seconds:.1f} s "
+                f"({self.shards_done} shards tokenized, {self.shards_skipped} reused)")
+
+
+def data_settings(data_cfg: Mapping) -> dict:
+    """``data_cfg`` (a dict or DictConfig) as a plain, validated dict with defaults filled in."""
+    if hasattr(data_cfg, "_metadata"):  # an OmegaConf DictConfig
+        from omegaconf import OmegaConf
+
+        data_cfg = OmegaConf.to_container(data_cfg, resolve=True)
+    cfg = {**_DEFAULTS, **dict(data_cfg)}
+    for key in ("kind", "source", "tokenizer", "dir"):
+        if cfg.get(key) in (None, ""):
+            raise ValueError(f"data.{key} is not set; every data config needs kind, source, tokenizer and dir")
+    if cfg["kind"] not in ("pretrain", "instruct"):
+        raise ValueError(f"data.kind={cfg['kind']!r}: use 'pretrain' or 'instruct'")
+    if cfg["format"] not in FORMATS:
+        raise ValueError(f"data.format={cfg['format']!r}: use one of {FORMATS}")
+    if cfg["kind"] == "instruct" and not (isinstance(cfg["seq_len"], int) and cfg["seq_len"] > 1):
+        raise ValueError(f"data.seq_len={cfg['seq_len']!r}: instruct rows need an integer length, e.g. 350")
+    cfg["val_shards"] = list(cfg["val_shards"] or [])
+    cfg["source"], cfg["tokenizer"], cfg["dir"] = str(cfg["source"]), str(cfg["tokenizer"]), str(cfg["dir"])
+    return cfg
+
+
+def _prepared_from(cfg: dict) -> dict:
+    key = {k: cfg.get(k) for k in _KEYED}
+    if key["kind"] == "pretrain":
+        key["seq_len"] = None  # the window length is the reader's choice; shards do not depend on it
+    if key["source"] != SYNTHETIC:
+        for k in ("n_shards", "stories_per_shard", "seed"):
+            key.pop(k)
+    return key
+
+
+def _source_files(cfg: dict, cache_dir: Path) -> tuple[list[Path], bool]:
+    """The local JSON/JSONL files of ``data.source`` (downloading, extracting or generating them).
+
+    The flag is True for a single file whose records are to be cut into shards.
+    """
+    source = cfg["source"]
+    if source == SYNTHETIC:
+        out = cache_dir / "synthetic" / f"seed{cfg['seed']}-{cfg['n_shards']}x{cfg['stories_per_shard']}"
+        files = [out / f"data{i:02d}.json" for i in range(cfg["n_shards"])]
+        if not all(f.is_file() for f in files):
+            files = make_corpus(out, cfg["n_shards"], cfg["stories_per_shard"], cfg["seed"])
+        return files, False
+    path = cached_download(source, cache_dir, sha256=cfg["sha256"]) if is_url(source) else Path(source).expanduser()
+    if not path.exists():
+        raise FileNotFoundError(f"data.source={source!r}: no such file or directory; give a URL, a .tar.gz, "
+                                f"a directory of data*.json, or a .json/.jsonl file")
+    if path.is_file() and path.name.endswith(TARBALL_SUFFIXES):
+        if cfg["sha256"] and not is_url(source) and (d := sha256_file(path)) != cfg["sha256"].lower():
+            raise DownloadError(f"{path}: sha256 {d} differs from data.sha256={cfg['sha256']}")
+        stem = path.name.split(".tar")[0].removesuffix(".tgz")
+        path = extract_tar(path, cache_dir / "extracted" / f"{stem}-{path.stat().st_size}")
+    if path.is_dir():
+        files = sorted(path.glob("data*.json")) or sorted(path.rglob("data*.json"))
+        if not files:
+            raise FileNotFoundError(f"data.source={source!r}: no data*.json files in {path}")
+        return files, False
+    return [path], True
+
+
+def _jobs(cfg: dict, files: list[Path], chunked: bool, out_dir: Path, tok_path: Path,
+          tok_sha: str) -> list[ShardJob]:
+    common = dict(out_dir=str(out_dir), tokenizer_path=str(tok_path), kind=cfg["kind"], format=cfg["format"],
+                  seq_len=cfg["seq_len"] if cfg["kind"] == "instruct" else None,
+                  train_on_inputs=bool(cfg["train_on_inputs"]), tokenizer_sha256=tok_sha)
+    jobs = []
+    if chunked:
+        n, size = len(read_records(files[0])), int(cfg["records_per_shard"])  # one big file: cut it in chunks
+        for i, start in enumerate(range(0, n, size)):
+            name = f"data{i:02d}"
+            jobs.append(ShardJob(name=name, source=str(files[0]), split=_split(name, cfg), start=start,
+                                 stop=min(start + size, n), **common))
+    else:
+        for f in files:
+            name = f.name.split(".")[0]
+            jobs.append(ShardJob(name=name, source=str(f), split=_split(name, cfg), **common))
+    if not any(j.split == "train" for j in jobs):
+        raise ValueError(f"data.source={cfg['source']!r}: every shard ({[j.name for j in jobs]}) is in "
+                         f"data.val_shards={cfg['val_shards']}; nothing is left to train on")
+    return jobs
+
+
+def _split(name: str, cfg: dict) -> str:
+    return "val" if name in cfg["val_shards"] else "train"
+
+
+def _training_texts(jobs: list[ShardJob], limit: int) -> Iterator[str]:
+    """Texts to train a vocabulary on: train shards first, prompts too for instruct data."""
+    count = 0
+    for job in sorted(jobs, key=lambda j: j.split == "val"):
+        records = read_records(job.source)
+        start = job.start or 0
+        chosen = records[start:job.stop] if job.start is not None else records
+        for i, r in enumerate(chosen):
+            prompt, text = text_for_kind(job.kind, job.format, r, Path(job.source), start + i)
+            yield text if prompt is None else f"{prompt}\n{text}"
+            count += 1
+            if count >= limit:
+                return
+
+
+def _tokenizer_file(cfg: dict, cache_dir: Path, out_dir: Path, jobs: list[ShardJob]) -> Path:
+    """``out_dir/tokenizer.model``: trained (train:N) or copied from the configured path/URL."""
+    target = out_dir / TOKENIZER_FILE
+    n = parse_train_spec(cfg["tokenizer"])
+    if n is None:
+        src = fetch_tokenizer(cfg["tokenizer"], cache_dir, cfg["tokenizer_sha256"])
+        if not target.is_file() or sha256_file(target) != sha256_file(src):
+            with atomic_path(target) as tmp:
+                shutil.copyfile(src, tmp)
+        return target
+    key = {"tokenizer": cfg["tokenizer"], "limit": cfg["tokenizer_train_stories"],
+           "inputs": [(j.label, Path(j.source).stat().st_size, j.split) for j in jobs]}
+    meta = out_dir / "tokenizer.meta.json"
+    try:
+        if target.is_file() and json.loads(meta.read_text()) == {"key": key, "sha256": sha256_file(target)}:
+            return target
+    except (OSError, ValueError):
+        pass
+    train_tokenizer(_training_texts(jobs, int(cfg["tokenizer_train_stories"])), n, target)
+    atomic_write_json(meta, {"key": key, "sha256": sha256_file(target)})
+    return target
+
+
+def _up_to_date(manifest_path: Path, cfg: dict) -> dict | None:
+    try:
+        manifest = load_manifest(manifest_path)
+    except (ManifestError, OSError, ValueError):
+        return None
+    return manifest if manifest.get("prepared_from") == _prepared_from(cfg) else None
+
+
+def run_prepare(data_cfg: Mapping, cache_dir: str | Path, progress: bool = True) -> PrepareResult:
+    """:func:`prepare`, returning counts and timing as well."""
+    t0 = time.perf_counter()
+    cfg = data_settings(data_cfg)
+    cache_dir, out_dir = Path(cache_dir).expanduser(), Path(cfg["dir"]).expanduser()
+    manifest_path = out_dir / MANIFEST
+    if (manifest := _up_to_date(manifest_path, cfg)) is not None:
+        metas = [json.loads((out_dir / f"{Path(s['tokens']).name.split('.')[0]}.meta.json").read_text())
+                 for s in manifest["shards"]]
+        return PrepareResult(manifest_path, sum(m["stories"] for m in metas),
+                             sum(s["n_tokens"] for s in manifest["shards"]),
+                             sum(s["dropped"] for s in manifest["shards"]), time.perf_counter() - t0, 0,
+                             len(manifest["shards"]))
+    files, chunked = _source_files(cfg, cache_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    jobs = _jobs(cfg, files, chunked, out_dir, out_dir / TOKENIZER_FILE, "")
+    tok_path = _tokenizer_file(cfg, cache_dir, out_dir, jobs)
+    tok = Tokenizer(tok_path)
+    check_vocab_fits(tok.vocab_size, TOKEN_DTYPE, source=str(tok_path))
+    write_llama2c_tokenizer_bin(tok_path, out_dir / "tokenizer.bin")
+    jobs = _jobs(cfg, files, chunked, out_dir, tok_path, tok.sha256)
+    workers = cfg["num_workers"] or os.cpu_count() or 1
+    results = run_jobs(jobs, int(workers), progress=progress)
+    manifest = {
+        "format": MANIFEST_FORMAT, "kind": cfg["kind"],
+        "seq_len": cfg["seq_len"] if cfg["kind"] == "instruct" else None,
+        "ignore_index": IGNORE_INDEX, "pad_id": tok.eos_id,
+        "tokenizer": {"path": TOKENIZER_FILE, "sha256": tok.sha256, "vocab_size": tok.vocab_size,
+                      "bos_id": tok.bos_id, "eos_id": tok.eos_id},
+        "shards": [r["entry"] for r in results],
+        "prepared_from": _prepared_from(cfg),
+    }
+    atomic_write_json(manifest_path, manifest)
+    return PrepareResult(manifest_path, sum(r["stories"] for r in results),
+                         sum(r["entry"]["n_tokens"] for r in results),
+                         sum(r["entry"]["dropped"] for r in results), time.perf_counter() - t0,
+                         sum(not r["skipped"] for r in results), sum(r["skipped"] for r in results))
+
+
+def prepare(data_cfg: Mapping, cache_dir: str | Path) -> Path:
+    """Make sure ``data_cfg.dir`` holds shards for ``data_cfg`` and return its ``manifest.json`` path.
+
+    Returns at once when the manifest matches the settings and every shard exists; otherwise
+    downloads / generates the source, gets the tokenizer and pretokenizes (skipping shards done
+    before with the same settings).
+    """
+    return run_prepare(data_cfg, cache_dir).manifest_path
+
+
+def load_manifest(path_or_dir: str | Path, verify: bool = True) -> dict:
+    """Read ``manifest.json`` (or ``<dir>/manifest.json``); paths in it come back absolute.
+
+    With ``verify``, every shard file must exist with the recorded size and the tokenizer file
+    must have the recorded sha256; otherwise :class:`ManifestError` says what to do.
+    """
+    path = Path(path_or_dir).expanduser()
+    if path.is_dir() or path.suffix != ".json":
+        path = path / MANIFEST
+    rerun = f"run `llamalit-prepare data=NAME data.dir={path.parent}` (training does it when shards are missing)"
+    try:
+        manifest = json.loads(path.read_text())
+    except FileNotFoundError as e:
+        raise ManifestError(f"{path}: no manifest; {rerun}") from e
+    except (OSError, ValueError) as e:
+        raise ManifestError(f"{path}: unreadable manifest ({e}); delete it and {rerun}") from e
+    if not isinstance(manifest, dict) or manifest.get("format") != MANIFEST_FORMAT:
+        got = manifest.get("format") if isinstance(manifest, dict) else type(manifest).__name__
+        raise ManifestError(f"{path}: format {got!r}, expected {MANIFEST_FORMAT!r}; {rerun}")
+    missing = [k for k in ("kind", "seq_len", "ignore_index", "pad_id", "tokenizer", "shards") if k not in manifest]
+    if missing:
+        raise ManifestError(f"{path}: missing keys {missing}; {rerun}")
+    root = path.parent
+    manifest["dir"] = str(root)
+    tok = manifest["tokenizer"]
+    tok["path"] = str(root / tok["path"])
+    item = {"token_dtype": 2, "label_dtype": 4}
+    for shard in manifest["shards"]:
+        for key, dtype_key in (("tokens", "token_dtype"), ("labels", "label_dtype")):
+            if shard.get(key) is None:
+                continue
+            shard[key] = str(root / shard[key])
+            expected = shard["n_tokens"] * item[dtype_key]
+            if verify and (not Path(shard[key]).is_file() or Path(shard[key]).stat().st_size != expected):
+                raise ManifestError(f"{shard[key]}: missing or not {expected} bytes as the manifest says; {rerun}")
+    if verify:
+        if not Path(tok["path"]).is_file():
+            raise ManifestError(f"{tok['path']}: the tokenizer of these shards is missing; {rerun}")
+        if (digest := sha256_file(tok["path"])) != tok["sha256"]:
+            raise ManifestError(f"{tok['path']}: sha256 {digest} differs from the manifest's {tok['sha256']}: the "
+                                f"shards were made with another tokenizer. Restore it, or {rerun}")
+    return manifest
+
+
+def verify_tokenizer(manifest: Mapping, tokenizer: Tokenizer | str | Path) -> None:
+    """Raise when ``tokenizer`` is not the one the shards of ``manifest`` were made with."""
+    path = tokenizer.path if isinstance(tokenizer, Tokenizer) else Path(tokenizer)
+    digest = sha256_file(path)
+    if digest != manifest["tokenizer"]["sha256"]:
+        raise TokenizerError(f"{path}: sha256 {digest} differs from {manifest['tokenizer']['sha256']} recorded in "
+                             f"{manifest.get('dir', 'the manifest')}; use the tokenizer stored with the shards "
+                             f"({manifest['tokenizer']['path']}) or prepare the data again with this one")
+
+
+__all__ = ["prepare", "run_prepare", "load_manifest", "verify_tokenizer", "data_settings", "PrepareResult",
+           "ManifestError", "LABEL_DTYPE", "TOKEN_DTYPE"]
