@@ -118,6 +118,9 @@ def test_rerun_skips_finished_shards_and_redoes_the_rest(tmp_path, synthetic_cor
     assert (resumed.shards_done, resumed.shards_skipped) == (1, 2)
     assert (tmp_path / "out" / "data00.tokens.bin").stat().st_mtime_ns == keep
     assert load_manifest(resumed.manifest_path)["shards"] == load_manifest(first.manifest_path)["shards"]
+    resplit = run_prepare({**cfg, "val_shards": ["data02"]}, tmp_path, progress=False)  # same content
+    assert resplit.shards_done == 0
+    assert [s["split"] for s in load_manifest(resplit.manifest_path)["shards"]] == ["train", "train", "val"]
     changed = run_prepare({**cfg, "seq_len": 300}, tmp_path, progress=False)  # other settings: all redone
     assert changed.shards_done == 3 and load_manifest(changed.manifest_path)["seq_len"] == 300
 

@@ -12,7 +12,7 @@ import os
 import shutil
 import time
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from llamalit.data.download import DownloadError, cached_download, extract_tar, is_url, sha256_file
@@ -126,11 +126,11 @@ def _source_files(cfg: dict, cache_dir: Path) -> tuple[list[Path], bool]:
     return [path], True
 
 
-def _jobs(cfg: dict, files: list[Path], chunked: bool, out_dir: Path, tok_path: Path,
-          tok_sha: str) -> list[ShardJob]:
-    common = dict(out_dir=str(out_dir), tokenizer_path=str(tok_path), kind=cfg["kind"], format=cfg["format"],
+def _jobs(cfg: dict, files: list[Path], chunked: bool, out_dir: Path) -> list[ShardJob]:
+    """One job per input shard (or per ``records_per_shard`` records of a single file); no tokenizer yet."""
+    common = dict(out_dir=str(out_dir), tokenizer_path="", kind=cfg["kind"], format=cfg["format"],
                   seq_len=cfg["seq_len"] if cfg["kind"] == "instruct" else None,
-                  train_on_inputs=bool(cfg["train_on_inputs"]), tokenizer_sha256=tok_sha)
+                  train_on_inputs=bool(cfg["train_on_inputs"]))
     jobs = []
     if chunked:
         n, size = len(read_records(files[0])), int(cfg["records_per_shard"])  # one big file: cut it in chunks
@@ -190,12 +190,17 @@ def _tokenizer_file(cfg: dict, cache_dir: Path, out_dir: Path, jobs: list[ShardJ
     return target
 
 
-def _up_to_date(manifest_path: Path, cfg: dict) -> dict | None:
+def _up_to_date(manifest_path: Path, cfg: dict) -> tuple[list[dict], int] | None:
+    """(shards, stories) of a manifest made with these settings whose files are all intact, else None."""
     try:
         manifest = load_manifest(manifest_path)
-    except (ManifestError, OSError, ValueError):
+        if manifest.get("prepared_from") != _prepared_from(cfg):
+            return None
+        metas = [json.loads(Path(s["tokens"]).with_suffix("").with_suffix(".meta.json").read_text())
+                 for s in manifest["shards"]]
+        return manifest["shards"], sum(m["stories"] for m in metas)
+    except (ManifestError, OSError, ValueError, KeyError, TypeError):
         return None
-    return manifest if manifest.get("prepared_from") == _prepared_from(cfg) else None
 
 
 def run_prepare(data_cfg: Mapping, cache_dir: str | Path, progress: bool = True) -> PrepareResult:
@@ -204,21 +209,18 @@ def run_prepare(data_cfg: Mapping, cache_dir: str | Path, progress: bool = True)
     cfg = data_settings(data_cfg)
     cache_dir, out_dir = Path(cache_dir).expanduser(), Path(cfg["dir"]).expanduser()
     manifest_path = out_dir / MANIFEST
-    if (manifest := _up_to_date(manifest_path, cfg)) is not None:
-        metas = [json.loads((out_dir / f"{Path(s['tokens']).name.split('.')[0]}.meta.json").read_text())
-                 for s in manifest["shards"]]
-        return PrepareResult(manifest_path, sum(m["stories"] for m in metas),
-                             sum(s["n_tokens"] for s in manifest["shards"]),
-                             sum(s["dropped"] for s in manifest["shards"]), time.perf_counter() - t0, 0,
-                             len(manifest["shards"]))
+    if (done := _up_to_date(manifest_path, cfg)) is not None:
+        shards, stories = done
+        return PrepareResult(manifest_path, stories, sum(s["n_tokens"] for s in shards),
+                             sum(s["dropped"] for s in shards), time.perf_counter() - t0, 0, len(shards))
     files, chunked = _source_files(cfg, cache_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    jobs = _jobs(cfg, files, chunked, out_dir, out_dir / TOKENIZER_FILE, "")
+    jobs = _jobs(cfg, files, chunked, out_dir)
     tok_path = _tokenizer_file(cfg, cache_dir, out_dir, jobs)
     tok = Tokenizer(tok_path)
     check_vocab_fits(tok.vocab_size, TOKEN_DTYPE, source=str(tok_path))
     write_llama2c_tokenizer_bin(tok_path, out_dir / "tokenizer.bin")
-    jobs = _jobs(cfg, files, chunked, out_dir, tok_path, tok.sha256)
+    jobs = [replace(j, tokenizer_path=str(tok_path), tokenizer_sha256=tok.sha256) for j in jobs]
     workers = cfg["num_workers"] or os.cpu_count() or 1
     results = run_jobs(jobs, int(workers), progress=progress)
     manifest = {

@@ -27,7 +27,7 @@ IGNORE_INDEX = -100  # same value as llamalit.model.IGNORE_INDEX (not imported: 
 TOKEN_DTYPE = "uint16"
 LABEL_DTYPE = "int32"
 
-_TOKENIZERS: dict[str, Tokenizer] = {}
+_TOKENIZERS: dict[tuple[str, str], Tokenizer] = {}  # per process, keyed by (path, sha256)
 
 
 @dataclass(frozen=True)
@@ -63,10 +63,10 @@ class ShardJob:
                 "token_dtype": TOKEN_DTYPE, "label_dtype": LABEL_DTYPE, **self.extra_key}
 
 
-def _tokenizer(path: str) -> Tokenizer:
-    if path not in _TOKENIZERS:
-        _TOKENIZERS[path] = Tokenizer(path)
-    return _TOKENIZERS[path]
+def _tokenizer(path: str, sha256: str) -> Tokenizer:
+    if (path, sha256) not in _TOKENIZERS:
+        _TOKENIZERS[(path, sha256)] = Tokenizer(path)
+    return _TOKENIZERS[(path, sha256)]
 
 
 def pretrain_tokens(tok: Tokenizer, texts: Sequence[str]) -> np.ndarray:
@@ -127,6 +127,7 @@ def existing_result(job: ShardJob) -> dict | None:
             return None
     except (OSError, ValueError, KeyError, TypeError):
         return None
+    entry["split"] = job.split  # the split is the reader's choice, not part of the content
     return {**meta, "skipped": True}
 
 
@@ -135,7 +136,7 @@ def pretokenize_shard(job: ShardJob) -> dict:
     done = existing_result(job)
     if done is not None:
         return done
-    tok = _tokenizer(job.tokenizer_path)
+    tok = _tokenizer(job.tokenizer_path, job.tokenizer_sha256)
     path = Path(job.source)
     records = read_records(path)
     start = job.start or 0

@@ -46,8 +46,7 @@ class Tokenizer:
 
     def encode(self, text: str, bos: bool = True, eos: bool = False) -> list[int]:
         """Token ids of ``text``, with BOS in front / EOS at the end when asked."""
-        ids = self.sp.encode(text, add_bos=bos, add_eos=eos)
-        return ids
+        return self.sp.encode(text, add_bos=bos, add_eos=eos)
 
     def encode_batch(self, texts: Sequence[str], bos: bool = False, eos: bool = False,
                      num_threads: int = 1) -> list[list[int]]:
