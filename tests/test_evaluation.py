@@ -146,8 +146,6 @@ def test_echo_model_scores_one_and_silent_model_zero(corpus, tok, model, monkeyp
     assert res["word_recall"] == 0.0 and res["examples"][0]["words_missing"] == records[0]["instruction"]["words"]
 
 
-@pytest.mark.xfail(strict=True, reason="adherence's Foreshadowing cues miss the synthetic corpus's "
-                   "'would be important later ... Good thing' (fix in adherence._FORESHADOWING)")
 def test_synthetic_reference_stories_show_foreshadowing(corpus):
     records = [r for r in read_records(corpus / "data00.json") if "Foreshadowing" in r["instruction"]["features"]]
     assert records

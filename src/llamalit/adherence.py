@@ -72,7 +72,7 @@ _TWIST = _patterns(
 _FORESHADOWING = _patterns(
     r"little did", r"did not know", r"didn't know", r"had a feeling", r"would soon", r"warn(ed|ing|s)?",
     r"was about to", r"soon (learn|find|see|discover)", r"remember(ed)? what", r"knew (that )?something",
-    r"did not notice", r"didn't notice",
+    r"did not notice", r"didn't notice", r"important later", r"good thing",
 )
 _CONFLICT = _patterns(
     r"argu(e|ed|es|ing)", r"fight(s|ing)?", r"fought", r"angry", r"mad", r"yell(ed|s|ing)?",

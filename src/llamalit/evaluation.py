@@ -119,13 +119,13 @@ def _validation_file(data: Mapping | str | Path, cache_dir: str | Path | None) -
     """The JSON file of the validation shard of a data config, a source directory, or a file."""
     if isinstance(data, Mapping):  # a dict or DictConfig
         from llamalit.data.download import default_cache_dir
-        from llamalit.data.prepare import _source_files, data_settings
+        from llamalit.data.prepare import data_settings, source_files
 
         cfg = data_settings(data)
         if cfg["format"] != "tinystories":
             raise ValueError(f"data.format={cfg['format']!r}: adherence needs TinyStories-format records "
                              "(instruction with words and features); use data=synthetic or tinystories_instruct")
-        files, chunked = _source_files(cfg, Path(cache_dir).expanduser() if cache_dir else default_cache_dir())
+        files, chunked = source_files(cfg, Path(cache_dir).expanduser() if cache_dir else default_cache_dir())
         if chunked:
             return files[0]
         names = list(cfg["val_shards"]) or [VAL_SHARD]

@@ -97,7 +97,7 @@ def _prepared_from(cfg: dict) -> dict:
     return key
 
 
-def _source_files(cfg: dict, cache_dir: Path) -> tuple[list[Path], bool]:
+def source_files(cfg: dict, cache_dir: Path) -> tuple[list[Path], bool]:
     """The local JSON/JSONL files of ``data.source`` (downloading, extracting or generating them).
 
     The flag is True for a single file whose records are to be cut into shards.
@@ -213,7 +213,7 @@ def run_prepare(data_cfg: Mapping, cache_dir: str | Path, progress: bool = True)
         shards, stories = done
         return PrepareResult(manifest_path, stories, sum(s["n_tokens"] for s in shards),
                              sum(s["dropped"] for s in shards), time.perf_counter() - t0, 0, len(shards))
-    files, chunked = _source_files(cfg, cache_dir)
+    files, chunked = source_files(cfg, cache_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     jobs = _jobs(cfg, files, chunked, out_dir)
     tok_path = _tokenizer_file(cfg, cache_dir, out_dir, jobs)

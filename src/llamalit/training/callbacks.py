@@ -84,7 +84,7 @@ class SpeedMonitor(L.Callback):
 
 
 class SampleCallback(L.Callback):
-    """Generates from fixed prompts after each validation; logs a wandb table, or prints them.
+    """Generates from fixed prompts after each validation; prints them and logs a wandb table.
 
     For instruct data a prompt is encoded without BOS and followed by BOS, as in the shards.
     """
@@ -117,9 +117,8 @@ class SampleCallback(L.Callback):
         if logger is not None and hasattr(logger, "log_text"):
             logger.log_text(key="samples", columns=["step", "prompt", "sample"],
                             data=[[trainer.global_step, p, s] for p, s in self.last_samples])
-        else:
-            for p, s in self.last_samples:
-                print(f"[step {trainer.global_step}] {p!r} -> {s!r}", flush=True)
+        for p, s in self.last_samples:
+            print(f"\n[sample, step {trainer.global_step}] {p}\n  -> {s}", flush=True)
 
 
 def sample_texts(model: Llama, tokenizer_path: str, prompts: Sequence[str], instruct: bool,

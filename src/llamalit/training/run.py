@@ -11,6 +11,7 @@ import lightning as L
 import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
+from lightning.pytorch.callbacks import LearningRateMonitor
 from omegaconf import DictConfig, OmegaConf
 
 from llamalit.fileio import atomic_write_json
@@ -67,8 +68,12 @@ def sweep_group(cfg: DictConfig) -> str | None:
     return f"{cfg.get('experiment_name') or 'sweep'}-{Path(hc.sweep.dir).name}"
 
 
-def build_callbacks(cfg: DictConfig) -> list[L.Callback]:
-    return [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c is not None]
+def build_callbacks(cfg: DictConfig, has_logger: bool = True) -> list[L.Callback]:
+    """``cfg.callbacks`` instantiated (null entries dropped); without a logger, the ones that need one too."""
+    callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c is not None]
+    if not has_logger:  # LearningRateMonitor refuses to run without a logger (logger=none)
+        callbacks = [c for c in callbacks if not isinstance(c, LearningRateMonitor)]
+    return callbacks
 
 
 def adapt_model_to_data(cfg: DictConfig, vocab_size: int, input_len: int) -> None:
@@ -115,6 +120,26 @@ def copy_export(files: dict[str, str], dest: Path) -> None:
                 shutil.copyfile(f, dest / f.name)
 
 
+def run_adherence(cfg: DictConfig, module: LlamaLitModule, dm) -> dict | None:
+    """Instruction adherence on held-out TinyStories-format instructions (instruct data only)."""
+    ev = cfg.get("evaluation") or {}
+    if not ev.get("adherence_n") or dm.manifest.get("kind") != "instruct" or \
+            cfg.data.get("format", "tinystories") != "tinystories":
+        return None
+    from llamalit.data.tokenizer import Tokenizer
+    from llamalit.evaluation import evaluate_adherence, held_out_records
+
+    records = held_out_records(OmegaConf.to_container(cfg.data, resolve=True), n=ev.adherence_n,
+                               seed=cfg.seed, cache_dir=cfg.paths.cache_dir)
+    result = evaluate_adherence(module.model, Tokenizer(dm.tokenizer_path), records,
+                                max_new_tokens=ev.get("max_new_tokens", 200), n_examples=2)
+    if module.logger is not None:
+        module.logger.log_metrics({f"adherence/{k}": v for k, v in result.items()
+                                   if isinstance(v, (int, float)) and v is not None}, step=module.global_step)
+    log.info("adherence: %s", {k: result.get(k) for k in ("adherence", "word_recall", "feature_rate")})
+    return result
+
+
 def train(cfg: DictConfig) -> dict:
     """Run ``cfg`` and return the summary written to ``summary.json`` in the run directory."""
     from llamalit.data.datamodule import LlamaDataModule
@@ -132,8 +157,8 @@ def train(cfg: DictConfig) -> dict:
     resolved = OmegaConf.to_container(cfg, resolve=True)
     module = LlamaLitModule(resolved)
 
-    callbacks = build_callbacks(cfg)
     logger = build_logger(cfg.logger, run_dir, run_name(cfg), sweep_group(cfg), resolved)
+    callbacks = build_callbacks(cfg, has_logger=logger is not None)
     trainer_cfg = OmegaConf.to_container(cfg.trainer, resolve=True)
     trainer_cfg["precision"] = resolve_precision(trainer_cfg.get("precision", "auto"),
                                                  trainer_cfg.get("accelerator", "auto"))
@@ -165,6 +190,9 @@ def finish_run(cfg: DictConfig, resolved: dict, trainer: L.Trainer, module: Llam
         files = export_weights(module, run_dir, dm.tokenizer_path, resolved)
         if cfg.get("export_dir"):
             copy_export(files, Path(str(cfg.export_dir)).expanduser())
+    adherence = None
+    if trainer.is_global_zero:
+        adherence = run_adherence(cfg, module, dm)
     speed = next((c for c in trainer.callbacks if c.__class__.__name__ == "SpeedMonitor"), None)
     summary = {
         "experiment": cfg.get("experiment_name"),
@@ -180,6 +208,7 @@ def finish_run(cfg: DictConfig, resolved: dict, trainer: L.Trainer, module: Llam
         "params": module.model.num_params(),
         "trainable_params": module.model.num_params(trainable_only=True),
         "lora": resolved.get("lora"),
+        "adherence": adherence,
         "best_checkpoint": best or None,
         "last_checkpoint": last or None,
         "files": files,
