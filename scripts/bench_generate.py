@@ -1,7 +1,9 @@
 """Batch-1 greedy generation speed on one model, measured in one run.
 
 Variants (tokens/s of new tokens, prompt = [BOS]):
-  kv          ours: ``llamalit.generate.generate`` (KV cache + the one-token decode path)
+  kv          ours: ``llamalit.generate.generate`` (KV cache + the one-token decode path; on CPU
+              fp32 the compiled kernel of ``llamalit.kernels`` when it builds)
+  kv_torch    ``kv`` with the kernel switched off (LLAMALIT_DECODE_KERNEL=0): the PyTorch decode step
   kv_generic  ours: KV cache through the ordinary ``Llama.hidden`` forward (what decode_step replaces)
   recompute   ours: the whole prefix through the model for every new token, no cache
   hf          transformers ``LlamaForCausalLM.generate`` on the same weights (greedy, use_cache=True)
@@ -9,7 +11,8 @@ Variants (tokens/s of new tokens, prompt = [BOS]):
   cudagraph   CUDA only: ``static`` captured once in a CUDA graph and replayed per token
   compile     CUDA only: ``torch.compile(static, mode="reduce-overhead")``
 
-Random weights, vocab 32000, fp32. ``match`` says whether a variant's ids equal ``kv``'s.
+Random weights, vocab 32000, fp32. ``match`` says whether a variant's ids equal ``kv``'s. Each
+variant runs ``--repeats`` times after a warm-up and the fastest run is reported (shared machines).
 Example: python scripts/bench_generate.py --json bench.json ; python scripts/bench_generate.py --quick
 """
 
@@ -22,16 +25,18 @@ import os
 import platform
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 
 import torch
 import torch.nn.functional as F
 
 from llamalit.fileio import atomic_write_json
 from llamalit.generate import generate
+from llamalit.kernels import ENV_SWITCH
 from llamalit.model import DecodeWeights, KVCache, Llama, ModelConfig
 
-CPU_VARIANTS = ("kv", "kv_generic", "recompute", "hf")
+CPU_VARIANTS = ("kv", "kv_torch", "kv_generic", "recompute", "hf")
 CUDA_VARIANTS = ("kv", "kv_generic", "recompute", "hf", "static", "cudagraph", "compile")
 
 
@@ -46,6 +51,24 @@ def build_model(shape: str, tokens: int, device: str) -> Llama:
 def _sync(device: str) -> None:
     if device.startswith("cuda"):
         torch.cuda.synchronize()
+
+
+@contextmanager
+def env(name: str, value: str) -> Iterator[None]:
+    old = os.environ.get(name)
+    os.environ[name] = value
+    try:
+        yield
+    finally:
+        if old is None:
+            del os.environ[name]
+        else:
+            os.environ[name] = old
+
+
+def run_kv_torch(model: Llama, tokens: int) -> list[int]:
+    with env(ENV_SWITCH, "0"):
+        return generate(model, [1], tokens, temperature=0.0)
 
 
 @torch.inference_mode()
@@ -151,13 +174,15 @@ def timed(fn: Callable[[], list[int]], device: str) -> tuple[float, list[int]]:
     return time.perf_counter() - t0, ids
 
 
-def bench_one(shape: str, device: str, threads: int, tokens: int, variants: list[str]) -> list[dict]:
+def bench_one(shape: str, device: str, threads: int, tokens: int, variants: list[str],
+              repeats: int = 1) -> list[dict]:
     if device == "cpu":
         torch.set_num_threads(threads)
     model = build_model(shape, tokens, device)
     hf = build_hf(model) if "hf" in variants else None
     fns: dict[str, Callable[[int], list[int]]] = {
         "kv": lambda n: generate(model, [1], n, temperature=0.0),
+        "kv_torch": lambda n: run_kv_torch(model, n),
         "kv_generic": lambda n: run_kv_generic(model, n),
         "recompute": lambda n: run_recompute(model, n),
         "hf": lambda n: run_hf(hf, n),
@@ -171,10 +196,15 @@ def bench_one(shape: str, device: str, threads: int, tokens: int, variants: list
                    variant=name, tokens=tokens)
         try:
             fns[name](8 if name != "compile" else tokens)  # warm-up (compile: also traces)
-            seconds, ids = timed(functools.partial(fns[name], tokens), device)
+            runs = [timed(functools.partial(fns[name], tokens), device) for _ in range(repeats)]
+            seconds, ids = min(runs, key=lambda r: r[0])
+            if any(r[1] != ids for r in runs):
+                raise RuntimeError("repeated runs gave different ids")
             if name == "kv":
                 ref = ids
-            row.update(seconds=round(seconds, 4), tok_s=round(tokens / seconds, 1),
+                weights = model.decode_weights()
+                row.update(kernel=weights is not None and weights.kernel is not None)
+            row.update(seconds=round(seconds, 4), tok_s=round(tokens / seconds, 1), repeats=repeats,
                        match=None if ref is None or name == "kv" else ids == ref)
         except Exception as e:  # record and go on: one failing variant should not lose the table
             row.update(seconds=None, tok_s=None, error=f"{type(e).__name__}: {e}"[:300])
@@ -187,6 +217,8 @@ def _fmt(row: dict) -> str:
     where = row["device"] + (f" x{row['threads']}" if row["threads"] else "")
     speed = f"{row['tok_s']:>9.1f}" if row.get("tok_s") else "   failed"
     extra = row.get("error") or ("" if row.get("match") is None else f"ids match kv: {row['match']}")
+    if "kernel" in row:
+        extra = f"compiled kernel: {row['kernel']}"
     return f"| {row['shape']:<11} | {where:<8} | {row['variant']:<10} | {speed} | {extra} |"
 
 
@@ -197,7 +229,8 @@ def summary(rows: list[dict]) -> list[str]:
     for key in sorted(groups, key=str):
         speed = {r["variant"]: r.get("tok_s") for r in rows if (r["shape"], r["device"], r["threads"]) == key}
         kv = speed.get("kv")
-        parts = [f"{v}: {kv / speed[v]:.1f}x" for v in ("recompute", "hf", "kv_generic") if kv and speed.get(v)]
+        parts = [f"{v}: {kv / speed[v]:.1f}x" for v in ("recompute", "hf", "kv_torch", "kv_generic")
+                 if kv and speed.get(v)]
         lines.append(f"{key[0]} {key[1]} threads={key[2]}: kv vs " + ", ".join(parts))
     return lines
 
@@ -209,6 +242,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--threads", default="1,all", help="CPU thread counts, comma-separated; 'all' = every core")
     p.add_argument("--devices", default="auto", help="cpu, cuda, or auto (cpu plus cuda when present)")
     p.add_argument("--variants", default="", help=f"subset of {','.join(CUDA_VARIANTS)} (default: all that apply)")
+    p.add_argument("--repeats", type=int, default=1, help="timed runs per variant; the fastest counts")
     p.add_argument("--quick", action="store_true", help="32 tokens, stories15m only, 1 thread")
     p.add_argument("--json", default=None, help="write the rows and run details to this JSON file")
     args = p.parse_args(argv)
@@ -229,7 +263,7 @@ def main(argv: list[str] | None = None) -> None:
             names = [v for v in args.variants.split(",") if v in names]
         for shape in args.shapes.split(","):
             for t in threads if device == "cpu" else [0]:
-                rows += bench_one(shape, device, t, args.tokens, list(names))
+                rows += bench_one(shape, device, t, args.tokens, list(names), args.repeats)
     lines = summary(rows)
     print("\n".join(lines))
     if args.json:

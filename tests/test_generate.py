@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from llamalit.generate import filter_logits, generate, generate_stream, sample_next
+from llamalit.kernels import load_decode_kernel
 from llamalit.model import Llama, ModelConfig
 
 
@@ -31,9 +32,14 @@ def _greedy_by_recompute(model: Llama, prompt: list[int], n: int) -> list[int]:
     return seq[len(prompt):]
 
 
+@pytest.mark.parametrize("kernel", ["0", "1"], ids=["torch_step", "kernel_if_built"])
 @pytest.mark.parametrize("n_heads, n_kv_heads, tie", [(4, 4, True), (4, 2, False)], ids=["mha", "gqa"])
-def test_kv_cache_greedy_equals_recompute(n_heads: int, n_kv_heads: int, tie: bool) -> None:
+def test_kv_cache_greedy_equals_recompute(n_heads: int, n_kv_heads: int, tie: bool, kernel: str,
+                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("LLAMALIT_DECODE_KERNEL", kernel)  # "1": the compiled CPU step when it builds
     model = _model(n_heads, n_kv_heads, tie)
+    built = load_decode_kernel() is not None
+    assert (model.decode_weights().kernel is not None) == (kernel == "1" and built)
     prompt = [5, 17, 3, 60]
     got = generate(model, prompt, 40, temperature=0.0)
     expected = _greedy_by_recompute(model, prompt, 40)

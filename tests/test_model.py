@@ -18,6 +18,7 @@ from llamalit.checkpoints.hf_layout import (
     permute_to_hf,
     to_hf_state_dict,
 )
+from llamalit.kernels import load_decode_kernel
 from llamalit.model import IGNORE_INDEX, Llama, ModelConfig, RMSNorm
 
 
@@ -184,41 +185,59 @@ def test_rmsnorm_in_float32_under_half_precision() -> None:
 
 # ---- the one-token decode path used by generate ------------------------------------------------
 
-def _decode_all(model: Llama, tokens: torch.Tensor, prefill: int) -> torch.Tensor:
+def _decode_all(model: Llama, tokens: torch.Tensor, prefill: int, kernel: bool | None = None) -> torch.Tensor:
     caches = model.new_caches(tokens.shape[0])
     with torch.no_grad():
         model.hidden(tokens[:, :prefill], 0, caches)
-        steps = [model.decode_step(tokens[:, p:p + 1], p, caches) for p in range(prefill, tokens.shape[1])]
+        weights = model.decode_weights(kernel)
+        steps = [model.decode_step(tokens[:, p:p + 1], p, caches, weights)
+                 for p in range(prefill, tokens.shape[1])]
     return torch.stack(steps, dim=1)
 
 
+def _kernel_param(kernel: bool) -> bool:
+    """``kernel``, skipping the test when the compiled kernel is asked for but cannot be built."""
+    if kernel and load_decode_kernel() is None:
+        pytest.skip("the compiled decode kernel cannot be built here")
+    return kernel
+
+
+# the compiled CPU kernel (llamalit.kernels) and the PyTorch step; tests/test_kernels.py has more
+DECODE_PATHS = pytest.mark.parametrize("kernel", [False, True], ids=["torch", "kernel"])
+
+
+@DECODE_PATHS
 @pytest.mark.parametrize("n_heads, n_kv_heads, tie", [(4, 4, True), (4, 2, False)])
-def test_decode_step_matches_forward(n_heads: int, n_kv_heads: int, tie: bool) -> None:
+def test_decode_step_matches_forward(n_heads: int, n_kv_heads: int, tie: bool, kernel: bool) -> None:
+    kernel = _kernel_param(kernel)
     cfg = _small(n_heads, n_kv_heads, tie)
     model = Llama(cfg).eval()
     _randomize(model)
     tokens = torch.randint(0, cfg.vocab_size, (2, 20), generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
         full = model(tokens)
-    assert model.decode_weights() is not None  # the fast path is the one under test
-    torch.testing.assert_close(_decode_all(model, tokens, 5), full[:, 5:], atol=2e-5, rtol=1e-5)
+    weights = model.decode_weights(kernel)
+    assert weights is not None and (weights.kernel is not None) == kernel  # the path under test
+    torch.testing.assert_close(_decode_all(model, tokens, 5, kernel), full[:, 5:], atol=2e-5, rtol=1e-5)
 
 
-def test_decode_weights_follow_weight_changes() -> None:
+@DECODE_PATHS
+def test_decode_weights_follow_weight_changes(kernel: bool) -> None:
+    kernel = _kernel_param(kernel)
     model = Llama(_small(4, 2, tie=True)).eval()
     tokens = torch.randint(0, 61, (1, 10), generator=torch.Generator().manual_seed(4))
-    first = model.decode_weights()
-    assert model.decode_weights() is first  # cached while nothing changes
+    first = model.decode_weights(kernel)
+    assert model.decode_weights(kernel) is first  # cached while nothing changes
     _randomize(model, seed=7)  # in-place copy_, as load_state_dict and merge_lora do
-    assert model.decode_weights() is not first
+    assert model.decode_weights(kernel) is not first
     with torch.no_grad():
         full = model(tokens)
-    torch.testing.assert_close(_decode_all(model, tokens, 3), full[:, 3:], atol=2e-5, rtol=1e-5)
+    torch.testing.assert_close(_decode_all(model, tokens, 3, kernel), full[:, 3:], atol=2e-5, rtol=1e-5)
     assert "_decode_weights" not in "".join(model.state_dict())
     # new tensors (load_state_dict(assign=True), .to(dtype)) also invalidate the copies
-    current = model.decode_weights()
+    current = model.decode_weights(kernel)
     model.load_state_dict({k: v.clone() for k, v in model.state_dict().items()}, assign=True)
-    assert model.decode_weights() is not current
+    assert model.decode_weights(kernel) is not current
 
 
 def test_decode_step_falls_back_for_wrapped_layers() -> None:

@@ -10,6 +10,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from llamalit.kernels import DecodeKernel, kernel_enabled, load_decode_kernel
+
 IGNORE_INDEX = -100
 
 _PRESETS: dict[str, dict] = {
@@ -267,11 +269,13 @@ class Llama(nn.Module):
             for _ in range(self.cfg.n_layers)
         ]
 
-    def decode_weights(self) -> DecodeWeights | None:
-        """Fused, pre-transposed weight copies for :meth:`decode_step`, cached until a weight changes.
+    def decode_weights(self, kernel: bool | None = None) -> DecodeWeights | None:
+        """Weight copies laid out for :meth:`decode_step`, cached until a weight changes.
 
-        None when a projection is not a plain ``nn.Linear`` (e.g. LoRA-wrapped): then
-        :meth:`decode_step` runs the ordinary forward.
+        fp32 on the CPU with ``kernel`` on: packed for the compiled step of ``llamalit.kernels``
+        (None: on unless ``LLAMALIT_DECODE_KERNEL=0``; no compiler: the PyTorch layout below).
+        Otherwise fused, pre-transposed copies for the PyTorch step. None when a projection is not
+        a plain ``nn.Linear`` (e.g. LoRA-wrapped): then :meth:`decode_step` runs the ordinary forward.
         """
         plain = all(type(m) is nn.Linear for layer in self.layers
                     for m in (layer.attention.wq, layer.attention.wk, layer.attention.wv,
@@ -280,11 +284,12 @@ class Llama(nn.Module):
         if not plain:
             return None
         params = list(self.parameters())
+        kernel = kernel_enabled(kernel)
         cached = self.__dict__.get("_decode_weights")
-        if cached is None or not cached.matches(params):
+        if cached is None or not cached.matches(params) or cached.kernel_requested != kernel:
             cached = None
             self.__dict__.pop("_decode_weights", None)  # free the old copies before building new ones
-            cached = DecodeWeights(self)
+            cached = DecodeWeights(self, kernel)
             self.__dict__["_decode_weights"] = cached  # a plain attribute: not in state_dict
         return cached
 
@@ -294,15 +299,18 @@ class Llama(nn.Module):
         """Logits (B, vocab) of one new token per row (B, 1) at position ``pos``, appending to caches.
 
         Same result as ``self(tokens, pos, caches)[:, -1]`` up to float rounding, but faster for
-        batch-1 decoding on CPU: fused qkv and w1|w3 products on contiguous transposed copies
-        (MKL's gemv is ~3x faster on them), no SDPA for a single query.
+        batch-1 decoding: the compiled CPU kernel (fp32), else fused qkv and w1|w3 products on
+        contiguous transposed copies (MKL's gemv is ~3x faster on them than on the originals).
         """
         if weights is None:
             weights = self.decode_weights()
-        if weights is None or self.training or tokens.shape[1] != 1:
+        if (weights is None or self.training or tokens.shape[1] != 1
+                or (weights.kernel is not None and not weights.kernel.accepts(caches))):
             return self.output(self.hidden(tokens, pos, caches)[:, -1])
         if pos >= self.cfg.max_seq_len:
             raise ValueError(f"position {pos} is past max_seq_len={self.cfg.max_seq_len}")
+        if weights.kernel is not None:
+            return weights.kernel.step(tokens[:, 0], pos, caches)
         return weights.step(tokens[:, 0], pos, caches)
 
     def num_params(self, trainable_only: bool = False) -> int:
@@ -316,14 +324,18 @@ class Llama(nn.Module):
 class DecodeWeights:
     """Weight copies laid out for one-token decoding; built by :meth:`Llama.decode_weights`."""
 
-    def __init__(self, model: Llama):
+    def __init__(self, model: Llama, kernel: bool = True):
         cfg = model.cfg
         # what the copies were made from: the same tensor objects, storage and in-place version
         self.sources = [(weakref.ref(p), p.data_ptr(), p._version) for p in model.parameters()]
         self.cfg = cfg
+        self.kernel_requested = kernel
         self.fp32 = model.output.weight.dtype == torch.float32
+        self.kernel = self._build_kernel(model) if kernel else None
         self.embedding = model.tok_embeddings.weight
         self.layers = []
+        if self.kernel is not None:  # it holds the only copy needed
+            return
         with torch.no_grad():
             for layer in model.layers:
                 a, f = layer.attention, layer.feed_forward
@@ -338,6 +350,30 @@ class DecodeWeights:
             self.norm = model.norm
             self.output_t = model.output.weight.t().contiguous()
         self.rot = torch.complex(model.freqs_cos, model.freqs_sin)
+
+    @staticmethod
+    def _build_kernel(model: Llama) -> DecodeKernel | None:
+        if not all(p.dtype == torch.float32 and p.device.type == "cpu" for p in model.parameters()):
+            return None
+        lib = load_decode_kernel()
+        if lib is None:
+            return None
+        cfg = model.cfg
+        layers = []
+        with torch.no_grad():
+            for layer in model.layers:
+                a, f = layer.attention, layer.feed_forward
+                layers.append((layer.attention_norm.weight, torch.cat([a.wq.weight, a.wk.weight, a.wv.weight]),
+                               a.wo.weight, layer.ffn_norm.weight, torch.cat([f.w1.weight, f.w3.weight]),
+                               f.w2.weight))
+        norms = {layer.attention_norm.eps for layer in model.layers} | {
+            layer.ffn_norm.eps for layer in model.layers} | {model.norm.eps}
+        if len(norms) != 1:  # the kernel takes one eps
+            return None
+        return DecodeKernel(lib, dim=cfg.dim, hidden=cfg.hidden_dim, n_heads=cfg.n_heads,
+                            n_kv_heads=cfg.n_kv_heads, eps=norms.pop(), embedding=model.tok_embeddings.weight,
+                            layers=layers, norm=model.norm.weight, output=model.output.weight,
+                            cos=model.freqs_cos, sin=model.freqs_sin)
 
     def matches(self, params: list[nn.Parameter]) -> bool:
         """True while ``params`` are the tensors the copies were made from, unmodified."""

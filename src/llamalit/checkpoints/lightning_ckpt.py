@@ -2,7 +2,9 @@
 
 ``state_dict`` holds ``model.<our parameter name>`` (LoRA wrappers keep the base names and add
 ``...lora_A`` / ``...lora_B``); ``hyper_parameters["cfg"]`` is the resolved run config with the
-model shape under ``model`` and the adapter settings under ``lora``. Read with
+model shape under ``model`` and the adapter settings under ``lora``. A LoRA run on an ``init_from``
+base saves only the trainable tensors (marked by ``base_fingerprint``); the base is loaded from
+``init_from`` again. Read with
 ``torch.load(weights_only=True)`` only.
 """
 
@@ -46,8 +48,23 @@ def model_from_lightning(ckpt: dict, source: str | Path, merge: bool = True) -> 
     from llamalit.lora import LoraConfig, apply_lora, merge_lora
 
     model = apply_lora(Llama(model_cfg), LoraConfig.from_dict(lora))
+    if "base_fingerprint" in ckpt:  # adapters only (a LoRA run on init_from): the frozen base comes from there
+        sd = {**base_weights(cfg.get("init_from"), source), **sd}
     model_from_state_dict(model_cfg, sd, source, model=model)
     return merge_lora(model) if merge else model
+
+
+def base_weights(init_from: str | None, source: str | Path) -> dict[str, torch.Tensor]:
+    """The state dict of the base model a LoRA checkpoint without base weights was trained on."""
+    if not init_from:
+        raise CheckpointError(f"{source}: holds LoRA adapters without base weights but names no init_from")
+    from llamalit.checkpoints.detect import load_checkpoint
+
+    try:
+        base = load_checkpoint(init_from)
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"{source}: its base model init_from={init_from} cannot be loaded ({e})") from e
+    return base.state_dict()
 
 
 def load_lightning_ckpt(path: str | Path, merge: bool = True) -> Llama:

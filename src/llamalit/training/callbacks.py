@@ -33,28 +33,31 @@ class SpeedMonitor(L.Callback):
         self.log_every = log_every
         self.configured_peak = peak_flops_per_s
         self.tokens_seen = 0
-        self.train_time_s = 0.0
+        self.train_time_s = 0.0  # wall time of training batches (validation excluded), for the summary
+        self._mark: float | None = None  # end of the last batch counted in train_time_s
         self._window_tokens = 0
         self._window_start: float | None = None
         self._last_step = -1
+        self._pause = 0.0
         self.tokens_per_s: float | None = None
         self.mfu: float | None = None
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         if self._window_start is None:
-            self._window_start = time.perf_counter()
+            self._window_start = self._mark = time.perf_counter()
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         n = batch["input_ids"].numel() * trainer.world_size
         self.tokens_seen += n
         self._window_tokens += n
+        now = time.perf_counter()
+        self.train_time_s += now - self._mark
+        self._mark = now
         step = trainer.global_step
         if step == self._last_step or step % self.log_every:
             return
         self._last_step = step
-        now = time.perf_counter()
         elapsed = now - self._window_start
-        self.train_time_s += elapsed
         self.tokens_per_s = self._window_tokens / max(elapsed, 1e-9)
         metrics = {"perf/tokens_per_s": self.tokens_per_s, "perf/tokens_seen": float(self.tokens_seen)}
         model: Llama = pl_module.model
@@ -72,8 +75,10 @@ class SpeedMonitor(L.Callback):
         self._pause = time.perf_counter()
 
     def on_validation_end(self, trainer, pl_module) -> None:
-        if self._window_start is not None:  # validation time does not count as training time
-            self._window_start += time.perf_counter() - self._pause
+        paused = time.perf_counter() - self._pause  # validation time does not count as training time
+        if self._window_start is not None:
+            self._window_start += paused
+            self._mark += paused
 
     def state_dict(self) -> dict[str, Any]:
         return {"tokens_seen": self.tokens_seen, "train_time_s": self.train_time_s}

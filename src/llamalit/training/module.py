@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import logging
+import math
+import random
 from collections.abc import Mapping
 
 import lightning as L
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torchmetrics import MeanMetric
@@ -62,8 +65,13 @@ class LlamaLitModule(L.LightningModule):
         self.val_loss = MeanMetric()
         self.val_acc = MeanMetric()
         self.train_acc = MeanMetric()
-        # First step whose loss was not finite, kept on device so the check needs no sync per step.
-        self.register_buffer("_bad_step", torch.tensor(-1, dtype=torch.long), persistent=False)
+        # First step whose loss was not finite, kept on the device so the check needs no sync per step.
+        # Not a buffer: DDP would overwrite each rank's value with rank 0's at every forward.
+        self._bad_step: torch.Tensor | None = None
+        self._pending_rng: dict | None = None  # RNG states of a restored checkpoint, applied at the next batch
+        # A LoRA run on an init_from base checkpoints the adapters only: the frozen base comes from init_from.
+        self._base_keys = frozen_base_keys(self)
+        self.strict_loading = not self._base_keys  # on_load_checkpoint checks the keys itself
         self._forward = self.model.counted_logits
         if cfg.get("compile"):
             self._forward = torch.compile(self.model.counted_logits, dynamic=None)
@@ -98,16 +106,30 @@ class LlamaLitModule(L.LightningModule):
         self.val_loss.reset()
         self.val_acc.reset()
 
+    # None: check at once on CPU, deferred to every log_every_n_steps (and the end) on accelerators.
+    defer_finite_check: bool | None = None
+
     def _check_finite(self, loss: torch.Tensor) -> None:
         step = self.global_step
-        if loss.device.type == "cpu":
+        defer = loss.device.type != "cpu" if self.defer_finite_check is None else self.defer_finite_check
+        if not defer:
             if not torch.isfinite(loss):
                 raise FloatingPointError(self._nan_message(step, float(loss)))
             return
+        if self._bad_step is None or self._bad_step.device != loss.device:
+            self._bad_step = torch.full((), -1, dtype=torch.long, device=loss.device)
         bad = ~torch.isfinite(loss.detach()) & (self._bad_step < 0)
-        self._bad_step.copy_(torch.where(bad, torch.tensor(step, device=loss.device), self._bad_step))
-        if step % max(1, self.trainer.log_every_n_steps) == 0 and int(self._bad_step) >= 0:
+        # full_like fills on the device: no host-to-device copy, so no sync; the check syncs every log interval.
+        self._bad_step.copy_(torch.where(bad, torch.full_like(self._bad_step, step), self._bad_step))
+        if step % max(1, self.trainer.log_every_n_steps) == 0:
+            self._raise_if_bad()
+
+    def _raise_if_bad(self) -> None:
+        if self._bad_step is not None and int(self._bad_step) >= 0:
             raise FloatingPointError(self._nan_message(int(self._bad_step), float("nan")))
+
+    def on_train_end(self) -> None:
+        self._raise_if_bad()  # a non-finite loss after the last periodic check still fails the run
 
     @staticmethod
     def _nan_message(step: int, value: float) -> str:
@@ -127,13 +149,73 @@ class LlamaLitModule(L.LightningModule):
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         # Lightning does not keep RNG states; an exact resume needs them (dropout, sampling).
-        checkpoint["rng_states"] = {"torch": torch.get_rng_state()}
-        if torch.cuda.is_available():
-            checkpoint["rng_states"]["cuda"] = torch.cuda.get_rng_state_all()
+        checkpoint["rng_states"] = rng_states()
+        if self._base_keys:
+            sd = checkpoint["state_dict"]
+            checkpoint["base_fingerprint"] = {k: float(sd[k].detach().double().sum()) for k in self._base_keys}
+            checkpoint["state_dict"] = {k: v for k, v in sd.items() if k not in self._base_keys}
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
-        states = checkpoint.get("rng_states") or {}
-        if "torch" in states:
-            torch.set_rng_state(states["torch"])
-        if "cuda" in states and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(states["cuda"])
+        # Applied at the first training batch, not now: between this restore and that batch Lightning
+        # consumes random numbers that the uninterrupted run did not (a new DataLoader iterator draws a seed).
+        self._pending_rng = checkpoint.get("rng_states")
+        if self._base_keys:
+            self._check_adapter_checkpoint(checkpoint)
+
+    def _check_adapter_checkpoint(self, checkpoint: dict) -> None:
+        """Strict loading for a checkpoint without the frozen base: the other keys match, the base is the same."""
+        have = set(checkpoint["state_dict"]) - self._base_keys
+        want = set(self.state_dict()) - self._base_keys
+        if have != want:
+            raise ValueError(f"checkpoint does not fit this LoRA run (same lora.rank/targets?): missing "
+                             f"{sorted(want - have)[:5]}, unexpected {sorted(have - want)[:5]}")
+        saved = checkpoint.get("base_fingerprint")
+        if saved is None:  # a checkpoint with the full model: its base weights load as they are
+            return
+        sd = self.state_dict()
+        changed = [k for k in sorted(self._base_keys)
+                   if not math.isclose(saved.get(k, math.nan), float(sd[k].detach().double().sum()), rel_tol=1e-9)]
+        if changed:
+            raise ValueError(f"init_from={self.cfg.get('init_from')} is not the base this checkpoint was trained "
+                             f"on (weights differ: {changed[:3]}); point init_from at the original base model")
+
+    def on_train_batch_start(self, batch: Mapping, batch_idx: int) -> None:
+        if self._pending_rng is not None:
+            set_rng_states(self._pending_rng)
+            self._pending_rng = None
+
+
+def frozen_base_keys(module: LlamaLitModule) -> set[str]:
+    """State-dict keys of a LoRA run's frozen parameters, when ``init_from`` can rebuild them (else empty)."""
+    cfg = module.cfg
+    if not ((cfg.get("lora") or {}).get("enabled") and cfg.get("init_from")):
+        return set()
+    return {f"model.{n}" for n, p in module.model.named_parameters(remove_duplicate=False) if not p.requires_grad}
+
+
+def rng_states() -> dict:
+    """torch (CPU and CUDA), Python and NumPy global RNG states, as tensors and plain values."""
+    np_state = np.random.get_state()
+    states = {"torch": torch.get_rng_state(), "python": _to_lists(random.getstate()),
+              "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *np_state[2:]]}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        states["cuda"] = torch.cuda.get_rng_state_all()
+    return states
+
+
+def set_rng_states(states: Mapping) -> None:
+    """Restore what :func:`rng_states` captured (missing entries are left as they are)."""
+    if "torch" in states:
+        torch.set_rng_state(states["torch"])
+    if "cuda" in states and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(states["cuda"])
+    if "python" in states:
+        version, internal, gauss = states["python"]
+        random.setstate((version, tuple(internal), gauss))
+    if "numpy" in states:
+        name, keys, *rest = states["numpy"]
+        np.random.set_state((name, keys.numpy().astype(np.uint32), *rest))
+
+
+def _to_lists(value):
+    return [_to_lists(v) for v in value] if isinstance(value, tuple) else value

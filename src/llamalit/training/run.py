@@ -53,7 +53,8 @@ def run_name(cfg: DictConfig) -> str:
     if HydraConfig.initialized():
         for o in HydraConfig.get().overrides.task:
             key = o.split("=", 1)[0].lstrip("+~")
-            if not key.startswith(("experiment", "paths", "logger", "hydra", "data.dir", "ckpt_path")):
+            if not key.startswith(("experiment", "paths", "logger", "hydra", "data.dir", "ckpt_path", "run_dir",
+                                   "export_dir")):
                 parts.append(o)
     return "-".join(parts)
 
@@ -84,6 +85,17 @@ def adapt_model_to_data(cfg: DictConfig, vocab_size: int, input_len: int) -> Non
     if cfg.model.max_seq_len < input_len:
         log.info("model.max_seq_len %s -> %s (the data's)", cfg.model.max_seq_len, input_len)
         cfg.model.max_seq_len = input_len
+
+
+def check_vocab(model_vocab: int, data_vocab: int, init_from: str | None, tokenizer: Path | None) -> None:
+    """A model must have an embedding row for every token id of the data's tokenizer."""
+    if model_vocab < data_vocab:
+        raise ValueError(f"init_from={init_from}: the model has {model_vocab} token embeddings but the data's "
+                         f"tokenizer {tokenizer} has {data_vocab} pieces; use the base model's tokenizer "
+                         "(data.tokenizer=...) or another base")
+    if model_vocab != data_vocab:
+        log.warning("model vocab %d > tokenizer vocab %d (%s): the extra rows are never used",
+                    model_vocab, data_vocab, tokenizer)
 
 
 def export_weights(module: LlamaLitModule, out_dir: Path, tokenizer_path: str | None, cfg: dict) -> dict:
@@ -156,6 +168,7 @@ def train(cfg: DictConfig) -> dict:
     adapt_model_to_data(cfg, dm.vocab_size, dm.seq_len)
     resolved = OmegaConf.to_container(cfg, resolve=True)
     module = LlamaLitModule(resolved)
+    check_vocab(module.model.cfg.vocab_size, dm.vocab_size, cfg.get("init_from"), dm.tokenizer_path)
 
     logger = build_logger(cfg.logger, run_dir, run_name(cfg), sweep_group(cfg), resolved)
     callbacks = build_callbacks(cfg, has_logger=logger is not None)
@@ -188,7 +201,7 @@ def finish_run(cfg: DictConfig, resolved: dict, trainer: L.Trainer, module: Llam
     files = {}
     if trainer.is_global_zero:
         files = export_weights(module, run_dir, dm.tokenizer_path, resolved)
-        if cfg.get("export_dir"):
+        if cfg.get("export_dir") and not trainer.fast_dev_run:  # a smoke run does not replace the shared model
             copy_export(files, Path(str(cfg.export_dir)).expanduser())
     adherence = None
     if trainer.is_global_zero:

@@ -66,7 +66,9 @@ def plot_heatmap(rows: list[dict], path: Path, title: str) -> bool:
     for i in range(len(ranks)):
         for j in range(len(alphas)):
             if not np.isnan(grid[i, j]):
-                ax.text(j, i, f"{grid[i, j]:.3f}", ha="center", va="center", color="white", fontsize=9)
+                dark = im.norm(grid[i, j]) > 0.5  # viridis_r: high losses are dark cells
+                ax.text(j, i, f"{grid[i, j]:.3f}", ha="center", va="center", color="white" if dark else "black",
+                        fontsize=9)
     fig.colorbar(im, ax=ax, label="val/loss")
     fig.tight_layout()
     with atomic_path(path) as tmp:

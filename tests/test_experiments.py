@@ -1,0 +1,275 @@
+"""Every ``conf/experiment/*.yaml`` composes and runs ``train()`` (fast_dev_run, tiny overrides); one full tiny run.
+
+The real config tree is composed with Hydra's compose API; only sizes, paths and the data source are
+overridden. Real-format data: ``make_corpus`` JSON shards stand in for TinyStories (``data.source`` a
+directory), with a vocabulary trained on them (``data.tokenizer=train:N``). LoRA bases: a llama2.c-style
+``.pt`` (from a path and from a local HTTP server) and a native directory written by ``save_model``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
+from omegaconf import DictConfig, open_dict
+
+from llamalit.checkpoints import load_checkpoint
+from llamalit.checkpoints.native import save_model
+from llamalit.data.datamodule import LlamaDataModule
+from llamalit.data.download import is_url
+from llamalit.data.synthetic import make_corpus
+from llamalit.model import Llama, ModelConfig
+from llamalit.training.module import LlamaLitModule
+from llamalit.training.run import run_name, sweep_group, train
+
+CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
+EXPERIMENTS = sorted(p.stem for p in (CONF_DIR / "experiment").glob("*.yaml"))
+VOCAB = 384  # train:N pieces; the small corpus needs more than the 256 byte pieces + specials
+
+# Small everything; the experiment's own settings (LoRA targets, data kind, schedule) stay.
+TINY = ["logger=none", "trainer.accelerator=cpu", "trainer.enable_model_summary=false", "data.batch_size=4",
+        "data.num_workers=1", "data.loader_workers=0", "evaluation.adherence_n=2", "evaluation.max_new_tokens=8",
+        "callbacks.samples.max_new_tokens=8"]
+TINY_MODEL = ["model=tiny"]
+
+
+def compose_cfg(overrides: list[str], hydra_config: bool = False) -> DictConfig:
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        return compose("train", overrides=overrides, return_hydra_config=hydra_config)
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory) -> SimpleNamespace:
+    """A cache shared by the module's runs (data prepared once per data config) and a real-format corpus."""
+    root = tmp_path_factory.mktemp("experiments")
+    corpus = make_corpus(root / "tinystories_json", 3, 60, seed=0)
+    return SimpleNamespace(root=root, cache=root / "cache", corpus_dir=corpus[0].parent)
+
+
+def data_overrides(cfg: DictConfig, env: SimpleNamespace) -> list[str]:
+    """Local data for the experiment's data config: the generated corpus, or its own small synthetic one."""
+    if cfg.data.source == "synthetic":
+        return ["data.n_shards=3", "data.stories_per_shard=60", f"data.tokenizer=train:{VOCAB}"]
+    return [f"data.source={env.corpus_dir}", f"data.tokenizer=train:{VOCAB}", "data.tokenizer_sha256=null",
+            "data.sha256=null"]
+
+
+def data_vocab(cfg: DictConfig) -> int:
+    """Prepare the data of ``cfg`` (as train() will find it) and return its tokenizer's vocabulary."""
+    dm = LlamaDataModule(cfg.data, cache_dir=cfg.paths.cache_dir, seed=cfg.seed)
+    dm.prepare_data()
+    return dm.vocab_size
+
+
+def tiny_base(vocab: int, seed: int = 0) -> Llama:
+    torch.manual_seed(seed)
+    return Llama(ModelConfig.preset("tiny", vocab_size=vocab))
+
+
+def save_llama2c_pt(model: Llama, path: Path) -> Path:
+    """A checkpoint as llama2.c's train.py writes it: ``model`` (its names) + ``model_args``."""
+    c = model.cfg
+    args = dict(dim=c.dim, n_layers=c.n_layers, n_heads=c.n_heads, n_kv_heads=c.n_kv_heads,
+                vocab_size=c.vocab_size, multiple_of=c.multiple_of, norm_eps=c.norm_eps,
+                max_seq_len=c.max_seq_len, dropout=0.0)
+    sd = {k: v.clone() for k, v in model.state_dict().items() if not k.startswith("freqs")}
+    torch.save({"model": sd, "model_args": args, "iter_num": 0, "best_val_loss": 1e9}, path)
+    return path
+
+
+def base_overrides(cfg: DictConfig, vocab: int, where: Path) -> list[str]:
+    """A tiny base for an experiment that starts from ``init_from``: a llama2.c .pt for a URL or .pt
+    default (instruct_lora), else a native dir written where the experiment looks (demo_lora)."""
+    init = cfg.get("init_from")
+    if not init:
+        return []
+    if is_url(str(init)) or str(init).endswith(".pt"):
+        return [f"init_from={save_llama2c_pt(tiny_base(vocab), where / 'base.pt')}"]
+    save_model(tiny_base(vocab), Path(str(init)))  # e.g. ${paths.models_dir}/demo
+    return []
+
+
+def experiment_cfg(name: str, env: SimpleNamespace, run_dir: Path, extra: list[str] = ()) -> DictConfig:
+    common = [f"experiment={name}", f"paths.cache_dir={env.cache}", f"run_dir={run_dir}", *TINY, *extra]
+    cfg = compose_cfg(common)
+    overrides = common + data_overrides(cfg, env)
+    if not cfg.get("init_from"):
+        overrides += TINY_MODEL
+    cfg = compose_cfg(overrides)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    base = base_overrides(cfg, data_vocab(cfg), run_dir.parent)
+    return compose_cfg(overrides + base) if base else cfg
+
+
+def check_summary(summary: dict, run_dir: Path, steps: int) -> None:
+    on_disk = json.loads((run_dir / "summary.json").read_text())
+    assert on_disk == json.loads(json.dumps(summary))
+    assert on_disk["step"] == steps
+    assert math.isfinite(on_disk["val/loss"]) and on_disk["vocab_size"] == VOCAB
+    assert on_disk["tokens_seen"] > 0 and on_disk["tokens_per_s"] > 0
+    assert {"best_checkpoint", "last_checkpoint", "files"} <= set(on_disk)
+    for path in [on_disk["best_checkpoint"], on_disk["last_checkpoint"], *on_disk["files"].values()]:
+        assert path is None or Path(path).is_file(), path
+
+
+def check_exports(summary: dict, run_dir: Path, lora: bool) -> None:
+    if lora:
+        adapter = run_dir / "adapter.safetensors"
+        assert adapter.is_file() and (run_dir / "adapter_config.json").is_file()
+        assert not (run_dir / "model.safetensors").exists()
+        full_bytes = 4 * summary["params"]
+        assert adapter.stat().st_size < full_bytes / 10  # the adapter alone, not the model
+        assert summary["trainable_params"] < summary["params"] / 10
+    else:
+        assert (run_dir / "model.safetensors").is_file() and (run_dir / "config.json").is_file()
+        assert not (run_dir / "adapter.safetensors").exists()
+        assert summary["trainable_params"] == summary["params"]
+
+
+@pytest.mark.parametrize("name", EXPERIMENTS)
+def test_experiment_composes_and_runs_fast_dev_run(name, env):
+    run_dir = env.root / "runs" / name
+    cfg = experiment_cfg(name, env, run_dir, ["trainer.fast_dev_run=true"])
+    assert cfg.experiment_name == name
+    summary = train(cfg)
+    check_summary(summary, run_dir, steps=1)
+    check_exports(summary, run_dir, lora=bool(cfg.lora.enabled))
+    if cfg.lora.enabled:
+        meta = json.loads((run_dir / "adapter_config.json").read_text())
+        assert meta["base"] == str(cfg.init_from)
+        assert meta["lora"]["rank"] == cfg.lora.rank and meta["lora"]["alpha"] == cfg.lora.alpha
+        check_adapter_checkpoint(Path(summary["last_checkpoint"]), run_dir)
+
+
+def check_adapter_checkpoint(ckpt_path: Path, run_dir: Path) -> None:
+    """A LoRA run's .ckpt holds the adapters only, and still loads (base from init_from) like the export."""
+    ckpt = torch.load(ckpt_path, weights_only=True, map_location="cpu")
+    assert ckpt["state_dict"] and all(k.endswith(("lora_A", "lora_B")) for k in ckpt["state_dict"])
+    x = torch.randint(0, VOCAB, (2, 16), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        assert torch.allclose(load_checkpoint(ckpt_path).eval()(x), load_checkpoint(run_dir).eval()(x), atol=1e-6)
+
+
+def test_experiment_names_cover_the_contract():
+    assert {"pretrain", "instruct_scratch", "instruct_lora", "demo", "demo_lora"} <= set(EXPERIMENTS)
+
+
+def test_instruct_lora_base_from_a_url(env, http_server, tmp_path, monkeypatch):
+    """The default base is a URL: the .pt is downloaded into the cache (once) and the adapter names the URL."""
+    monkeypatch.setenv("LLAMALIT_CACHE", str(tmp_path / "download_cache"))
+    run_dir = tmp_path / "run"
+    cfg = experiment_cfg("instruct_lora", env, run_dir, ["trainer.fast_dev_run=true"])
+    http_server.files["/tinyllamas/stories_tiny.pt"] = Path(str(cfg.init_from)).read_bytes()
+    url = f"{http_server.url}/tinyllamas/stories_tiny.pt"
+    with open_dict(cfg):
+        cfg.init_from = url
+    summary = train(cfg)
+    check_summary(summary, run_dir, steps=1)
+    check_exports(summary, run_dir, lora=True)
+    assert json.loads((run_dir / "adapter_config.json").read_text())["base"] == url
+    assert [p for p, _ in http_server.requests].count("/tinyllamas/stories_tiny.pt") >= 1
+    check_adapter_checkpoint(Path(summary["last_checkpoint"]), run_dir)  # the base from the URL's cache
+    assert list((tmp_path / "download_cache").rglob("*stories_tiny*"))
+
+
+def test_lora_base_with_a_smaller_vocab_is_refused(env, tmp_path):
+    run_dir = tmp_path / "run"
+    cfg = experiment_cfg("instruct_lora", env, run_dir, ["trainer.fast_dev_run=true"])
+    with open_dict(cfg):
+        cfg.init_from = str(save_llama2c_pt(tiny_base(VOCAB - 100), tmp_path / "small_vocab.pt"))
+    with pytest.raises(ValueError, match="small_vocab.pt.*284 token embeddings.*384 pieces"):
+        train(cfg)
+
+
+def test_full_tiny_run_validates_checkpoints_and_exports(env, tmp_path):
+    run_dir = tmp_path / "run"
+    cfg = experiment_cfg("demo", env, run_dir, [
+        "logger=csv", "trainer.max_steps=20", "trainer.val_check_interval=10", "trainer.limit_val_batches=2",
+        "trainer.log_every_n_steps=5", "optim.lr=1e-2", "optim.min_lr=1e-3", "optim.warmup_steps=3",
+        f"export_dir={tmp_path / 'published'}"])
+    summary = train(cfg)
+    check_summary(summary, run_dir, steps=20)
+    check_exports(summary, run_dir, lora=False)
+    assert summary["val/loss"] < math.log(VOCAB) - 1.0 and summary["uniform_loss"] == pytest.approx(math.log(VOCAB))
+    assert summary["val/ppl"] == pytest.approx(math.exp(summary["val/loss"]), rel=1e-4)
+    best, last = Path(summary["best_checkpoint"]), Path(summary["last_checkpoint"])
+    assert best.is_file() and last.name == "last.ckpt" and last.is_file() and best != last
+    assert summary["tokens_seen"] == 20 * 4 * (cfg.data.seq_len - 1)  # instruct rows: inputs x[:-1]
+    assert (run_dir / "csv" / "metrics.csv").read_text().count("train/loss") >= 1
+    # The exported weights are the best checkpoint's, loadable without Lightning, in any of its copies.
+    module = LlamaLitModule.load_from_checkpoint(best, map_location="cpu", weights_only=False)
+    exported, published = load_checkpoint(run_dir), load_checkpoint(tmp_path / "published")
+    from_ckpt = load_checkpoint(best)
+    x = torch.randint(0, VOCAB, (2, 24), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ref = module.model.eval()(x)
+        for model in (exported, published, from_ckpt):
+            assert torch.equal(model.eval()(x), ref)
+    assert json.loads((run_dir / "config.json").read_text())["model"]["vocab_size"] == VOCAB
+
+
+def test_nan_loss_stops_train_naming_the_step(env, tmp_path, monkeypatch):
+    real = Llama.counted_logits
+    calls = {"n": 0}
+
+    def poisoned(self, tokens, labels, **kw):
+        logits, targets = real(self, tokens, labels, **kw)
+        calls["n"] += 1
+        return (logits * float("nan") if calls["n"] == 3 else logits), targets
+
+    monkeypatch.setattr(Llama, "counted_logits", poisoned)
+    run_dir = tmp_path / "run"
+    cfg = experiment_cfg("demo", env, run_dir, ["trainer.max_steps=6", "trainer.val_check_interval=100",
+                                                "trainer.limit_val_batches=1", "callbacks.samples=null"])
+    with pytest.raises(FloatingPointError, match="optimizer step 2"):
+        train(cfg)
+    assert not (run_dir / "summary.json").exists()
+
+
+@pytest.mark.parametrize("bad_call, expected", [(3, "optimizer step 2"), (7, "optimizer step 6")])
+def test_deferred_nan_check_names_the_first_bad_step(env, tmp_path, monkeypatch, bad_call, expected):
+    """The accelerator path (no sync per step): found at the next log interval (step 4), or at the end (7 steps)."""
+    real = Llama.counted_logits
+    calls = {"n": 0}
+
+    def poisoned(self, tokens, labels, **kw):
+        logits, targets = real(self, tokens, labels, **kw)
+        calls["n"] += 1
+        return (logits * float("nan") if calls["n"] >= bad_call else logits), targets
+
+    monkeypatch.setattr(Llama, "counted_logits", poisoned)
+    monkeypatch.setattr(LlamaLitModule, "defer_finite_check", True)
+    steps = []
+    monkeypatch.setattr(LlamaLitModule, "on_train_batch_end", lambda self, *a: steps.append(self.global_step))
+    cfg = experiment_cfg("demo", env, tmp_path / "run", [
+        "trainer.max_steps=7", "trainer.log_every_n_steps=4", "trainer.val_check_interval=100",
+        "trainer.limit_val_batches=1", "callbacks.samples=null"])
+    with pytest.raises(FloatingPointError, match=expected):
+        train(cfg)
+    assert steps[-1] == (4 if bad_call == 3 else 7)  # it ran on past the bad step, then stopped
+
+
+def test_run_name_and_sweep_group(env, tmp_path):
+    overrides = ["experiment=demo_lora", "lora.rank=4", "lora.alpha=8", f"paths.cache_dir={env.cache}",
+                 "logger=csv", "ckpt_path=last", f"run_dir={tmp_path}"]
+    cfg = compose_cfg(overrides, hydra_config=True)
+    try:
+        HydraConfig.instance().set_config(cfg)
+        assert run_name(cfg) == "demo_lora-lora.rank=4-lora.alpha=8"  # no paths, logger, resume
+        assert sweep_group(cfg) is None  # a single run has no group
+        cfg = compose_cfg(overrides, hydra_config=True)
+        with open_dict(cfg):
+            cfg.hydra.mode = RunMode.MULTIRUN
+            cfg.hydra.sweep.dir = str(tmp_path / "multirun" / "2024-01-01_00-00-00")
+        HydraConfig.instance().set_config(cfg)
+        assert sweep_group(cfg) == "demo_lora-2024-01-01_00-00-00"
+    finally:
+        HydraConfig.instance().cfg = None
+    assert run_name(compose_cfg(overrides)) == "demo_lora"  # outside Hydra: the experiment name

@@ -1,0 +1,150 @@
+"""Exact resume: N optimizer steps straight == N/2 steps, a crash, then ``ckpt_path=last`` (or a path) for the rest.
+
+Dropout is on (so the RNG state matters), gradients accumulate over 2 micro-batches, the checkpoint is the
+one ``ModelCheckpoint`` writes at the validation half way, and the data stream crosses an epoch boundary
+after the resume. Per-micro-batch training losses, the final weights and the summary must match.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+from safetensors.torch import load_file
+
+from llamalit.checkpoints.native import save_model
+from llamalit.data.datamodule import LlamaDataModule
+from llamalit.model import Llama, ModelConfig
+from llamalit.training import run
+
+BUILD_CALLBACKS = run.build_callbacks
+CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
+STEPS = 8  # optimizer steps; 2 micro-batches each; 15 micro-batches per epoch (120 rows / 8)
+COMMON = ["logger=none", "trainer.accelerator=cpu", "trainer.enable_model_summary=false",
+          "trainer.enable_progress_bar=false", "callbacks.progress_bar=null",
+          "data.n_shards=3", "data.stories_per_shard=60", "data.tokenizer=train:384", "data.batch_size=8",
+          "data.num_workers=1", "data.loader_workers=0", "evaluation.adherence_n=0",
+          "callbacks.samples.max_new_tokens=4", f"trainer.max_steps={STEPS}", "trainer.accumulate_grad_batches=2",
+          f"trainer.val_check_interval={STEPS}", "trainer.limit_val_batches=1", "trainer.log_every_n_steps=1",
+          "optim.warmup_steps=2", "model.dropout=0.1"]
+
+
+class Preempted(RuntimeError):
+    pass
+
+
+class LossRecorder(L.Callback):
+    """(optimizer step, batch index, loss) of every training micro-batch; optionally dies at a step."""
+
+    def __init__(self, crash_at_step: int | None = None):
+        self.crash_at_step = crash_at_step
+        self.losses: list[tuple[int, int, float]] = []
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if trainer.global_step == self.crash_at_step:
+            raise Preempted(f"killed before step {trainer.global_step}")
+        self._step = trainer.global_step  # the optimizer step this micro-batch belongs to
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self.losses.append((self._step, batch_idx, float(outputs["loss"])))
+
+
+def compose_cfg(overrides: list[str]):
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        return compose("train", overrides=overrides)
+
+
+def train_recording(monkeypatch, cfg, recorder: LossRecorder) -> dict:
+    """``run.train(cfg)`` with ``recorder`` added to the callbacks the config builds."""
+    monkeypatch.setattr(run, "build_callbacks", lambda c, **kw: [*BUILD_CALLBACKS(c, **kw), recorder])
+    return run.train(cfg)
+
+
+def straight_vs_resumed(monkeypatch, tmp_path, overrides: list[str], resume_with_path: bool):
+    cfg = lambda run_dir, *more: compose_cfg([*overrides, f"run_dir={run_dir}", *more])  # noqa: E731
+    straight = LossRecorder()
+    s_summary = train_recording(monkeypatch, cfg(tmp_path / "a" / "straight"), straight)
+
+    first = LossRecorder(crash_at_step=STEPS // 2)
+    with pytest.raises(Preempted):
+        train_recording(monkeypatch, cfg(tmp_path / "b" / "first"), first)
+    last = tmp_path / "b" / "first" / "checkpoints" / "last.ckpt"
+    assert last.is_file()
+    ckpt = torch.load(last, weights_only=True, map_location="cpu")
+    assert ckpt["global_step"] == STEPS // 2 and "rng_states" in ckpt
+
+    second = LossRecorder()
+    r_summary = train_recording(monkeypatch, cfg(tmp_path / "b" / "second",
+                                                 f"ckpt_path={last if resume_with_path else 'last'}"), second)
+    return straight, first, second, s_summary, r_summary
+
+
+def check_same(straight: LossRecorder, first: LossRecorder, second: LossRecorder, s_summary: dict,
+               r_summary: dict) -> None:
+    half = [x for x in straight.losses if x[0] < STEPS // 2]
+    assert first.losses == half
+    rest = straight.losses[len(half):]
+    assert [x[:2] for x in second.losses] == [x[:2] for x in rest]  # same steps and in-epoch batch indices
+    assert rest[-1][1] < rest[0][1]  # the stream crossed into the next epoch after the resume
+    assert [x[2] for x in second.losses] == pytest.approx([x[2] for x in rest], rel=1e-6, abs=1e-7)
+    for key in ("step", "tokens_seen", "vocab_size"):
+        assert r_summary[key] == s_summary[key], key
+    assert r_summary["val/loss"] == pytest.approx(s_summary["val/loss"], rel=1e-6)
+
+
+def test_resume_from_last_continues_exactly(monkeypatch, tmp_path):
+    overrides = ["experiment=demo", "model=tiny", f"paths.cache_dir={tmp_path / 'cache'}", *COMMON,
+                 "optim.lr=1e-2"]
+    straight, first, second, s_sum, r_sum = straight_vs_resumed(monkeypatch, tmp_path, overrides, False)
+    check_same(straight, first, second, s_sum, r_sum)
+    a = load_file(str(tmp_path / "a" / "straight" / "model.safetensors"))
+    b = load_file(str(tmp_path / "b" / "second" / "model.safetensors"))
+    assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], rtol=1e-5, atol=1e-7) for k in a)
+
+
+def test_resume_without_rng_state_diverges(monkeypatch, tmp_path):
+    """The RNG restore is what makes dropout repeat: dropping it from the checkpoint changes the losses."""
+    from llamalit.training.module import LlamaLitModule
+
+    overrides = ["experiment=demo", "model=tiny", f"paths.cache_dir={tmp_path / 'cache'}", *COMMON,
+                 "optim.lr=1e-2"]
+    real = LlamaLitModule.on_save_checkpoint
+
+    def without_rng(self, checkpoint: dict) -> None:
+        real(self, checkpoint)
+        checkpoint["rng_states"] = {}
+
+    monkeypatch.setattr(LlamaLitModule, "on_save_checkpoint", without_rng)
+    straight, first, second, _, _ = straight_vs_resumed(monkeypatch, tmp_path, overrides, True)
+    rest = straight.losses[len(first.losses):]
+    assert [x[:2] for x in second.losses] == [x[:2] for x in rest]
+    assert [x[2] for x in second.losses] != pytest.approx([x[2] for x in rest], rel=1e-6, abs=1e-7)
+
+
+def test_lora_run_resumes_exactly(monkeypatch, tmp_path):
+    cache = tmp_path / "cache"
+    overrides = ["experiment=demo_lora", f"paths.cache_dir={cache}", *COMMON, "optim.lr=2e-2", "lora.dropout=0.1"]
+    base_cfg = compose_cfg([*overrides, f"run_dir={tmp_path}"])
+    dm = LlamaDataModule(base_cfg.data, cache_dir=cache, seed=base_cfg.seed)
+    dm.prepare_data()
+    torch.manual_seed(0)
+    save_model(Llama(ModelConfig.preset("tiny", vocab_size=dm.vocab_size, dropout=0.1)), str(base_cfg.init_from))
+    straight, first, second, s_sum, r_sum = straight_vs_resumed(monkeypatch, tmp_path, overrides, True)
+    check_same(straight, first, second, s_sum, r_sum)
+    assert s_sum["trainable_params"] < s_sum["params"] / 10
+    a = load_file(str(tmp_path / "a" / "straight" / "adapter.safetensors"))
+    b = load_file(str(tmp_path / "b" / "second" / "adapter.safetensors"))
+    assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], rtol=1e-5, atol=1e-7) for k in a)
+    assert any(k.endswith("lora_B") and a[k].abs().sum() > 0 for k in a)  # the adapters did train
+    assert json.loads((tmp_path / "b" / "second" / "summary.json").read_text())["step"] == STEPS
+    # The checkpoint holds the adapters only; resuming on another base is refused, naming init_from.
+    last = tmp_path / "b" / "first" / "checkpoints" / "last.ckpt"
+    assert all(k.endswith(("lora_A", "lora_B")) for k in torch.load(last, weights_only=True)["state_dict"])
+    torch.manual_seed(1)
+    save_model(Llama(ModelConfig.preset("tiny", vocab_size=dm.vocab_size, dropout=0.1)), str(base_cfg.init_from))
+    with pytest.raises(ValueError, match="init_from=.*is not the base this checkpoint was trained on"):
+        run.train(compose_cfg([*overrides, f"run_dir={tmp_path / 'c'}", f"ckpt_path={last}"]))
