@@ -57,7 +57,7 @@ def test_two_process_ddp_run_splits_the_data(tmp_path):
         "+callbacks.batch_hashes._target_=test_ddp.BatchHashRecorder", f"+callbacks.batch_hashes.out_dir={hashes}",
     ]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO / "tests"), os.environ.get("PYTHONPATH", "")]),
-           "WANDB_MODE": "disabled"}
+           "WANDB_MODE": "disabled", "OMP_NUM_THREADS": "1"}  # no thread oversubscription on a shared CPU
     proc = subprocess.run([sys.executable, str(REPO / "train.py"), *overrides], cwd=REPO, env=env,
                           capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]

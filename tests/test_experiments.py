@@ -40,6 +40,16 @@ TINY = ["logger=none", "trainer.accelerator=cpu", "trainer.enable_model_summary=
 TINY_MODEL = ["model=tiny"]
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny models gain nothing from threads, and on a shared CPU OpenMP threads waiting for a busy core make
+    every op many times slower; one thread keeps these runs fast and steady."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def compose_cfg(overrides: list[str], hydra_config: bool = False) -> DictConfig:
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         return compose("train", overrides=overrides, return_hydra_config=hydra_config)

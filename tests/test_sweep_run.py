@@ -51,7 +51,7 @@ def test_two_by_two_lora_sweep(tmp_path):
     cmd = [sys.executable, str(REPO / "train.py"), "-m", "experiment=demo_lora", "lora.rank=2,4",
            "lora.alpha=1,8", "logger=wandb", *tiny, f"hydra.sweep.dir={sweep_dir}",
            f"hydra.job.config.override_dirname.exclude_keys=[{','.join(exclude)}]"]
-    env = {**os.environ, "WANDB_MODE": "offline", "WANDB_SILENT": "true"}
+    env = {**os.environ, "WANDB_MODE": "offline", "WANDB_SILENT": "true", "OMP_NUM_THREADS": "1"}
     env.pop("WANDB_API_KEY", None)
     proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]

@@ -353,6 +353,7 @@ class DecodeWeights:
 
     @staticmethod
     def _build_kernel(model: Llama) -> DecodeKernel | None:
+        """The compiled step over packed copies; None unless all fp32 on the CPU and the kernel builds."""
         if not all(p.dtype == torch.float32 and p.device.type == "cpu" for p in model.parameters()):
             return None
         lib = load_decode_kernel()
@@ -366,12 +367,8 @@ class DecodeWeights:
                 layers.append((layer.attention_norm.weight, torch.cat([a.wq.weight, a.wk.weight, a.wv.weight]),
                                a.wo.weight, layer.ffn_norm.weight, torch.cat([f.w1.weight, f.w3.weight]),
                                f.w2.weight))
-        norms = {layer.attention_norm.eps for layer in model.layers} | {
-            layer.ffn_norm.eps for layer in model.layers} | {model.norm.eps}
-        if len(norms) != 1:  # the kernel takes one eps
-            return None
         return DecodeKernel(lib, dim=cfg.dim, hidden=cfg.hidden_dim, n_heads=cfg.n_heads,
-                            n_kv_heads=cfg.n_kv_heads, eps=norms.pop(), embedding=model.tok_embeddings.weight,
+                            n_kv_heads=cfg.n_kv_heads, eps=cfg.norm_eps, embedding=model.tok_embeddings.weight,
                             layers=layers, norm=model.norm.weight, output=model.output.weight,
                             cos=model.freqs_cos, sin=model.freqs_sin)
 

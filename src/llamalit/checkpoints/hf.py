@@ -13,17 +13,19 @@ from pathlib import Path
 
 import torch
 from safetensors import safe_open
+from torch import nn
 
 from llamalit.checkpoints.hf_layout import (
     config_from_hf,
-    from_hf_state_dict,
     hf_config_dict,
+    hf_name,
+    permute_from_hf,
     to_hf_state_dict,
 )
-from llamalit.checkpoints.llama2c import CheckpointError, model_from_state_dict, safe_torch_load
+from llamalit.checkpoints.llama2c import CheckpointError, safe_torch_load
 from llamalit.checkpoints.native import save_tensors
 from llamalit.fileio import atomic_path, atomic_write_json
-from llamalit.model import Llama
+from llamalit.model import Llama, ModelConfig, rope_tables
 
 CONFIG = "config.json"
 _WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
@@ -78,27 +80,59 @@ def _weight_files(path: Path) -> list[Path]:
     raise CheckpointError(f"{path}: no {' / '.join(_WEIGHT_FILES + _INDEX_FILES)}")
 
 
-def read_hf_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
-    """All tensors of an HF directory, merged over shards (``.bin`` shards via weights_only torch.load)."""
-    out: dict[str, torch.Tensor] = {}
-    for f in _weight_files(Path(path)):
+def _iter_hf_tensors(path: Path):
+    """(file, HF name, tensor) over every shard, one tensor at a time (nothing else kept in memory)."""
+    for f in _weight_files(path):
         if f.suffix == ".safetensors":
             try:
                 with safe_open(str(f), framework="pt") as st:
                     for k in st.keys():
-                        out[k] = st.get_tensor(k)
+                        yield f, k, st.get_tensor(k)
+            except CheckpointError:
+                raise
             except Exception as e:  # safetensors raises its own error types
                 raise CheckpointError(f"{f}: unreadable safetensors file ({e})") from e
         else:
             sd = safe_torch_load(f)
             if not isinstance(sd, dict):
                 raise CheckpointError(f"{f}: expected a state dict, got {type(sd).__name__}")
-            out.update(sd)
-    return out
+            while sd:
+                k, t = sd.popitem()
+                yield f, k, t
 
 
-def load_hf(path: str | Path) -> Llama:
-    """Load a Hugging Face Llama directory (tied or untied head, GQA, any rope_theta / rms_norm_eps)."""
+def _safetensors_shapes(path: Path) -> dict[str, tuple[tuple[int, ...], str]]:
+    """HF name -> (shape, file name) from the safetensors headers alone (no tensor is read)."""
+    shapes = {}
+    for f in _weight_files(path):
+        if f.suffix != ".safetensors":
+            continue
+        try:
+            with safe_open(str(f), framework="pt") as st:
+                for k in st.keys():
+                    shapes[k] = (tuple(st.get_slice(k).get_shape()), f.name)
+        except Exception as e:  # safetensors raises its own error types
+            raise CheckpointError(f"{f}: unreadable safetensors file ({e})") from e
+    return shapes
+
+
+def _check_shape(path: Path, cfg: ModelConfig, ours: str, name: str, shape: tuple, file: str,
+                 want: tuple) -> None:
+    if tuple(shape) != tuple(want):
+        raise CheckpointError(
+            f"{path}: shape mismatch for {ours} ({name} in {file}): file has {tuple(shape)}, "
+            f"{CONFIG} (hidden_size={cfg.dim}, num_attention_heads={cfg.n_heads}, num_key_value_heads="
+            f"{cfg.n_kv_heads}, intermediate_size={cfg.hidden_dim}, vocab_size={cfg.vocab_size}) "
+            f"needs {tuple(want)}")
+
+
+def read_hf_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
+    """All tensors of an HF directory, merged over shards (``.bin`` shards via weights_only torch.load)."""
+    return {k: t for _, k, t in _iter_hf_tensors(Path(path))}
+
+
+def read_hf_config(path: str | Path) -> tuple[dict, ModelConfig]:
+    """``config.json`` of an HF Llama directory and our ModelConfig for it (unsupported variants refused)."""
     path = Path(path)
     try:
         hf = json.loads((path / CONFIG).read_text())
@@ -111,16 +145,65 @@ def load_hf(path: str | Path) -> Llama:
     except (ValueError, TypeError) as e:
         raise CheckpointError(f"{path / CONFIG}: {e}") from e
     _check_supported(path, hf)
-    theirs = read_hf_state_dict(path)
-    if "model.embed_tokens.weight" not in theirs:
-        raise CheckpointError(f"{path}: no model.embed_tokens.weight; is this a LlamaForCausalLM checkpoint?")
-    if not cfg.tie_embeddings and "lm_head.weight" not in theirs:
-        raise CheckpointError(f"{path}: tie_word_embeddings is false but lm_head.weight is missing")
-    try:
-        ours = from_hf_state_dict(theirs, cfg)
-    except RuntimeError as e:  # a view with the wrong shape during the RoPE permutation
-        raise CheckpointError(f"{path}: shape mismatch while converting q_proj/k_proj ({e})") from e
-    return model_from_state_dict(cfg, {k: v.float() for k, v in ours.items()}, path)
+    return hf, cfg
+
+
+def _set_param(model: nn.Module, name: str, t: torch.Tensor) -> None:
+    mod_name, _, attr = name.rpartition(".")
+    model.get_submodule(mod_name)._parameters[attr] = nn.Parameter(t, requires_grad=True)
+
+
+def load_hf(path: str | Path, dtype: torch.dtype | None = None, device: str | torch.device = "cpu") -> Llama:
+    """Load a Hugging Face Llama directory (tied or untied head, GQA, any rope_theta / rms_norm_eps).
+
+    The model is built on the meta device and each tensor is read (shard by shard, tensor by
+    tensor), converted to ``dtype`` (default float32) on ``device`` and put in place, so peak
+    memory stays near one copy of the model in ``dtype``. RoPE tables stay float32.
+    """
+    path = Path(path)
+    dtype = dtype or torch.float32
+    _, cfg = read_hf_config(path)
+    with torch.device("meta"):
+        model = Llama(cfg)
+    expected = model.state_dict()
+    ours_by_hf = {hf_name(k): k for k in expected}
+    if cfg.tie_embeddings:
+        ours_by_hf.pop("lm_head.weight")  # the embedding is the head; a saved copy is ignored
+    heads = {"wq": cfg.n_heads, "wk": cfg.n_kv_heads}
+    headers = _safetensors_shapes(path)  # shapes checked in model order before anything is read
+    for name, ours in ours_by_hf.items():
+        if name in headers:
+            _check_shape(path, cfg, ours, name, *headers[name], expected[ours].shape)
+    loaded: set[str] = set()
+    for f, name, t in _iter_hf_tensors(path):
+        ours = ours_by_hf.get(name)
+        if ours is None:  # rotary buffers, a tied lm_head copy
+            continue
+        _check_shape(path, cfg, ours, name, t.shape, f.name, expected[ours].shape)  # .bin shards
+        t = t.to(device=device, dtype=dtype)
+        kind = ours.rpartition(".weight")[0].rpartition(".")[2]
+        if kind in heads:
+            t = permute_from_hf(t, heads[kind])
+        _set_param(model, ours, t.contiguous())
+        loaded.add(ours)
+        del t
+    if cfg.tie_embeddings:
+        model.output.weight = model.tok_embeddings.weight
+        loaded.add("output.weight")
+    missing = sorted(set(expected) - loaded)
+    if missing:
+        if "tok_embeddings.weight" in missing:
+            raise CheckpointError(f"{path}: no model.embed_tokens.weight; is this a LlamaForCausalLM checkpoint?")
+        if missing == ["output.weight"]:
+            raise CheckpointError(f"{path}: tie_word_embeddings is false but lm_head.weight is missing")
+        raise CheckpointError(f"{path}: weights do not match {CONFIG}: missing "
+                              f"{[hf_name(k) for k in missing[:5]]}{' ...' if len(missing) > 5 else ''}")
+    cos, sin = rope_tables(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta)
+    model.freqs_cos, model.freqs_sin = cos.to(device), sin.to(device)
+    still_meta = [n for n, b in [*model.named_parameters(), *model.named_buffers()] if b.is_meta]
+    if still_meta:  # a new parameter or buffer in Llama that this loader does not know
+        raise CheckpointError(f"{path}: load_hf left {still_meta} unset; teach load_hf about them")
+    return model
 
 
 def _tokenizer_ids(tokenizer: Path) -> tuple[int, int]:
@@ -133,8 +216,13 @@ def _tokenizer_ids(tokenizer: Path) -> tuple[int, int]:
         return 1, 2
 
 
-def save_hf(model: Llama, out_dir: str | Path, tokenizer: str | Path | None = None) -> Path:
-    """Write ``model.safetensors``, ``config.json``, ``generation_config.json`` (+ ``tokenizer.model``)."""
+def save_hf(model: Llama, out_dir: str | Path, tokenizer: str | Path | None = None,
+            dtype: torch.dtype | None = None) -> Path:
+    """Write ``model.safetensors``, ``config.json``, ``generation_config.json`` (+ ``tokenizer.model``).
+
+    ``dtype``: of the saved tensors (default float32; ``torch.bfloat16`` halves a merged 7B export).
+    """
+    dtype = dtype or torch.float32
     out_dir = Path(out_dir)
     sd = model.state_dict()
     lora = [k for k in sd if "lora_" in k]
@@ -142,10 +230,11 @@ def save_hf(model: Llama, out_dir: str | Path, tokenizer: str | Path | None = No
         raise CheckpointError(f"save_hf: the model still has LoRA weights ({lora[0]} ...); merge them first "
                               "(merge_lora) or export the adapter with save_peft")
     cfg = model.cfg
-    tensors = to_hf_state_dict({k: v.detach().float() for k, v in sd.items()}, cfg)
+    tensors = to_hf_state_dict({k: v.detach().to(dtype) for k, v in sd.items()}, cfg)
     bos, eos = _tokenizer_ids(Path(tokenizer)) if tokenizer else (1, 2)
     save_tensors(tensors, out_dir / "model.safetensors", metadata={"format": "pt"})
-    atomic_write_json(out_dir / CONFIG, {**hf_config_dict(cfg), "bos_token_id": bos, "eos_token_id": eos})
+    atomic_write_json(out_dir / CONFIG, {**hf_config_dict(cfg), "bos_token_id": bos, "eos_token_id": eos,
+                                         "torch_dtype": str(dtype).removeprefix("torch.")})
     atomic_write_json(out_dir / "generation_config.json",
                       {"_from_model_config": True, "bos_token_id": bos, "eos_token_id": eos})
     if tokenizer:

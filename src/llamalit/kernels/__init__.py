@@ -80,6 +80,7 @@ def build_decode_kernel(out_dir: Path | None = None) -> Path:
     lib = (out_dir or kernel_dir()) / f"decode_cpu-{key}.so"
     if lib.exists():
         return lib
+    log.info("compiling the llamalit decode kernel into %s", lib)
     errors = []
     for extra in (["-fopenmp"], []):  # no OpenMP (e.g. clang without libomp): one thread only
         try:
