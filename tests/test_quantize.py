@@ -123,3 +123,45 @@ def test_lora_wraps_a_quantized_base(fake_bnb):
     assert trainable and all(n.endswith((".lora_A", ".lora_B")) for n in trainable)
     tokens = torch.randint(0, 256, (2, 12))
     model(tokens).sum().backward()
+
+
+def compose_qlora(overrides: list[str]):
+    from pathlib import Path
+
+    from hydra import compose, initialize_config_dir
+
+    conf = Path(__file__).resolve().parents[1] / "conf"
+    with initialize_config_dir(config_dir=str(conf), version_base="1.3"):
+        return compose("train", overrides=["experiment=alpaca_qlora", *overrides])
+
+
+def test_alpaca_qlora_composes_with_the_qlora_settings(tmp_path):
+    from omegaconf import OmegaConf
+
+    from llamalit.data.text_formats import alpaca_prompt
+    from llamalit.training.optim import OptimConfig
+
+    base = tmp_path / "Llama-2-7b-hf"
+    cfg = compose_qlora([f"init_from={base}", f"data.source={tmp_path / 'alpaca_data.json'}", f"run_dir={tmp_path}"])
+    c = OmegaConf.to_container(cfg, resolve=True)
+    assert (c["quantize"], c["gradient_checkpointing"], c["init_from"]) == ("nf4", True, str(base))
+    d = c["data"]
+    assert (d["name"], d["format"], d["kind"], d["seq_len"], d["packing"], d["train_on_inputs"]) == \
+        ("alpaca", "alpaca", "instruct", 2048, True, False)
+    assert d["source"] == str(tmp_path / "alpaca_data.json") and d["tokenizer"] == str(base / "tokenizer.model")
+    lora = LoraConfig.from_dict(c["lora"])
+    assert c["lora"]["enabled"] and (lora.rank, lora.alpha, lora.dropout) == (64, 16, 0.1)
+    assert set(lora.targets) == BLOCK_NAMES
+    optim = OptimConfig.from_dict(c["optim"])
+    assert (optim.lr, optim.schedule, optim.warmup_ratio, optim.paged, optim.beta2, optim.weight_decay) == \
+        (2e-4, "constant", 0.03, True, 0.999, 0.0)
+    assert (c["trainer"]["gradient_clip_val"], c["trainer"]["precision"]) == (0.3, "auto")
+    assert c["model"]["max_seq_len"] == 2048 and ModelConfig.from_dict(c["model"]).max_seq_len == 2048
+    assert c["callbacks"]["samples"]["prompts"] == [alpaca_prompt("Give three tips for staying healthy.")]
+
+
+def test_alpaca_qlora_takes_dolly_and_no_quantization(tmp_path):
+    cfg = compose_qlora([f"init_from={tmp_path}", "data=dolly", "quantize=null", "optim.paged=false",
+                         "gradient_checkpointing=false"])
+    assert (cfg.data.name, cfg.data.seq_len, cfg.quantize, cfg.optim.paged) == ("dolly", 2048, None, False)
+    assert cfg.lora.rank == 64 and cfg.data.tokenizer == f"{tmp_path}/tokenizer.model"
