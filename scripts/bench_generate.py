@@ -19,6 +19,7 @@ Example: python scripts/bench_generate.py --json bench.json ; python scripts/ben
 from __future__ import annotations
 
 import argparse
+import copy
 import datetime
 import functools
 import os
@@ -176,13 +177,17 @@ def timed(fn: Callable[[], list[int]], device: str) -> tuple[float, list[int]]:
 
 def bench_one(shape: str, device: str, threads: int, tokens: int, variants: list[str],
               repeats: int = 1) -> list[dict]:
+    """Rows of one (shape, device, threads) group; the repeats go round-robin over the variants
+    (a burst of load on a shared machine then hits every variant alike) and the fastest counts."""
     if device == "cpu":
         torch.set_num_threads(threads)
     model = build_model(shape, tokens, device)
     hf = build_hf(model) if "hf" in variants else None
+    # its own copy: switching one model between layouts would rebuild its decode weights every run
+    torch_model = copy.deepcopy(model) if "kv_torch" in variants else None
     fns: dict[str, Callable[[int], list[int]]] = {
         "kv": lambda n: generate(model, [1], n, temperature=0.0),
-        "kv_torch": lambda n: run_kv_torch(model, n),
+        "kv_torch": lambda n: run_kv_torch(torch_model, n),
         "kv_generic": lambda n: run_kv_generic(model, n),
         "recompute": lambda n: run_recompute(model, n),
         "hf": lambda n: run_hf(hf, n),
@@ -190,24 +195,34 @@ def bench_one(shape: str, device: str, threads: int, tokens: int, variants: list
         "cudagraph": lambda n: run_static(model, n, "cudagraph"),
         "compile": lambda n: run_static(model, n, "compile"),
     }
+    runs: dict[str, list[tuple[float, list[int]]]] = {name: [] for name in variants}
+    errors: dict[str, str] = {}
+    for r in range(repeats):
+        for name in variants:
+            if name in errors:
+                continue
+            try:
+                if r == 0:
+                    fns[name](8 if name != "compile" else tokens)  # warm-up (compile: also traces)
+                runs[name].append(timed(functools.partial(fns[name], tokens), device))
+            except Exception as e:  # record and go on: one failing variant should not lose the table
+                errors[name] = f"{type(e).__name__}: {e}"[:300]
     rows, ref = [], None
     for name in variants:
         row = dict(shape=shape, device=device, threads=threads if device == "cpu" else None,
                    variant=name, tokens=tokens)
-        try:
-            fns[name](8 if name != "compile" else tokens)  # warm-up (compile: also traces)
-            runs = [timed(functools.partial(fns[name], tokens), device) for _ in range(repeats)]
-            seconds, ids = min(runs, key=lambda r: r[0])
-            if any(r[1] != ids for r in runs):
-                raise RuntimeError("repeated runs gave different ids")
+        if name in errors:
+            row.update(seconds=None, tok_s=None, error=errors[name])
+        else:
+            seconds, ids = min(runs[name], key=lambda run: run[0])
             if name == "kv":
                 ref = ids
                 weights = model.decode_weights()
                 row.update(kernel=weights is not None and weights.kernel is not None)
             row.update(seconds=round(seconds, 4), tok_s=round(tokens / seconds, 1), repeats=repeats,
-                       match=None if ref is None or name == "kv" else ids == ref)
-        except Exception as e:  # record and go on: one failing variant should not lose the table
-            row.update(seconds=None, tok_s=None, error=f"{type(e).__name__}: {e}"[:300])
+                       all_tok_s=[round(tokens / run[0], 1) for run in runs[name]],
+                       match=None if ref is None or name == "kv" else ids == ref,
+                       repeats_agree=all(run[1] == ids for run in runs[name]))
         rows.append(row)
         print(_fmt(row), flush=True)
     return rows

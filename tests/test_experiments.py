@@ -20,7 +20,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, open_dict
 
-from llamalit.checkpoints import load_checkpoint
+from llamalit.checkpoints import load_checkpoint, save_hf
 from llamalit.checkpoints.native import save_model
 from llamalit.data.datamodule import LlamaDataModule
 from llamalit.data.download import is_url
@@ -63,8 +63,23 @@ def env(tmp_path_factory) -> SimpleNamespace:
     return SimpleNamespace(root=root, cache=root / "cache", corpus_dir=corpus[0].parent)
 
 
+def alpaca_json(env: SimpleNamespace) -> Path:
+    """An Alpaca-format file (instruction/input/output) made from the real-format corpus."""
+    path = env.root / "alpaca_data.json"
+    if not path.exists():
+        records = [{"instruction": r["instruction"]["prompt:"], "input": "", "output": r["story"]}
+                   for f in sorted(env.corpus_dir.glob("data*.json")) for r in json.loads(f.read_text())]
+        path.write_text(json.dumps(records))
+    return path
+
+
 def data_overrides(cfg: DictConfig, env: SimpleNamespace) -> list[str]:
     """Local data for the experiment's data config: the generated corpus, or its own small synthetic one."""
+    if cfg.data.get("format") in ("alpaca", "dolly"):
+        # QLoRA needs CUDA + bitsandbytes: the CPU run checks the rest of the recipe in bf16-free LoRA.
+        return [f"data.source={alpaca_json(env)}", f"data.tokenizer=train:{VOCAB}", "data.records_per_shard=60",
+                "data.seq_len=1024", "quantize=null", "optim.paged=false",
+                "lora.rank=2"]  # r=64 would outweigh a 32-wide model
     if cfg.data.source == "synthetic":
         return ["data.n_shards=3", "data.stories_per_shard=60", f"data.tokenizer=train:{VOCAB}"]
     return [f"data.source={env.corpus_dir}", f"data.tokenizer=train:{VOCAB}", "data.tokenizer_sha256=null",
@@ -98,6 +113,8 @@ def base_overrides(cfg: DictConfig, vocab: int, where: Path) -> list[str]:
     """A tiny base for an experiment that starts from ``init_from``: a llama2.c .pt for a URL or .pt
     default (instruct_lora), else a native dir written where the experiment looks (demo_lora)."""
     init = cfg.get("init_from")
+    if cfg.data.get("format") in ("alpaca", "dolly"):  # a Hugging Face Llama directory
+        return [f"init_from={save_hf(tiny_base(vocab), where / 'hf_base')}"]
     if not init:
         return []
     if is_url(str(init)) or str(init).endswith(".pt"):

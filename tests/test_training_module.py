@@ -139,3 +139,23 @@ def test_validation_loss_is_token_weighted_cross_entropy():
     with torch.no_grad():
         ref = torch.nn.functional.cross_entropy(module.model(x).flatten(0, 1), y.flatten(), ignore_index=-100)
     assert got == pytest.approx(float(ref), rel=1e-5)
+
+
+def test_gradient_checkpointing_gives_the_same_gradients():
+    cfg = make_cfg()
+    grads = []
+    for ckpt in (False, True):
+        torch.manual_seed(0)
+        module = LlamaLitModule({**cfg, "gradient_checkpointing": ckpt})
+        batch = RandomRows(2, 12)[0]
+        x, y = batch["input_ids"][None], batch["labels"][None]
+        module.model.loss(x, y).backward()
+        grads.append({n: p.grad.clone() for n, p in module.model.named_parameters()})
+    assert grads[0].keys() == grads[1].keys()
+    for name in grads[0]:
+        torch.testing.assert_close(grads[0][name], grads[1][name], rtol=0, atol=1e-7)
+
+
+def test_quantize_without_a_base_is_refused():
+    with pytest.raises(ValueError, match="init_from"):
+        LlamaLitModule({**make_cfg(), "quantize": "nf4"})

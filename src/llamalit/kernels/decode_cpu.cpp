@@ -52,20 +52,25 @@ void gemv(const float* x, int64_t batch, int64_t n, const float* wp, int64_t row
           bool accumulate, int threads) {
   const int64_t panels = (rows + PANEL - 1) / PANEL;
   // Only large products (the output head of the small models) are split: a fork per layer product
-  // costs more than it saves once another process holds a core (one fork a token stays cheap).
+  // costs more than it saves once another process holds a core.
   if (threads <= 1 || panels < 2 || n * rows < (1 << 20)) {
     gemv_panels(x, batch, n, wp, rows, y, accumulate, 0, panels);
     return;
   }
+#ifdef _OPENMP
+  // Dynamic teams: the runtime gives fewer threads while the machine is busy (libgomp: cores minus
+  // the load average), since a thread waiting for a core costs a whole time slice per product.
+  const int dynamic = omp_get_dynamic();
+  omp_set_dynamic(1);
 #pragma omp parallel num_threads(threads)
   {
-#ifdef _OPENMP
     const int t = omp_get_thread_num(), nt = omp_get_num_threads();
-#else
-    const int t = 0, nt = 1;
-#endif
     gemv_panels(x, batch, n, wp, rows, y, accumulate, panels * t / nt, panels * (t + 1) / nt);
   }
+  omp_set_dynamic(dynamic);
+#else
+  gemv_panels(x, batch, n, wp, rows, y, accumulate, 0, panels);
+#endif
 }
 
 void rms_norm(const float* x, const float* w, int64_t n, float eps, float* out) {

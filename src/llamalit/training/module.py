@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import random
@@ -39,12 +40,29 @@ def build_model(cfg: Mapping) -> Llama:
         set_max_seq_len(model, max(model.cfg.max_seq_len, model_cfg.max_seq_len))
     else:
         model = Llama(model_cfg)
+    if cfg.get("quantize"):
+        if not cfg.get("init_from"):
+            raise ValueError(f"quantize={cfg['quantize']} needs a pretrained base: set init_from=DIR")
+        from llamalit.quantize import quantize_linears
+
+        quantize_linears(model, kind=cfg["quantize"])
     lora = cfg.get("lora") or {}
     if lora.get("enabled"):
         from llamalit.lora import LoraConfig, apply_lora
 
         apply_lora(model, LoraConfig.from_dict(lora))
+    if cfg.get("gradient_checkpointing"):
+        enable_gradient_checkpointing(model)
     return model
+
+
+def enable_gradient_checkpointing(model: Llama) -> None:
+    """Recompute each transformer block's activations in backward instead of storing them."""
+    from torch.utils.checkpoint import checkpoint
+
+    for layer in model.layers:
+        block_forward = type(layer).forward.__get__(layer)
+        layer.forward = functools.partial(checkpoint, block_forward, use_reentrant=False)
 
 
 class LlamaLitModule(L.LightningModule):
