@@ -107,7 +107,8 @@ def load_decode_kernel() -> ctypes.CDLL | None:
         if lib.llk_abi_version() != ABI_VERSION:
             raise RuntimeError(f"kernel ABI {lib.llk_abi_version()} != {ABI_VERSION}")
     except (OSError, RuntimeError, subprocess.SubprocessError) as e:
-        log.warning("llamalit decode kernel unavailable, using the PyTorch path: %s", e)
+        log.warning("llamalit decode kernel unavailable, using the PyTorch path "
+                    "(LLAMALIT_DECODE_KERNEL=0 skips the attempt): %s", e)
         return None
     lib.llk_gemv.argtypes = [_f32p, _i64, _i64, _f32p, _i64, _f32p, ctypes.c_int, ctypes.c_int]
     lib.llk_gemv.restype = None
