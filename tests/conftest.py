@@ -14,6 +14,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
+import torch
 
 from llamalit.data.prepare import prepare
 from llamalit.data.synthetic import make_corpus
@@ -117,3 +118,13 @@ def http_server():
     server = FileServer()
     yield server
     server.close()
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny models gain nothing from threads, and on a shared CPU OpenMP threads waiting for a busy core make
+    every op many times slower; one thread keeps these runs fast and steady."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

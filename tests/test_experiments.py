@@ -40,14 +40,7 @@ TINY = ["logger=none", "trainer.accelerator=cpu", "trainer.enable_model_summary=
 TINY_MODEL = ["model=tiny"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models gain nothing from threads, and on a shared CPU OpenMP threads waiting for a busy core make
-    every op many times slower; one thread keeps these runs fast and steady."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def compose_cfg(overrides: list[str], hydra_config: bool = False) -> DictConfig:

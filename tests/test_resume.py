@@ -33,14 +33,7 @@ COMMON = ["logger=none", "trainer.accelerator=cpu", "trainer.enable_model_summar
           "optim.warmup_steps=2", "model.dropout=0.1"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models gain nothing from threads, and on a shared CPU OpenMP threads waiting for a busy core make
-    every op many times slower; one thread keeps these runs fast and steady."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 class Preempted(RuntimeError):

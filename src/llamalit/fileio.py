@@ -40,3 +40,18 @@ def atomic_write_text(path: str | Path, text: str) -> None:
 
 def atomic_write_json(path: str | Path, obj) -> None:
     atomic_write_text(path, json.dumps(obj, indent=2) + "\n")
+
+
+def read_tagged_json(path: str | Path, fmt: str, required: str, what: str) -> dict:
+    """A JSON file whose ``format`` must be ``fmt`` and that must hold ``required``; clear errors otherwise."""
+    path = Path(path)
+    try:
+        meta = json.loads(path.read_text())
+    except FileNotFoundError as e:
+        raise FileNotFoundError(f"{path}: missing; is {path.parent} a {what}?") from e
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: invalid JSON ({e})") from e
+    if not isinstance(meta, dict) or meta.get("format") != fmt or required not in meta:
+        found = meta.get("format") if isinstance(meta, dict) else None
+        raise ValueError(f"{path}: not a {what} config (format {found!r}, expected {fmt!r})")
+    return meta

@@ -20,7 +20,7 @@ from safetensors.torch import load_file
 from torch import nn
 
 from llamalit.checkpoints.native import save_tensors
-from llamalit.fileio import atomic_write_json
+from llamalit.fileio import atomic_write_json, read_tagged_json
 
 ADAPTER_FORMAT = "llamalit-lora/1"
 ADAPTER_WEIGHTS = "adapter.safetensors"
@@ -270,15 +270,7 @@ def load_adapter(path: str | Path, map_location: str = "cpu") -> tuple[LoraConfi
     """Read an adapter directory: its LoraConfig, the adapter tensors and the whole config JSON."""
     path = Path(path)
     cfg_path = path / ADAPTER_CONFIG
-    try:
-        meta = json.loads(cfg_path.read_text())
-    except FileNotFoundError as e:
-        raise FileNotFoundError(f"{cfg_path}: missing; is {path} a llamalit adapter directory?") from e
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{cfg_path}: invalid JSON ({e})") from e
-    if meta.get("format") != ADAPTER_FORMAT or "lora" not in meta:
-        raise ValueError(f"{cfg_path}: not a llamalit adapter config "
-                         f"(format {meta.get('format')!r}, expected {ADAPTER_FORMAT!r})")
+    meta = read_tagged_json(cfg_path, ADAPTER_FORMAT, "lora", "llamalit adapter directory")
     try:
         lora_cfg = LoraConfig.from_dict(meta["lora"])
     except (TypeError, ValueError) as e:

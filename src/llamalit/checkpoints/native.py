@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from llamalit.fileio import atomic_path, atomic_write_json
+from llamalit.fileio import atomic_path, atomic_write_json, read_tagged_json
 from llamalit.model import Llama, ModelConfig
 
 FORMAT = "llamalit/1"
@@ -52,16 +52,7 @@ def is_native_dir(path: str | Path) -> bool:
 
 def read_config(path: str | Path) -> dict:
     """The parsed ``config.json`` of a native directory, with a clear error when it is not one."""
-    cfg_path = Path(path) / CONFIG
-    try:
-        meta = json.loads(cfg_path.read_text())
-    except FileNotFoundError as e:
-        raise FileNotFoundError(f"{cfg_path}: missing; is {path} a llamalit model directory?") from e
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{cfg_path}: invalid JSON ({e})") from e
-    if meta.get("format") != FORMAT or "model" not in meta:
-        raise ValueError(f"{cfg_path}: not a llamalit config (format {meta.get('format')!r}, expected {FORMAT!r})")
-    return meta
+    return read_tagged_json(Path(path) / CONFIG, FORMAT, "model", "llamalit model directory")
 
 
 def load_model(path: str | Path, map_location: str | torch.device = "cpu") -> Llama:
