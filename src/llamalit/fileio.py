@@ -48,7 +48,7 @@ def read_tagged_json(path: str | Path, fmt: str, required: str, what: str) -> di
     try:
         meta = json.loads(path.read_text())
     except FileNotFoundError as e:
-        raise FileNotFoundError(f"{path}: missing; is {path.parent} a {what}?") from e
+        raise FileNotFoundError(f"{path}: missing; is {path.parent} a {what} directory?") from e
     except json.JSONDecodeError as e:
         raise ValueError(f"{path}: invalid JSON ({e})") from e
     if not isinstance(meta, dict) or meta.get("format") != fmt or required not in meta:

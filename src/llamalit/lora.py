@@ -270,7 +270,7 @@ def load_adapter(path: str | Path, map_location: str = "cpu") -> tuple[LoraConfi
     """Read an adapter directory: its LoraConfig, the adapter tensors and the whole config JSON."""
     path = Path(path)
     cfg_path = path / ADAPTER_CONFIG
-    meta = read_tagged_json(cfg_path, ADAPTER_FORMAT, "lora", "llamalit adapter directory")
+    meta = read_tagged_json(cfg_path, ADAPTER_FORMAT, "lora", "llamalit adapter")
     try:
         lora_cfg = LoraConfig.from_dict(meta["lora"])
     except (TypeError, ValueError) as e:

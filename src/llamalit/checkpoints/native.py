@@ -52,7 +52,7 @@ def is_native_dir(path: str | Path) -> bool:
 
 def read_config(path: str | Path) -> dict:
     """The parsed ``config.json`` of a native directory, with a clear error when it is not one."""
-    return read_tagged_json(Path(path) / CONFIG, FORMAT, "model", "llamalit model directory")
+    return read_tagged_json(Path(path) / CONFIG, FORMAT, "model", "llamalit model")
 
 
 def load_model(path: str | Path, map_location: str | torch.device = "cpu") -> Llama:
