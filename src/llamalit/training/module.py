@@ -105,11 +105,17 @@ class LlamaLitModule(L.LightningModule):
         logits, targets = self._logits(batch)
         loss = F.cross_entropy(logits.float(), targets)
         self._check_finite(loss)
-        with torch.no_grad():
-            self.train_acc.update((logits.argmax(-1) == targets).float().mean(), targets.numel())
         self.log("train/loss", loss, on_step=True, prog_bar=True)
-        self.log("train/acc", self.train_acc, on_step=True, on_epoch=False)
+        if self._logging_step():  # an argmax over every counted logit is not free: only when it is logged
+            with torch.no_grad():
+                self.train_acc.update((logits.argmax(-1) == targets).float().mean(), targets.numel())
+            self.log("train/acc", self.train_acc, on_step=True, on_epoch=False)
         return loss
+
+    def _logging_step(self) -> bool:
+        """Whether Lightning writes this step's metrics to the logger (every log_every_n_steps)."""
+        connector = getattr(self._trainer, "_logger_connector", None) if self._trainer is not None else None
+        return bool(getattr(connector, "should_update_logs", True))
 
     def validation_step(self, batch: Mapping, batch_idx: int) -> None:
         logits, targets = self._logits(batch)
@@ -155,6 +161,8 @@ class LlamaLitModule(L.LightningModule):
                 "trainer.gradient_clip_val=1.0, precision 32, or check the data shards.")
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        if not self._logging_step():
+            return
         grads = [p.grad for p in self.model.parameters() if p.grad is not None]
         if grads:
             norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in grads]))
