@@ -138,6 +138,42 @@ def bench_plain(bc: BenchConfig, data: Dataset, steps: int, device: str, precisi
     return [b - a for a, b in zip(times, times[1:])]
 
 
+def bench_llama2c(bc: BenchConfig, data: Dataset, steps: int, device: str, precision: str,
+                  model_py: Path) -> list[float]:
+    """llama2.c's own ``model.py`` (a checkout of karpathy/llama2.c) in the same plain loop, as its train.py
+    steps it: forward with targets, ``last_loss``, clip 1.0, AdamW with its decay groups."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("llama2c_model", model_py)
+    l2c = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(l2c)
+    c = ModelConfig.preset(bc.preset, max_seq_len=max(bc.seq, 256))
+    torch.manual_seed(0)
+    model = l2c.Transformer(l2c.ModelArgs(dim=c.dim, n_layers=c.n_layers, n_heads=c.n_heads,
+                                          n_kv_heads=c.n_kv_heads, vocab_size=c.vocab_size,
+                                          multiple_of=c.multiple_of, max_seq_len=c.max_seq_len)).to(device)
+    opt = build_optimizer(model, OptimConfig())
+    loader = DataLoader(data, batch_size=bc.batch, shuffle=False, pin_memory=device == "cuda", drop_last=True)
+    autocast = torch.autocast(device_type=device, dtype=torch.bfloat16, enabled=precision == "bf16-mixed")
+    batches = iter(loader)
+    times = [time.perf_counter()]
+    model.train()
+    for _ in range(steps):
+        for _ in range(bc.accum):
+            batch = next(batches)
+            with autocast:
+                model(batch["input_ids"].to(device, non_blocking=True), batch["labels"].to(device, non_blocking=True))
+                loss = model.last_loss / bc.accum
+            loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        if device == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.perf_counter())
+    return [b - a for a, b in zip(times, times[1:])]
+
+
 def steady(step_times: list[float], warmup: int) -> float:
     """Median seconds per optimizer step after ``warmup`` steps."""
     return statistics.median(step_times[warmup:])
@@ -149,6 +185,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--steps", type=int, default=12, help="optimizer steps per path")
     p.add_argument("--warmup", type=int, default=3, help="steps excluded from timing")
+    p.add_argument("--llama2c-model", type=Path, default=None,
+                   help="llama2.c's model.py (from a checkout): also time it in the same run")
     p.add_argument("--repeats", type=int, default=2, help="alternating rounds of both paths; best kept")
     p.add_argument("--compile", action="store_true", help="torch.compile both paths")
     p.add_argument("--threads", type=int, default=None)
@@ -164,8 +202,11 @@ def main(argv: list[str] | None = None) -> list[dict]:
         vocab = ModelConfig.preset(bc.preset).vocab_size
         data = RandomTokens(bc.batch * bc.accum * (args.steps + 1), bc.seq, vocab)
         tokens_per_step = bc.batch * bc.seq * bc.accum
-        plain, lit = float("inf"), float("inf")
-        for _ in range(args.repeats):  # alternate the two paths; keep each one's best median
+        plain, lit, ref = float("inf"), float("inf"), float("inf")
+        for _ in range(args.repeats):  # alternate the paths; keep each one's best median
+            if args.llama2c_model:
+                ref = min(ref, steady(bench_llama2c(bc, data, args.steps, args.device, precision,
+                                                    args.llama2c_model), args.warmup))
             plain = min(plain, steady(bench_plain(bc, data, args.steps, args.device, precision, args.compile),
                                       args.warmup))
             lit = min(lit, steady(bench_lightning(bc, data, args.steps, args.device, precision, args.compile,
@@ -179,6 +220,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
             "lightning_overhead_pct": 100 * (lit / plain - 1),
             "llama2c_tokens_per_s": bc.llama2c_tokens_per_s,
             "ratio_vs_llama2c": (tokens_per_step / lit) / bc.llama2c_tokens_per_s if bc.llama2c_tokens_per_s else None,
+            "llama2c_same_run_tokens_per_s": tokens_per_step / ref if args.llama2c_model else None,
+            "ratio_vs_llama2c_same_run": ref / lit if args.llama2c_model else None,
             "mfu": (fpt * tokens_per_step / lit / peak) if peak else None,
         }
         rows.append(row)
@@ -189,15 +232,18 @@ def main(argv: list[str] | None = None) -> list[dict]:
 
 
 def print_table(rows: list[dict]) -> None:
-    head = f"{'config':26} {'plain tok/s':>12} {'lightning tok/s':>16} {'overhead':>9} {'llama2.c':>10} {'ratio':>6} {'MFU':>6}"
+    head = (f"{'config':26} {'plain tok/s':>12} {'lightning tok/s':>16} {'overhead':>9} {'llama2.c':>10} "
+            f"{'ratio':>6} {'llama2.c here':>14} {'ratio':>6} {'MFU':>6}")
     print(head)
     print("-" * len(head))
     for r in rows:
         ref = f"{r['llama2c_tokens_per_s']:,.0f}" if r["llama2c_tokens_per_s"] else "-"
         ratio = f"{r['ratio_vs_llama2c']:.2f}x" if r["ratio_vs_llama2c"] else "-"
         mfu = f"{100 * r['mfu']:.1f}%" if r["mfu"] else "-"
+        here = f"{r['llama2c_same_run_tokens_per_s']:,.0f}" if r["llama2c_same_run_tokens_per_s"] else "-"
+        here_ratio = f"{r['ratio_vs_llama2c_same_run']:.2f}x" if r["ratio_vs_llama2c_same_run"] else "-"
         print(f"{r['config']:26} {r['plain_tokens_per_s']:>12,.0f} {r['lightning_tokens_per_s']:>16,.0f} "
-              f"{r['lightning_overhead_pct']:>8.1f}% {ref:>10} {ratio:>6} {mfu:>6}")
+              f"{r['lightning_overhead_pct']:>8.1f}% {ref:>10} {ratio:>6} {here:>14} {here_ratio:>6} {mfu:>6}")
 
 
 if __name__ == "__main__":
