@@ -105,15 +105,11 @@ def bench_lightning(bc: BenchConfig, data: Dataset, steps: int, device: str, pre
     return [b - a for a, b in zip(timer.times, timer.times[1:])]
 
 
-def bench_plain(bc: BenchConfig, data: Dataset, steps: int, device: str, precision: str,
-                compile_: bool) -> list[float]:
-    torch.manual_seed(0)
-    cfg = run_cfg(bc, steps)
-    module = LlamaLitModule(cfg)  # same model construction (incl. LoRA); the loop below is plain PyTorch
-    model: Llama = module.model.to(device)
-    forward = torch.compile(model.counted_logits) if compile_ else model.counted_logits
-    opt = build_optimizer(model, OptimConfig.from_dict(cfg["optim"]))
-    sched = build_scheduler(opt, OptimConfig.from_dict(cfg["optim"]), steps)
+def plain_loop(model: torch.nn.Module, batch_loss, bc: BenchConfig, data: Dataset, steps: int, device: str,
+               precision: str, scheduler_of=None) -> list[float]:
+    """Seconds of each optimizer step of a plain PyTorch loop: accumulate, clip 1.0, AdamW (+ schedule)."""
+    opt = build_optimizer(model, OptimConfig(warmup_steps=2))
+    sched = scheduler_of(opt) if scheduler_of else None
     loader = DataLoader(data, batch_size=bc.batch, shuffle=False, pin_memory=device == "cuda", drop_last=True)
     autocast = torch.autocast(device_type=device, dtype=torch.bfloat16, enabled=precision == "bf16-mixed")
     batches = iter(loader)
@@ -125,12 +121,12 @@ def bench_plain(bc: BenchConfig, data: Dataset, steps: int, device: str, precisi
             x = batch["input_ids"].to(device, non_blocking=True)
             y = batch["labels"].to(device, non_blocking=True)
             with autocast:
-                logits, targets = forward(x, y)
-                loss = F.cross_entropy(logits.float(), targets) / bc.accum
+                loss = batch_loss(x, y) / bc.accum
             loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
-        sched.step()
+        if sched is not None:
+            sched.step()
         opt.zero_grad(set_to_none=True)
         if device == "cuda":
             torch.cuda.synchronize()
@@ -138,10 +134,27 @@ def bench_plain(bc: BenchConfig, data: Dataset, steps: int, device: str, precisi
     return [b - a for a, b in zip(times, times[1:])]
 
 
+def bench_plain(bc: BenchConfig, data: Dataset, steps: int, device: str, precision: str,
+                compile_: bool) -> list[float]:
+    """Our model (built as the module builds it, LoRA included) in the plain loop, with our schedule."""
+    torch.manual_seed(0)
+    cfg = run_cfg(bc, steps)
+    model: Llama = LlamaLitModule(cfg).model.to(device)
+    forward = torch.compile(model.counted_logits) if compile_ else model.counted_logits
+
+    def batch_loss(x, y):
+        logits, targets = forward(x, y)
+        return F.cross_entropy(logits.float(), targets)
+
+    optim = OptimConfig.from_dict(cfg["optim"])
+    return plain_loop(model, batch_loss, bc, data, steps, device, precision,
+                      scheduler_of=lambda opt: build_scheduler(opt, optim, steps))
+
+
 def bench_llama2c(bc: BenchConfig, data: Dataset, steps: int, device: str, precision: str,
                   model_py: Path) -> list[float]:
     """llama2.c's own ``model.py`` (a checkout of karpathy/llama2.c) in the same plain loop, as its train.py
-    steps it: forward with targets, ``last_loss``, clip 1.0, AdamW with its decay groups."""
+    steps it: forward with targets, then ``last_loss``."""
     import importlib.util
 
     spec = importlib.util.spec_from_file_location("llama2c_model", model_py)
@@ -152,26 +165,12 @@ def bench_llama2c(bc: BenchConfig, data: Dataset, steps: int, device: str, preci
     model = l2c.Transformer(l2c.ModelArgs(dim=c.dim, n_layers=c.n_layers, n_heads=c.n_heads,
                                           n_kv_heads=c.n_kv_heads, vocab_size=c.vocab_size,
                                           multiple_of=c.multiple_of, max_seq_len=c.max_seq_len)).to(device)
-    opt = build_optimizer(model, OptimConfig())
-    loader = DataLoader(data, batch_size=bc.batch, shuffle=False, pin_memory=device == "cuda", drop_last=True)
-    autocast = torch.autocast(device_type=device, dtype=torch.bfloat16, enabled=precision == "bf16-mixed")
-    batches = iter(loader)
-    times = [time.perf_counter()]
-    model.train()
-    for _ in range(steps):
-        for _ in range(bc.accum):
-            batch = next(batches)
-            with autocast:
-                model(batch["input_ids"].to(device, non_blocking=True), batch["labels"].to(device, non_blocking=True))
-                loss = model.last_loss / bc.accum
-            loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        if device == "cuda":
-            torch.cuda.synchronize()
-        times.append(time.perf_counter())
-    return [b - a for a, b in zip(times, times[1:])]
+
+    def batch_loss(x, y):
+        model(x, y)
+        return model.last_loss
+
+    return plain_loop(model, batch_loss, bc, data, steps, device, precision)
 
 
 def steady(step_times: list[float], warmup: int) -> float:
