@@ -165,6 +165,14 @@ class _LazyShards(Dataset):
         state["_maps"] = {}
         return state
 
+    def _locate(self, index: int, unit: str) -> tuple[int, int, ShardFile]:
+        """(shard number, position inside that shard, shard) of a global index; ``_ends``/``_bases`` per subclass."""
+        index = int(index)
+        if not 0 <= index < len(self):
+            raise IndexError(f"{unit} {index} out of range [0, {len(self)})")
+        i = int(np.searchsorted(self._ends, index, side="right"))
+        return i, index - int(self._bases[i]), self.shards[i]
+
     def _check_ids(self, ids: np.ndarray, shard: ShardFile, where: int) -> None:
         top = int(ids.max())
         if top >= self.vocab_size:
@@ -216,12 +224,7 @@ class PretrainWindows(_LazyShards):
         return np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)
 
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
-        index = int(index)
-        if not 0 <= index < len(self):
-            raise IndexError(f"window start {index} out of range [0, {len(self)})")
-        i = int(np.searchsorted(self._ends, index, side="right"))
-        offset = index - int(self._bases[i])
-        shard = self.shards[i]
+        i, offset, shard = self._locate(index, "window start")
         if i not in self._maps:
             self._maps[i] = (_open(shard.tokens, shard.token_dtype, shard.n_elements), None)
         window = np.asarray(self._maps[i][0][offset : offset + self.seq_len + 1], dtype=np.int64)
@@ -258,12 +261,7 @@ class InstructRows(_LazyShards):
         return np.arange(len(self), dtype=np.int64)
 
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
-        index = int(index)
-        if not 0 <= index < len(self):
-            raise IndexError(f"row {index} out of range [0, {len(self)})")
-        i = int(np.searchsorted(self._ends, index, side="right"))
-        row = index - int(self._bases[i])
-        shard = self.shards[i]
+        i, row, shard = self._locate(index, "row")
         if i not in self._maps:
             shape = (shard.rows, self.row_len)
             self._maps[i] = (
