@@ -9,8 +9,8 @@ import pytest
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from llamalit.model import ModelConfig
-from llamalit.training.module import LlamaLitModule
+from llamalit.model import Llama, ModelConfig
+from llamalit.training.module import LlamaLitModule, compile_blocks, resolve_compile
 from llamalit.training.optim import OptimConfig, lr_at, param_groups
 
 VOCAB = 64
@@ -101,15 +101,13 @@ def test_scheduler_steps_per_optimizer_step_under_accumulation():
 
 def test_nan_loss_stops_the_run_naming_the_step():
     module = LlamaLitModule(make_cfg(max_steps=10))
-    real = module._forward
+    real = module.model.hidden
 
-    def poisoned(tokens, labels, **kw):
-        logits, targets = real(tokens, labels, **kw)
-        if module.global_step == 3:
-            logits = logits * float("nan")
-        return logits, targets
+    def poisoned(tokens, **kw):
+        h = real(tokens, **kw)
+        return h * float("nan") if module.global_step == 3 else h
 
-    module._forward = poisoned
+    module.model.hidden = poisoned
     with pytest.raises(FloatingPointError, match="step 3"):
         fit(module)
 
@@ -159,3 +157,27 @@ def test_gradient_checkpointing_gives_the_same_gradients():
 def test_quantize_without_a_base_is_refused():
     with pytest.raises(ValueError, match="init_from"):
         LlamaLitModule({**make_cfg(), "quantize": "nf4"})
+
+
+def test_compile_defaults_to_cuda_only():
+    assert resolve_compile(None, torch.device("cuda")) and not resolve_compile(None, torch.device("cpu"))
+    assert resolve_compile(True, torch.device("cpu")) and not resolve_compile(False, torch.device("cuda"))
+
+
+def test_compiled_blocks_match_eager_loss_and_grads():
+    """Regional compilation (each block) changes no result, packed rows included (inductor on the CPU)."""
+    torch.manual_seed(0)
+    eager = Llama(ModelConfig.preset("tiny"))
+    compiled = Llama(ModelConfig.preset("tiny"))
+    compiled.load_state_dict(eager.state_dict())
+    compile_blocks(compiled)
+    x, y = torch.randint(0, 256, (2, 16)), torch.randint(0, 256, (2, 16))
+    segments = torch.tensor([[0] * 6 + [1] * 10, [0] * 16])
+    positions = torch.cat([torch.arange(6), torch.arange(10)]).expand(2, -1)
+    for kw in ({}, {"positions": positions, "segments": segments}):
+        for m in (eager, compiled):
+            m.zero_grad()
+            m.loss(x, y, **kw).backward()
+        torch.testing.assert_close(compiled.loss(x, y, **kw), eager.loss(x, y, **kw), rtol=1e-5, atol=1e-6)
+        for (name, a), b in zip(eager.named_parameters(), compiled.parameters()):
+            torch.testing.assert_close(b.grad, a.grad, rtol=1e-4, atol=1e-6, msg=name)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 import weakref
 from dataclasses import asdict, dataclass, fields
@@ -9,6 +10,7 @@ from dataclasses import asdict, dataclass, fields
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex_attention
 
 from llamalit.kernels import DecodeKernel, kernel_enabled, load_decode_kernel
 
@@ -89,6 +91,36 @@ def _at_least_fp32(x: torch.Tensor) -> torch.Tensor:
     return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
 
 
+def document_mask(segments: torch.Tensor, backend: str = "auto") -> torch.Tensor | BlockMask:
+    """Causal attention within each document of packed rows; ``segments`` (B, T) numbers the documents.
+
+    ``backend``: ``flex`` (a flex-attention ``BlockMask``: blocks outside the block-diagonal are skipped, the
+    fast path on CUDA), ``dense`` (a (B, 1, T, T) boolean mask for SDPA, any device), ``auto`` (flex on
+    CUDA, dense elsewhere: flex attention without a compiled kernel is a slow reference on the CPU).
+    """
+    if backend == "auto":
+        backend = "flex" if segments.is_cuda else "dense"
+    b, t = segments.shape
+    if backend == "dense":
+        same = segments[:, None, :, None] == segments[:, None, None, :]
+        return same & torch.ones(t, t, dtype=torch.bool, device=segments.device).tril()
+    if backend != "flex":
+        raise ValueError(f"document_mask: backend={backend!r}; choose auto, flex or dense")
+
+    def same_doc_causal(b_i, h_i, q_i, kv_i):  # noqa: ARG001 - flex's mask_mod signature
+        return (segments[b_i, q_i] == segments[b_i, kv_i]) & (q_i >= kv_i)
+
+    return create_block_mask(same_doc_causal, b, None, t, t, device=segments.device)
+
+
+@functools.cache
+def _flex_attention():
+    """flex_attention, compiled on CUDA (its fused kernel); the eager reference elsewhere (tests on CPU)."""
+    if torch.cuda.is_available():
+        return torch.compile(flex_attention, dynamic=False)
+    return flex_attention
+
+
 def rope_tables(head_dim: int, end: int, theta: float = 10000.0) -> tuple[torch.Tensor, torch.Tensor]:
     """cos and sin of shape (end, head_dim // 2), float32, as llama2.c computes them."""
     freqs = 1.0 / (theta ** (torch.arange(0, head_dim, 2)[: head_dim // 2].float() / head_dim))
@@ -156,6 +188,9 @@ class Attention(nn.Module):
         v = self.wv(x).view(b, t, self.n_kv_heads, self.head_dim).transpose(1, 2)
         if cache is not None:
             k, v = cache.update(start_pos, k, v)
+        if isinstance(mask, BlockMask):  # packed rows on CUDA: flex attention skips the masked-out blocks
+            out = _flex_attention()(q, k, v, block_mask=mask, enable_gqa=self.n_kv_heads != self.n_heads)
+            return self.resid_dropout(self.wo(out.transpose(1, 2).reshape(b, t, -1)))
         is_causal = False
         if mask is None and t > 1:
             if k.shape[2] == t:
@@ -198,6 +233,8 @@ class TransformerBlock(nn.Module):
 class Llama(nn.Module):
     """Decoder-only Llama with llama2.c's parameter names, so its state dicts load unchanged."""
 
+    attention_backend = "auto"  # packed rows: see document_mask
+
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.cfg = cfg
@@ -223,9 +260,17 @@ class Llama(nn.Module):
             nn.init.normal_(module.weight, mean=0.0, std=0.02)
 
     def hidden(self, tokens: torch.Tensor, start_pos: int = 0, caches: list[KVCache] | None = None,
-               positions: torch.Tensor | None = None, mask: torch.Tensor | None = None) -> torch.Tensor:
-        """Final-norm hidden states (B, T, dim). ``positions`` (B, T) overrides 0..T-1 (packing)."""
+               positions: torch.Tensor | None = None, mask: torch.Tensor | BlockMask | None = None,
+               segments: torch.Tensor | None = None) -> torch.Tensor:
+        """Final-norm hidden states (B, T, dim).
+
+        Packed rows: ``positions`` (B, T) are each token's RoPE position within its document and ``segments``
+        (B, T) number the documents, so each token attends only to earlier tokens of its own document
+        (:func:`document_mask`; ``mask`` overrides it).
+        """
         t = tokens.shape[1]
+        if segments is not None and mask is None:
+            mask = document_mask(segments, self.attention_backend)
         if start_pos + t > self.cfg.max_seq_len:
             raise ValueError(
                 f"sequence of {start_pos + t} tokens exceeds max_seq_len={self.cfg.max_seq_len}"

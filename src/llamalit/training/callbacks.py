@@ -9,7 +9,7 @@ from typing import Any
 import lightning as L
 import torch
 
-from llamalit.model import Llama
+from llamalit.model import IGNORE_INDEX, Llama
 
 
 def peak_flops(device: torch.device, configured: float | None = None) -> float | None:
@@ -24,15 +24,20 @@ def peak_flops(device: torch.device, configured: float | None = None) -> float |
 
 
 class SpeedMonitor(L.Callback):
-    """Logs tokens/s (input tokens, all ranks) and MFU every ``log_every`` optimizer steps.
+    """Logs tokens/s (input tokens, all ranks), useful tokens/s (those that carry loss) and MFU every
+    ``log_every`` optimizer steps.
 
-    Wall time over a window of steps needs no GPU sync: queued kernels finish within the window.
+    Wall time over a window of steps needs no GPU sync: queued kernels finish within the window. The
+    useful-token count stays on the device and is read once per window.
     """
 
     def __init__(self, log_every: int = 10, peak_flops_per_s: float | None = None):
         self.log_every = log_every
         self.configured_peak = peak_flops_per_s
         self.tokens_seen = 0
+        self.useful_tokens_seen = 0  # labels != -100: prompts and padding excluded (read at each log)
+        self._useful: torch.Tensor | None = None  # this window's count on this rank, on the device
+        self._world = 1
         self.train_time_s = 0.0  # wall time of training batches (validation excluded), for the summary
         self._mark: float | None = None  # end of the last batch counted in train_time_s
         self._window_tokens = 0
@@ -50,6 +55,9 @@ class SpeedMonitor(L.Callback):
         n = batch["input_ids"].numel() * trainer.world_size
         self.tokens_seen += n
         self._window_tokens += n
+        self._world = trainer.world_size
+        counted = (batch["labels"] != IGNORE_INDEX).sum()
+        self._useful = counted if self._useful is None else self._useful + counted
         now = time.perf_counter()
         self.train_time_s += now - self._mark
         self._mark = now
@@ -59,7 +67,9 @@ class SpeedMonitor(L.Callback):
         self._last_step = step
         elapsed = now - self._window_start
         self.tokens_per_s = self._window_tokens / max(elapsed, 1e-9)
-        metrics = {"perf/tokens_per_s": self.tokens_per_s, "perf/tokens_seen": float(self.tokens_seen)}
+        useful = self._take_useful()
+        metrics = {"perf/tokens_per_s": self.tokens_per_s, "perf/tokens_seen": float(self.tokens_seen),
+                   "perf/useful_tokens_per_s": useful / max(elapsed, 1e-9)}
         model: Llama = pl_module.model
         peak = peak_flops(pl_module.device, self.configured_peak)
         if peak:
@@ -71,6 +81,16 @@ class SpeedMonitor(L.Callback):
         self._window_tokens = 0
         self._window_start = now
 
+    def _take_useful(self) -> int:
+        """This window's useful tokens on all ranks (one device sync), added to ``useful_tokens_seen``."""
+        n = int(self._useful) * self._world if self._useful is not None else 0
+        self._useful = None
+        self.useful_tokens_seen += n
+        return n
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        self._take_useful()
+
     def on_validation_start(self, trainer, pl_module) -> None:
         self._pause = time.perf_counter()
 
@@ -81,10 +101,13 @@ class SpeedMonitor(L.Callback):
             self._mark += paused
 
     def state_dict(self) -> dict[str, Any]:
-        return {"tokens_seen": self.tokens_seen, "train_time_s": self.train_time_s}
+        self._take_useful()  # a checkpoint mid-window: fold the window in first
+        return {"tokens_seen": self.tokens_seen, "useful_tokens_seen": self.useful_tokens_seen,
+                "train_time_s": self.train_time_s}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.tokens_seen = state_dict.get("tokens_seen", 0)
+        self.useful_tokens_seen = state_dict.get("useful_tokens_seen", 0)
         self.train_time_s = state_dict.get("train_time_s", 0.0)
 
 

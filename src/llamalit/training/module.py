@@ -56,6 +56,21 @@ def build_model(cfg: Mapping) -> Llama:
     return model
 
 
+def resolve_compile(setting: bool | None, device: torch.device) -> bool:
+    """``compile``: true/false as given; null (the default) compiles on CUDA, where it pays for itself."""
+    return device.type == "cuda" if setting is None else bool(setting)
+
+
+def compile_blocks(model: Llama) -> None:
+    """``torch.compile`` each transformer block in place (regional compilation).
+
+    One compiled graph serves every block (same code, same shapes), so compiling takes seconds rather than
+    minutes, and the parts with data-dependent shapes (the head on counted positions only) stay eager.
+    """
+    for layer in model.layers:
+        layer.compile()
+
+
 def enable_gradient_checkpointing(model: Llama) -> None:
     """Recompute each transformer block's activations in backward instead of storing them."""
     from torch.utils.checkpoint import checkpoint
@@ -90,16 +105,19 @@ class LlamaLitModule(L.LightningModule):
         # A LoRA run on an init_from base checkpoints the adapters only: the frozen base comes from init_from.
         self._base_keys = frozen_base_keys(self)
         self.strict_loading = not self._base_keys  # on_load_checkpoint checks the keys itself
-        self._forward = self.model.counted_logits
-        if cfg.get("compile"):
-            self._forward = torch.compile(self.model.counted_logits, dynamic=None)
+        self._compiled = False
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         return self.model(tokens)
 
+    def on_fit_start(self) -> None:
+        if not self._compiled and resolve_compile(self.cfg.get("compile"), self.device):
+            compile_blocks(self.model)
+            self._compiled = True
+
     def _logits(self, batch: Mapping) -> tuple[torch.Tensor, torch.Tensor]:
-        extra = {"positions": batch["positions"]} if "positions" in batch else {}
-        return self._forward(batch["input_ids"], batch["labels"], **extra)
+        packed = {k: batch[k] for k in ("positions", "segments") if k in batch}  # packed rows (data.packing)
+        return self.model.counted_logits(batch["input_ids"], batch["labels"], **packed)
 
     def training_step(self, batch: Mapping, batch_idx: int) -> torch.Tensor:
         logits, targets = self._logits(batch)

@@ -217,6 +217,9 @@ def finish_run(cfg: DictConfig, resolved: dict, trainer: L.Trainer, module: Llam
         "step": trainer.global_step,
         "tokens_seen": speed.tokens_seen if speed else None,
         "tokens_per_s": (speed.tokens_seen / speed.train_time_s) if speed and speed.train_time_s else None,
+        "useful_tokens_seen": speed.useful_tokens_seen if speed else None,
+        "useful_tokens_per_s": (speed.useful_tokens_seen / speed.train_time_s)
+        if speed and speed.train_time_s else None,
         "mfu": speed.mfu if speed else None,
         "params": module.model.num_params(),
         "trainable_params": module.model.num_params(trainable_only=True),

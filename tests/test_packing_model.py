@@ -1,0 +1,74 @@
+"""Packed rows: with per-document RoPE positions and a document mask, no example sees another."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from llamalit.model import IGNORE_INDEX, Llama, ModelConfig, document_mask
+
+
+def _pack(examples: list[torch.Tensor], length: int, pad_id: int = 0):
+    """Concatenate examples into one row of ``length``; the tail is a padding segment of its own."""
+    tokens, positions, segments = [], [], []
+    for i, ex in enumerate(examples):
+        tokens.append(ex)
+        positions.append(torch.arange(len(ex)))
+        segments.append(torch.full((len(ex),), i))
+    tail = length - sum(len(e) for e in examples)
+    tokens.append(torch.full((tail,), pad_id))
+    positions.append(torch.arange(tail))
+    segments.append(torch.full((tail,), len(examples)))
+    return tuple(torch.cat(x)[None] for x in (tokens, positions, segments))
+
+
+@pytest.fixture
+def model() -> Llama:
+    torch.manual_seed(0)
+    return Llama(ModelConfig.preset("tiny", max_seq_len=32)).double().eval()  # GQA: 4 heads, 2 kv heads
+
+
+@pytest.mark.parametrize("backend", ["dense", "flex"])
+def test_packed_row_equals_examples_run_alone(model: Llama, backend: str) -> None:
+    torch.manual_seed(1)
+    examples = [torch.randint(1, 256, (n,)) for n in (5, 9, 3)]
+    tokens, positions, segments = _pack(examples, 20)
+    model.attention_backend = backend
+    with torch.no_grad():  # flex attention has no backward on the CPU (forward parity is what counts here)
+        packed = model.hidden(tokens, positions=positions, segments=segments)[0]
+    start = 0
+    for ex in examples:
+        alone = model.hidden(ex[None])[0]
+        torch.testing.assert_close(packed[start:start + len(ex)], alone, rtol=0, atol=1e-12)
+        start += len(ex)
+
+
+def test_packed_loss_is_the_token_weighted_mean_of_the_examples(model: Llama) -> None:
+    torch.manual_seed(2)
+    examples = [torch.randint(1, 256, (n,)) for n in (6, 4, 8)]
+    labels_alone = [torch.cat([torch.full((2,), IGNORE_INDEX), torch.randint(0, 256, (n - 2,))]) for n in (6, 4, 8)]
+    tokens, positions, segments = _pack(examples, 21)
+    labels = torch.cat([*labels_alone, torch.full((3,), IGNORE_INDEX)])[None]
+    packed_loss = model.loss(tokens, labels, positions=positions, segments=segments)
+    sums = [F.cross_entropy(model(ex[None])[0], lab, reduction="sum") for ex, lab in zip(examples, labels_alone)]
+    counted = sum(int((lab != IGNORE_INDEX).sum()) for lab in labels_alone)
+    torch.testing.assert_close(packed_loss, sum(sums) / counted, rtol=1e-12, atol=0)
+
+
+def test_without_the_mask_examples_would_leak(model: Llama) -> None:
+    """The check above can fail: attending across documents changes the later example's states."""
+    examples = [torch.randint(1, 256, (n,)) for n in (5, 6)]
+    tokens, positions, _ = _pack(examples, 11)
+    leaky = model.hidden(tokens, positions=positions)[0, 5:]
+    alone = model.hidden(examples[1][None])[0]
+    assert (leaky - alone).abs().max() > 1e-3
+
+
+def test_document_mask_dense_layout() -> None:
+    mask = document_mask(torch.tensor([[0, 0, 1, 1, 1]]), backend="dense")
+    expected = torch.tensor([[1, 0, 0, 0, 0], [1, 1, 0, 0, 0], [0, 0, 1, 0, 0], [0, 0, 1, 1, 0], [0, 0, 1, 1, 1]],
+                            dtype=torch.bool)
+    assert mask.shape == (1, 1, 5, 5) and torch.equal(mask[0, 0], expected)
+    with pytest.raises(ValueError, match="backend"):
+        document_mask(torch.zeros(1, 3, dtype=torch.long), backend="sparse")
