@@ -383,3 +383,18 @@ def test_prepare_data_runs_the_preparation_only_when_needed(tmp_path: Path, monk
     LlamaDataModule(config, cache_dir=tmp_path / "cache").prepare_data()
     assert len(calls) == 2                                           # a truncated shard: prepared again
     assert read_manifest(tmp_path / "shards")["kind"] == "pretrain"
+
+
+def test_one_manifest_reader_for_the_datasets_and_the_preparation(pretrain_dir: Path, tmp_path: Path) -> None:
+    from llamalit.data import prepare
+
+    assert read_manifest is prepare.read_manifest                     # the datasets re-export the one reader
+    with pytest.raises(prepare.ManifestMissing) as err:
+        read_manifest(tmp_path / "nothing")
+    assert isinstance(err.value, FileNotFoundError) and isinstance(err.value, prepare.ManifestError)
+    m = prepare.load_manifest(pretrain_dir, verify=False)            # read_manifest + absolute paths
+    assert m["dir"] == str(pretrain_dir) and m["shards"][1]["tokens"] == str(pretrain_dir / "data01.bin")
+    path = pretrain_dir / "manifest.json"
+    path.write_text(path.read_text().replace('"n_tokens": 330', '"n_tokens": "330"'))
+    with pytest.raises(prepare.ManifestError, match=r"field 'shards\[1\]\.n_tokens' should be int"):
+        prepare.load_manifest(pretrain_dir, verify=False)            # the same validation for both names

@@ -136,7 +136,7 @@ def check_summary(summary: dict, run_dir: Path, steps: int) -> None:
     assert on_disk["tokens_seen"] > 0 and on_disk["tokens_per_s"] > 0
     assert {"best_checkpoint", "last_checkpoint", "files"} <= set(on_disk)
     for path in [on_disk["best_checkpoint"], on_disk["last_checkpoint"], *on_disk["files"].values()]:
-        assert path is None or Path(path).is_file(), path
+        assert path is None or Path(path).is_file() or (Path(path) / "config.json").is_file(), path  # or a model dir
 
 
 def check_exports(summary: dict, run_dir: Path, lora: bool) -> None:
@@ -299,3 +299,34 @@ def test_run_name_and_sweep_group(env, tmp_path):
     finally:
         HydraConfig.instance().cfg = None
     assert run_name(compose_cfg(overrides)) == "demo_lora"  # outside Hydra: the experiment name
+
+
+def test_alpaca_qlora_trains_a_4bit_base_and_exports_a_merged_hf_model(env, tmp_path):
+    """The issue-9 command on the CPU: a 4-bit NF4 base (bitsandbytes), LoRA on every block linear, packed
+    Alpaca rows, then run_dir/merged_hf: a bf16 Hugging Face model that transformers loads."""
+    pytest.importorskip("bitsandbytes")
+    transformers = pytest.importorskip("transformers")
+    run_dir = tmp_path / "run"
+    cfg = experiment_cfg("alpaca_qlora", env, run_dir, [
+        "trainer.max_steps=3", "trainer.val_check_interval=100", "trainer.limit_val_batches=1",
+        "callbacks.samples=null", "optim.lr=1e-2"])
+    torch.manual_seed(0)  # bitsandbytes' CPU 4-bit layers need widths that are multiples of 64
+    base = Llama(ModelConfig.preset("tiny", dim=64, hidden_dim=128, vocab_size=data_vocab(cfg)))
+    with open_dict(cfg):
+        cfg.init_from = str(save_hf(base, tmp_path / "hf_base64"))
+        cfg.quantize = "nf4"
+    assert cfg.data.packing and cfg.export.merged_hf
+    summary = train(cfg)
+    assert summary["step"] == 3 and math.isfinite(summary["val/loss"])
+    ckpt = torch.load(summary["last_checkpoint"], weights_only=True, map_location="cpu")
+    assert ckpt["state_dict"] and all(k.endswith(("lora_A", "lora_B")) for k in ckpt["state_dict"])  # no 4-bit base
+    merged = Path(summary["files"]["merged_hf"])
+    assert merged == run_dir / "merged_hf" and (merged / "config.json").is_file()
+    hf = transformers.LlamaForCausalLM.from_pretrained(merged)
+    assert hf.dtype == torch.bfloat16
+    ours = load_checkpoint(merged)
+    wq = ours.layers[0].attention.wq.weight
+    assert not torch.equal(wq, base.layers[0].attention.wq.weight.to(wq.dtype))  # the adapter was merged in
+    x = torch.randint(0, base.cfg.vocab_size, (1, 12), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        assert torch.isfinite(hf(x).logits).all()

@@ -4,6 +4,11 @@
 ``weight`` under its own name, so ``layers.0.attention.wq.weight`` is still that key and a base
 checkpoint loads into the wrapped model with only the adapter keys (``...wq.lora_A``,
 ``...wq.lora_B``) missing. Adapter files: ``adapter.safetensors`` + ``adapter_config.json``.
+
+A 4-bit base (bitsandbytes ``Linear4bit``, from ``llamalit.quantize``) is wrapped by
+:class:`QLoRALinear` instead: it keeps the base layer as a child (``wq.base``) and calls it,
+adapters in the base's ``compute_dtype`` (bf16). Adapter keys are the same as on a plain base,
+so a QLoRA adapter loads into the bf16 model (that is how it is merged: ``checkpoints.merged``).
 """
 
 from __future__ import annotations
@@ -78,6 +83,9 @@ class LoRALinear(nn.Module):
     def __init__(self, base: nn.Linear, rank: int, alpha: float, dropout: float = 0.0,
                  weight_tied: bool = False):
         super().__init__()
+        if is_quantized(base):
+            raise TypeError(f"LoRALinear: the base {type(base).__name__} is a 4-bit layer; wrap it with "
+                            "QLoRALinear (apply_lora picks it)")
         self.in_features, self.out_features = base.in_features, base.out_features
         self.weight = base.weight  # the same Parameter: ties and state-dict names survive
         self.bias = base.bias
@@ -123,6 +131,73 @@ class LoRALinear(nn.Module):
                 f"alpha={self.alpha}, dropout={self.lora_dropout.p}, merged={self.merged}")
 
 
+def is_quantized(layer: nn.Module) -> bool:
+    """True for a bitsandbytes 4-bit linear (``Linear4bit`` or a subclass; its weight has a ``quant_state``)."""
+    return hasattr(getattr(layer, "weight", None), "quant_state") or \
+        any(c.__name__ == "Linear4bit" for c in type(layer).__mro__)
+
+
+class QLoRALinear(LoRALinear):
+    """LoRA on a frozen 4-bit base: ``y = base(x) + (alpha / r) * dropout(x) A^T B^T`` (QLoRA).
+
+    The base layer stays a child (``<name>.base``: its weight and bitsandbytes quant-state keys
+    live there) and is called as is; A and B are created in ``base.compute_dtype`` (bf16) on the
+    base's device; the LoRA path runs in their dtype and is added in the output's dtype. It cannot
+    be merged in place (the base is 4-bit): merge into a bf16 reload of the base instead
+    (``llamalit.checkpoints.merged.export_merged_hf``).
+    """
+
+    def __init__(self, base: nn.Linear, rank: int, alpha: float, dropout: float = 0.0,
+                 weight_tied: bool = False):
+        nn.Module.__init__(self)
+        if not is_quantized(base):
+            raise TypeError(f"QLoRALinear wraps a 4-bit layer; got {type(base).__name__}: use LoRALinear")
+        self.in_features, self.out_features = base.in_features, base.out_features
+        self.base = base
+        self.rank, self.alpha, self.scaling = rank, alpha, alpha / rank
+        dtype = getattr(base, "compute_dtype", None) or torch.bfloat16
+        device = base.weight.device
+        self.lora_A = nn.Parameter(torch.empty(rank, self.in_features, dtype=dtype, device=device))
+        self.lora_B = nn.Parameter(torch.zeros(self.out_features, rank, dtype=dtype, device=device))
+        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+        self.lora_dropout = nn.Dropout(dropout)
+        self.weight_tied = weight_tied
+        self.merged = False
+        self.train(base.training)
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The base's packed 4-bit weight (bitsandbytes ``Params4bit``)."""
+        return self.base.weight
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        return self.base.bias
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.base(x)
+        lora = F.linear(F.linear(self.lora_dropout(x).to(self.lora_A.dtype), self.lora_A), self.lora_B)
+        return out + (lora * self.scaling).to(out.dtype)
+
+    def _refuse_merge(self) -> None:
+        raise ValueError(_MERGE_4BIT)
+
+    def merge_(self) -> None:
+        self._refuse_merge()
+
+    def unmerge_(self) -> None:
+        self._refuse_merge()
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, base=4-bit"
+
+
+_MERGE_4BIT = ("cannot merge LoRA into a 4-bit (bitsandbytes NF4) base: folding B@A into quantized weights would "
+               "re-quantize them and lose the update. Merge into a bf16 reload of the base instead: "
+               "llamalit.checkpoints.merged.export_merged_hf(base_dir, lora_state_dict(model), lora_cfg, out_dir) "
+               "(or save_adapter(...) and load it onto the unquantized base)")
+
+
 def lora_layers(model: nn.Module) -> dict[str, LoRALinear]:
     """Every :class:`LoRALinear` in ``model`` by module name."""
     return {name: m for name, m in model.named_modules() if isinstance(m, LoRALinear)}
@@ -136,7 +211,8 @@ def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
 def apply_lora(model: nn.Module, cfg: LoraConfig) -> nn.Module:
     """Wrap each ``nn.Linear`` whose name ends in one of ``cfg.targets``; freeze everything else.
 
-    In place; returns ``model``. Load base weights before calling this (or load them after with
+    A 4-bit base layer (``llamalit.quantize``) gets a :class:`QLoRALinear`, a plain one a
+    :class:`LoRALinear`. In place; returns ``model``. Load base weights before calling this (or load them after with
     ``strict=False``: only the adapter keys are then missing).
     """
     if lora_layers(model):
@@ -152,8 +228,8 @@ def apply_lora(model: nn.Module, cfg: LoraConfig) -> nn.Module:
         p.requires_grad_(False)
     for name, base in linears.items():
         if name.rpartition(".")[2] in cfg.targets:
-            wrapped = LoRALinear(base, cfg.rank, cfg.alpha, cfg.dropout,
-                                 weight_tied=uses[id(base.weight)] > 1)
+            cls = QLoRALinear if is_quantized(base) else LoRALinear
+            wrapped = cls(base, cfg.rank, cfg.alpha, cfg.dropout, weight_tied=uses[id(base.weight)] > 1)
             _set_submodule(model, name, wrapped)
     return model
 
@@ -165,8 +241,12 @@ def merge_lora(model: nn.Module) -> nn.Module:
     A tied output head gets its own merged weight: the embedding is left unchanged and
     ``model.cfg.tie_embeddings`` becomes False, so the merged model saves and loads as an untied one.
     """
+    layers = lora_layers(model)
+    quantized = [name for name, layer in layers.items() if isinstance(layer, QLoRALinear)]
+    if quantized:  # checked before anything changes
+        raise ValueError(f"merge_lora: {quantized[0]} (and {len(quantized) - 1} more): {_MERGE_4BIT}")
     untied = False
-    for name, layer in lora_layers(model).items():
+    for name, layer in layers.items():
         if layer.merged:  # already folded in place
             weight = layer.weight
         else:  # a new tensor: the base tensor may be shared (tied embedding) and must not change

@@ -9,10 +9,16 @@ together consume one contiguous block of the epoch and never the same sample. Th
 A batch counts as consumed when the train loader yields it. Lightning 2.x fetches nothing ahead from a loader
 with a length (ours always has one), so under a Trainer that is the batch handed to the model; the tests resume
 a Trainer from a mid-epoch checkpoint to hold Lightning to it.
+
+``data.packing`` (instruct data): the TRAIN split becomes ``PackedInstructRows`` (several examples a row, batch
+keys ``positions`` and ``segments`` added; see ``llamalit.data.packing``). Its plan is fixed by the seed, so
+the epoch length and the resumable position work exactly as unpacked. Validation is never packed: val/loss
+is the same per-row evaluation in packed and padded runs, so the two stay comparable.
 """
 
 from __future__ import annotations
 
+import logging
 import warnings
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
@@ -32,6 +38,9 @@ from llamalit.data.datasets import (
     read_manifest,
     shard_files,
 )
+from llamalit.data.packing import PackedInstructRows, split_lengths
+
+log = logging.getLogger(__name__)
 
 _STATE_VERSION = 1
 
@@ -134,9 +143,21 @@ def _plain(cfg: Mapping) -> dict[str, Any]:
     return dict(cfg)
 
 
+def _packing_setting(value: Any) -> bool | None:
+    if value is None or value is True or value is False:
+        return value
+    if isinstance(value, str) and value.lower() in ("auto", "null", "none", "true", "false"):
+        return {"true": True, "false": False}.get(value.lower())
+    raise ValueError(f"data.packing={value!r}: use true, false or null (auto: packed when training on CUDA).")
+
+
 class LlamaDataModule(L.LightningDataModule):
     """Prepared shards of ``cfg`` (a ``conf/data`` dict) as train/val DataLoaders of
     ``{"input_ids": LongTensor[B, T], "labels": LongTensor[B, T]}`` (labels -100 where not counted).
+
+    With packing on (``data.packing``: true, or null = auto: on when the attached Trainer trains on CUDA), the
+    instruct TRAIN batches also hold ``positions`` and ``segments`` (``LongTensor[B, T]``, see
+    ``PackedInstructRows``); validation batches never do, so val/loss stays comparable with padded runs.
     """
 
     def __init__(self, cfg: Mapping, cache_dir: str | Path = "~/.cache/llamalit", seed: int = 1337) -> None:
@@ -154,6 +175,10 @@ class LlamaDataModule(L.LightningDataModule):
         self._position = StreamPosition()
         self._train_sampler: TrainSampler | None = None
         self._restored_epoch_samples: int | None = None
+        self._restored_packed: bool | None = None
+        self.packing_setting = _packing_setting(self.cfg.get("packing", False))
+        self._train_key: tuple[bool, int | None] | None = None  # (packed, plan seed) the train split was built with
+        self._lengths: np.ndarray | None = None  # example lengths of the train split (read once, for packing)
 
     # ---- preparation and manifest -------------------------------------------------------------------
     def prepare_data(self) -> None:
@@ -228,22 +253,64 @@ class LlamaDataModule(L.LightningDataModule):
 
     # ---- datasets -------------------------------------------------------------------------------------
     def setup(self, stage: str | None = None) -> None:
-        """Read the manifest, check every shard file's size, and build the datasets the stage needs."""
+        """Read the manifest, check every shard file's size, and build the datasets the stage needs.
+
+        The train split is (re)built when packing, resolved now, differs from the one it was built with (a
+        ``setup`` before the Trainer is attached cannot know the device of ``data.packing=null``), or when a
+        restored state changed the seed of the packing plan.
+        """
         manifest = self.manifest
         self._check_settings(manifest)
-        if stage in (None, "fit") and self._train is None:
-            self._train = self._dataset(manifest, "train")
+        if stage in (None, "fit"):
+            packed = self.packing_enabled
+            key = (packed, self.seed if packed else None)
+            if self._train is None or key != self._train_key:
+                self._train = self._dataset(manifest, "train", packed)
+                self._train_key = key
+                if packed:
+                    log.info("data.packing: %s", self.packing_stats)
         if self._val is None and stage in (None, "fit", "validate", "test"):
             self._val = self._dataset(manifest, "val")
 
-    def _dataset(self, manifest: dict[str, Any], split: str) -> PretrainWindows | InstructRows:
+    @property
+    def packing_enabled(self) -> bool:
+        """Whether the train split is packed: ``data.packing``, or for null (auto) whether the attached Trainer
+        trains on CUDA (no Trainer: off). ``data.packing=true`` on pretraining data raises."""
+        setting, kind = self.packing_setting, self.manifest["kind"]
+        if setting and kind == "pretrain":
+            raise ValueError(f"data.packing=true but {manifest_path(self.data_dir)} holds pretraining shards: "
+                             "their windows are already dense (no padding). Set data.packing=false.")
+        if setting is None:
+            strategy = getattr(self.trainer, "strategy", None)
+            device = getattr(strategy, "root_device", None)
+            setting = getattr(device, "type", None) == "cuda"
+        return bool(setting) and kind == "instruct"
+
+    @property
+    def packing_stats(self) -> dict[str, Any]:
+        """Packing of the train split: ``examples``, ``skipped`` (rows with no counted position), ``rows``,
+        ``packed_rows``, ``capacity`` (positions a row), ``fill_rate`` and ``padded_fill_rate`` (example
+        positions / all positions, packed vs one example a row); ``{"enabled": False}`` when not packed."""
+        if isinstance(self._train, PackedInstructRows):
+            return {"enabled": True, **self._train.stats}
+        return {"enabled": False}
+
+    def _dataset(self, manifest: dict[str, Any], split: str,
+                 packed: bool = False) -> PretrainWindows | InstructRows:
         shards = shard_files(manifest, self.data_dir, split)
         vocab = int(manifest["tokenizer"]["vocab_size"])
+        ignore = int(manifest.get("ignore_index", -100))
         if manifest["kind"] == "pretrain":
             ds: PretrainWindows | InstructRows = PretrainWindows(shards, int(self.cfg["seq_len"]), vocab)
             unit = f"windows of seq_len + 1 = {int(self.cfg['seq_len']) + 1} tokens"
+        elif packed:
+            if self._lengths is None:
+                self._lengths = split_lengths(InstructRows(shards, manifest["seq_len"], vocab, ignore))
+            ds = PackedInstructRows(shards, manifest["seq_len"], vocab, ignore, int(manifest["pad_id"]), self.seed,
+                                    lengths=self._lengths)
+            unit = "packed rows (no example has a counted label)"
         else:
-            ds = InstructRows(shards, manifest["seq_len"], vocab, int(manifest.get("ignore_index", -100)))
+            ds = InstructRows(shards, manifest["seq_len"], vocab, ignore)
             unit = "rows"
         if ds.epoch_samples == 0:
             sizes = ", ".join(f"{s.tokens.name}: {s.n_elements} tokens" for s in shards) or "no shards"
@@ -267,16 +334,19 @@ class LlamaDataModule(L.LightningDataModule):
 
     def train_dataloader(self) -> ResumableLoader:
         """Shuffled epochs from the saved position; ``len()`` = batches per epoch on this rank."""
-        if self._train is None:
-            self.setup("fit")
+        self.setup("fit")  # builds the train split, or rebuilds it if packing or the plan's seed changed
         assert self._train is not None
         rank, world = self._replicas()
         sampler = TrainSampler(self._train, self.batch_size, rank, world, self.seed, self._position)
         if sampler.batches_per_epoch == 0:
             raise ValueError(f"the train split has {self._train.epoch_samples} samples per epoch, fewer than "
                              f"batch_size {self.batch_size} x {world} ranks; lower data.batch_size or add data.")
-        expected = self._restored_epoch_samples
-        if expected is not None and expected != self._train.epoch_samples:
+        expected, packed = self._restored_epoch_samples, isinstance(self._train, PackedInstructRows)
+        if self._restored_packed is not None and self._restored_packed != packed:
+            warnings.warn(f"the checkpoint's data position was recorded with packing {'on' if not packed else 'off'}"
+                          f", this run has it {'on' if packed else 'off'} (data.packing={self.packing_setting}): "
+                          "the resumed stream is not the one the run started with.", stacklevel=2)
+        elif expected is not None and expected != self._train.epoch_samples:
             warnings.warn(f"the checkpoint's data position was recorded on a train split of {expected} samples "
                           f"per epoch, this one has {self._train.epoch_samples}: the shards changed, so the "
                           "resumed stream is not the one the run started with.", stacklevel=2)
@@ -301,6 +371,7 @@ class LlamaDataModule(L.LightningDataModule):
             "epoch": self._position.epoch,
             "samples_in_epoch": self._position.sample,
             "epoch_samples": None if self._train is None else self._train.epoch_samples,
+            "packed": isinstance(self._train, PackedInstructRows),
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -316,3 +387,4 @@ class LlamaDataModule(L.LightningDataModule):
         self._position.epoch = int(state_dict["epoch"])
         self._position.sample = int(state_dict["samples_in_epoch"])
         self._restored_epoch_samples = state_dict.get("epoch_samples")
+        self._restored_packed = state_dict.get("packed")

@@ -1,4 +1,6 @@
-"""Read prepared shards through ``manifest.json`` alone: the manifest reader and the two map-style datasets.
+"""Read prepared shards through ``manifest.json`` alone: the shard files of a split and the map-style datasets.
+
+The manifest reader itself is :func:`llamalit.data.prepare.read_manifest` (re-exported here).
 
 ``PretrainWindows`` serves windows of ``seq_len + 1`` tokens from flat token shards (x = w[:-1], y = w[1:]);
 ``InstructRows`` serves the ``rows x seq_len`` rows of instruct shards (x = tokens[:-1], y = labels[1:]).
@@ -8,7 +10,6 @@ shuffled epoch (deterministic from a seed and the epoch number) and an ordered e
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,12 +19,12 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from llamalit.data.prepare import MANIFEST, ManifestError, manifest_path, read_manifest
 from llamalit.model import IGNORE_INDEX
 
-MANIFEST_NAME = "manifest.json"
-MANIFEST_FORMAT = "llamalit-shards/1"
-_TOKEN_DTYPES = ("uint16", "uint32", "int32")
-_LABEL_DTYPES = ("int32", "int64")
+MANIFEST_NAME = MANIFEST  # the old name of the file name constant
+__all__ = ["MANIFEST_NAME", "ManifestError", "ShardFile", "InstructRows", "PretrainWindows", "manifest_path",
+           "read_manifest", "shard_files"]
 
 
 @dataclass(frozen=True)
@@ -38,71 +39,6 @@ class ShardFile:
     label_dtype: str
     rows: int | None
     n_elements: int  # tokens in the token file (rows * seq_len for instruct shards)
-
-
-def manifest_path(path_or_dir: str | Path) -> Path:
-    """``manifest.json`` inside ``path_or_dir`` when it is a directory, else ``path_or_dir`` itself."""
-    path = Path(path_or_dir).expanduser()
-    return path / MANIFEST_NAME if path.is_dir() or path.suffix != ".json" else path
-
-
-def read_manifest(path_or_dir: str | Path) -> dict[str, Any]:
-    """Load and validate ``manifest.json`` (CONTRACT.md layout); raise a message naming the file and the field."""
-    path = manifest_path(path_or_dir)
-    if not path.is_file():
-        raise FileNotFoundError(
-            f"no prepared data: {path} does not exist. Run `llamalit-prepare data=NAME data.dir={path.parent}` "
-            "(training runs the same preparation in LlamaDataModule.prepare_data)."
-        )
-    try:
-        manifest = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise ValueError(f"{path} is not valid JSON ({err}); delete it and run the preparation again.") from err
-    if not isinstance(manifest, dict):
-        raise ValueError(f"{path}: expected a JSON object, found {type(manifest).__name__}.")
-    _require(path, manifest, "format", str)
-    if manifest["format"] != MANIFEST_FORMAT:
-        raise ValueError(f"{path}: format is {manifest['format']!r}, this reader understands {MANIFEST_FORMAT!r}.")
-    _require(path, manifest, "kind", str)
-    if manifest["kind"] not in ("pretrain", "instruct"):
-        raise ValueError(f"{path}: kind is {manifest['kind']!r}; expected 'pretrain' or 'instruct'.")
-    if manifest["kind"] == "instruct":
-        _require(path, manifest, "seq_len", int)
-        if manifest["seq_len"] < 2:
-            raise ValueError(f"{path}: seq_len {manifest['seq_len']} is too short for an instruct row (>= 2).")
-    _require(path, manifest, "pad_id", int)
-    tok = _require(path, manifest, "tokenizer", dict)
-    _require(path, tok, "vocab_size", int, where="tokenizer")
-    _require(path, manifest, "shards", list)
-    ignore = manifest.get("ignore_index", IGNORE_INDEX)
-    if not isinstance(ignore, int) or isinstance(ignore, bool):
-        raise ValueError(f"{path}: field 'ignore_index' should be int, found {ignore!r}.")
-    for i, shard in enumerate(manifest["shards"]):
-        where = f"shards[{i}]"
-        if not isinstance(shard, dict):
-            raise ValueError(f"{path}: {where} is not an object.")
-        _require(path, shard, "split", str, where=where)
-        _require(path, shard, "tokens", str, where=where)
-        if shard.get("token_dtype", "uint16") not in _TOKEN_DTYPES:
-            raise ValueError(f"{path}: {where}.token_dtype {shard['token_dtype']!r} not one of {_TOKEN_DTYPES}.")
-        if manifest["kind"] == "instruct":
-            _require(path, shard, "labels", str, where=where)
-            _require(path, shard, "rows", int, where=where)
-            if shard.get("label_dtype", "int32") not in _LABEL_DTYPES:
-                raise ValueError(f"{path}: {where}.label_dtype {shard['label_dtype']!r} not one of {_LABEL_DTYPES}.")
-        else:
-            _require(path, shard, "n_tokens", int, where=where)
-    return manifest
-
-
-def _require(path: Path, obj: dict, key: str, kind: type, where: str = "") -> Any:
-    label = f"{where}.{key}" if where else key
-    if key not in obj:
-        raise ValueError(f"{path}: missing field {label!r}; the manifest is malformed, run the preparation again.")
-    value = obj[key]
-    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
-        raise ValueError(f"{path}: field {label!r} should be {kind.__name__}, found {value!r}.")
-    return value
 
 
 def shard_files(manifest: dict[str, Any], root: str | Path, split: str) -> list[ShardFile]:
@@ -167,9 +103,9 @@ class _LazyShards(Dataset):
 
     def _locate(self, index: int, unit: str) -> tuple[int, int, ShardFile]:
         """(shard number, position inside that shard, shard) of a global index; ``_ends``/``_bases`` per subclass."""
-        index = int(index)
-        if not 0 <= index < len(self):
-            raise IndexError(f"{unit} {index} out of range [0, {len(self)})")
+        index, total = int(index), int(self._ends[-1]) if len(self._ends) else 0
+        if not 0 <= index < total:
+            raise IndexError(f"{unit} {index} out of range [0, {total})")
         i = int(np.searchsorted(self._ends, index, side="right"))
         return i, index - int(self._bases[i]), self.shards[i]
 
@@ -260,7 +196,20 @@ class InstructRows(_LazyShards):
         """All rows in shard order (the evaluation pass)."""
         return np.arange(len(self), dtype=np.int64)
 
-    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+    @property
+    def n_rows(self) -> int:
+        """Rows in all shards of the split."""
+        return int(self._ends[-1]) if len(self._ends) else 0
+
+    def label_maps(self) -> list[np.memmap]:
+        """Each shard's labels as a ``(rows, row_len)`` memmap (not kept: for one pass over the split)."""
+        return [_open(s.labels, s.label_dtype, s.n_elements, (s.rows, self.row_len)) for s in self.shards]
+
+    def read_row(self, index: int, n: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """(tokens, labels) of global row ``index`` (its first ``n`` entries), int64, labels -100 where not counted.
+
+        Raises when a token id or a counted label is outside the manifest's vocabulary.
+        """
         i, row, shard = self._locate(index, "row")
         if i not in self._maps:
             shape = (shard.rows, self.row_len)
@@ -269,8 +218,9 @@ class InstructRows(_LazyShards):
                 _open(shard.labels, shard.label_dtype, shard.n_elements, shape),
             )
         tokens_mm, labels_mm = self._maps[i]
-        tokens = np.asarray(tokens_mm[row], dtype=np.int64)
-        labels = np.asarray(labels_mm[row], dtype=np.int64)
+        n = self.row_len if n is None else n
+        tokens = np.asarray(tokens_mm[row, :n], dtype=np.int64)
+        labels = np.asarray(labels_mm[row, :n], dtype=np.int64)
         self._check_ids(tokens, shard, row * self.row_len)
         ignored = labels == self.ignore_index
         if (labels[~ignored] < 0).any() or (labels[~ignored] >= self.vocab_size).any():
@@ -279,4 +229,8 @@ class InstructRows(_LazyShards):
                 f"ignore_index {self.ignore_index}; prepare the shard again."
             )
         labels[ignored] = IGNORE_INDEX
+        return tokens, labels
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        tokens, labels = self.read_row(index)
         return {"input_ids": torch.from_numpy(tokens[:-1]), "labels": torch.from_numpy(labels[1:])}

@@ -1,8 +1,9 @@
 """Data preparation, end to end: source -> JSON files -> tokenizer -> shards -> ``manifest.json``.
 
-:func:`prepare` is what ``llamalit-prepare`` and training call; :func:`load_manifest` is how any
-reader opens the result. The manifest follows CONTRACT.md, plus a ``prepared_from`` record of the
-settings, so a rerun with the same settings returns at once.
+:func:`prepare` is what ``llamalit-prepare`` and training call. :func:`read_manifest` is the one manifest
+reader (it validates every field CONTRACT.md lists; the datasets use it), :func:`load_manifest` adds absolute
+paths and checks the files against it. The manifest follows CONTRACT.md, plus a ``prepared_from`` record of
+the settings, so a rerun with the same settings returns at once.
 """
 
 from __future__ import annotations
@@ -35,6 +36,9 @@ MANIFEST_FORMAT = "llamalit-shards/1"
 TOKENIZER_FILE = "tokenizer.model"
 SYNTHETIC = "synthetic"
 TARBALL_SUFFIXES = (".tar.gz", ".tgz", ".tar", ".tar.bz2", ".tar.xz")
+_TOKEN_DTYPES = ("uint16", "uint32", "int32")  # what readers of the manifest accept
+_LABEL_DTYPES = ("int32", "int64")
+_ITEMSIZE = {"uint16": 2, "uint32": 4, "int32": 4, "int64": 8}
 
 # Settings that decide the shards' content (compared with the manifest's prepared_from).
 _KEYED = ("kind", "format", "source", "sha256", "tokenizer", "tokenizer_sha256", "seq_len", "val_shards",
@@ -48,6 +52,10 @@ _DEFAULTS = {"format": "tinystories", "sha256": None, "tokenizer_sha256": None, 
 
 class ManifestError(ValueError):
     """Prepared data that cannot be used as it is; the message says what to do."""
+
+
+class ManifestMissing(ManifestError, FileNotFoundError):
+    """No ``manifest.json`` where the data should be (also a ``FileNotFoundError``)."""
 
 
 @dataclass
@@ -249,47 +257,108 @@ def prepare(data_cfg: Mapping, cache_dir: str | Path) -> Path:
     return run_prepare(data_cfg, cache_dir).manifest_path
 
 
-def load_manifest(path_or_dir: str | Path, verify: bool = True) -> dict:
-    """Read ``manifest.json`` (or ``<dir>/manifest.json``); paths in it come back absolute.
+def manifest_path(path_or_dir: str | Path) -> Path:
+    """``manifest.json`` inside ``path_or_dir`` when that is a directory (or not a ``.json``), else itself."""
+    path = Path(path_or_dir).expanduser()
+    return path / MANIFEST if path.is_dir() or path.suffix != ".json" else path
 
-    With ``verify``, every shard file must exist with the recorded size and the tokenizer file
+
+def _rerun(path: Path) -> str:
+    return (f"run `llamalit-prepare data=NAME data.dir={path.parent}` (training runs the same preparation in "
+            "LlamaDataModule.prepare_data when shards are missing)")
+
+
+def read_manifest(path_or_dir: str | Path) -> dict:
+    """Load and validate ``manifest.json`` (CONTRACT.md layout), paths as written (relative to its directory).
+
+    Raises :class:`ManifestMissing` (a ``FileNotFoundError``) when there is none and :class:`ManifestError`
+    (a ``ValueError``) naming the file and the field when it is unreadable or malformed.
+    """
+    path = manifest_path(path_or_dir)
+    if not path.is_file():
+        raise ManifestMissing(f"{path} does not exist: no manifest; {_rerun(path)}.")
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as err:
+        raise ManifestError(f"{path}: unreadable manifest, not valid JSON ({err}); delete it and {_rerun(path)}.") \
+            from err
+    if not isinstance(manifest, dict):
+        raise ManifestError(f"{path}: expected a JSON object, found {type(manifest).__name__}; {_rerun(path)}.")
+    _require(path, manifest, "format", str)
+    if manifest["format"] != MANIFEST_FORMAT:
+        raise ManifestError(f"{path}: format is {manifest['format']!r}, this reader understands "
+                            f"{MANIFEST_FORMAT!r}; {_rerun(path)}.")
+    _require(path, manifest, "kind", str)
+    if manifest["kind"] not in ("pretrain", "instruct"):
+        raise ManifestError(f"{path}: kind is {manifest['kind']!r}; expected 'pretrain' or 'instruct'.")
+    instruct = manifest["kind"] == "instruct"
+    if instruct and _require(path, manifest, "seq_len", int) < 2:
+        raise ManifestError(f"{path}: seq_len {manifest['seq_len']} is too short for an instruct row (>= 2).")
+    manifest.setdefault("seq_len", None)
+    _require(path, manifest, "pad_id", int)
+    _require(path, _require(path, manifest, "tokenizer", dict), "vocab_size", int, where="tokenizer")
+    ignore = manifest.setdefault("ignore_index", IGNORE_INDEX)
+    if not isinstance(ignore, int) or isinstance(ignore, bool):
+        raise ManifestError(f"{path}: field 'ignore_index' should be int, found {ignore!r}.")
+    for i, shard in enumerate(_require(path, manifest, "shards", list)):
+        where = f"shards[{i}]"
+        if not isinstance(shard, dict):
+            raise ManifestError(f"{path}: {where} is not an object.")
+        _require(path, shard, "split", str, where=where)
+        _require(path, shard, "tokens", str, where=where)
+        if shard.setdefault("token_dtype", TOKEN_DTYPE) not in _TOKEN_DTYPES:
+            raise ManifestError(f"{path}: {where}.token_dtype {shard['token_dtype']!r} not one of {_TOKEN_DTYPES}.")
+        if instruct:
+            _require(path, shard, "labels", str, where=where)
+            _require(path, shard, "rows", int, where=where)
+            if shard.setdefault("label_dtype", LABEL_DTYPE) not in _LABEL_DTYPES:
+                raise ManifestError(f"{path}: {where}.label_dtype {shard['label_dtype']!r} not one of "
+                                    f"{_LABEL_DTYPES}.")
+        else:
+            _require(path, shard, "n_tokens", int, where=where)
+    return manifest
+
+
+
+def _require(path: Path, obj: dict, key: str, kind: type, where: str = ""):
+    label = f"{where}.{key}" if where else key
+    if key not in obj:
+        raise ManifestError(f"{path}: missing field {label!r}; the manifest is malformed, {_rerun(path)}.")
+    value = obj[key]
+    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+        raise ManifestError(f"{path}: field {label!r} should be {kind.__name__}, found {value!r}.")
+    return value
+
+
+def load_manifest(path_or_dir: str | Path, verify: bool = True) -> dict:
+    """:func:`read_manifest` with absolute paths (and ``dir``, the manifest's directory).
+
+    With ``verify``, every shard file must exist with the size the manifest implies and the tokenizer file
     must have the recorded sha256; otherwise :class:`ManifestError` says what to do.
     """
-    path = Path(path_or_dir).expanduser()
-    if path.is_dir() or path.suffix != ".json":
-        path = path / MANIFEST
-    rerun = f"run `llamalit-prepare data=NAME data.dir={path.parent}` (training does it when shards are missing)"
-    try:
-        manifest = json.loads(path.read_text())
-    except FileNotFoundError as e:
-        raise ManifestError(f"{path}: no manifest; {rerun}") from e
-    except (OSError, ValueError) as e:
-        raise ManifestError(f"{path}: unreadable manifest ({e}); delete it and {rerun}") from e
-    if not isinstance(manifest, dict) or manifest.get("format") != MANIFEST_FORMAT:
-        got = manifest.get("format") if isinstance(manifest, dict) else type(manifest).__name__
-        raise ManifestError(f"{path}: format {got!r}, expected {MANIFEST_FORMAT!r}; {rerun}")
-    missing = [k for k in ("kind", "seq_len", "ignore_index", "pad_id", "tokenizer", "shards") if k not in manifest]
-    if missing:
-        raise ManifestError(f"{path}: missing keys {missing}; {rerun}")
+    manifest = read_manifest(path_or_dir)
+    path = manifest_path(path_or_dir)
     root = path.parent
     manifest["dir"] = str(root)
     tok = manifest["tokenizer"]
-    tok["path"] = str(root / tok["path"])
-    item = {"token_dtype": 2, "label_dtype": 4}
+    tok["path"] = str(root / tok["path"]) if tok.get("path") else None
+    instruct = manifest["kind"] == "instruct"
     for shard in manifest["shards"]:
+        elements = shard["rows"] * manifest["seq_len"] if instruct else shard["n_tokens"]
         for key, dtype_key in (("tokens", "token_dtype"), ("labels", "label_dtype")):
             if shard.get(key) is None:
                 continue
             shard[key] = str(root / shard[key])
-            expected = shard["n_tokens"] * item[dtype_key]
+            expected = elements * _ITEMSIZE[shard[dtype_key]]
             if verify and (not Path(shard[key]).is_file() or Path(shard[key]).stat().st_size != expected):
-                raise ManifestError(f"{shard[key]}: missing or not {expected} bytes as the manifest says; {rerun}")
+                raise ManifestError(f"{shard[key]}: missing or not {expected} bytes as the manifest says; "
+                                    f"{_rerun(path)}")
     if verify:
-        if not Path(tok["path"]).is_file():
-            raise ManifestError(f"{tok['path']}: the tokenizer of these shards is missing; {rerun}")
-        if (digest := sha256_file(tok["path"])) != tok["sha256"]:
-            raise ManifestError(f"{tok['path']}: sha256 {digest} differs from the manifest's {tok['sha256']}: the "
-                                f"shards were made with another tokenizer. Restore it, or {rerun}")
+        if tok["path"] is None or not Path(tok["path"]).is_file():
+            raise ManifestError(f"{tok['path']}: the tokenizer of these shards is missing; {_rerun(path)}")
+        if (digest := sha256_file(tok["path"])) != tok.get("sha256"):
+            raise ManifestError(f"{tok['path']}: sha256 {digest} differs from the manifest's {tok.get('sha256')}: "
+                                f"the shards were made with another tokenizer. Restore it, or {_rerun(path)}")
     return manifest
 
 
@@ -303,5 +372,6 @@ def verify_tokenizer(manifest: Mapping, tokenizer: Tokenizer | str | Path) -> No
                              f"({manifest['tokenizer']['path']}) or prepare the data again with this one")
 
 
-__all__ = ["prepare", "run_prepare", "load_manifest", "verify_tokenizer", "data_settings", "PrepareResult",
-           "ManifestError", "LABEL_DTYPE", "TOKEN_DTYPE"]
+__all__ = ["prepare", "run_prepare", "read_manifest", "load_manifest", "manifest_path", "verify_tokenizer",
+           "data_settings", "PrepareResult", "ManifestError", "ManifestMissing", "MANIFEST", "MANIFEST_FORMAT",
+           "LABEL_DTYPE", "TOKEN_DTYPE"]

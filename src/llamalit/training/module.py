@@ -33,16 +33,18 @@ def set_max_seq_len(model: Llama, max_seq_len: int) -> None:
 def build_model(cfg: Mapping) -> Llama:
     """The model a run trains: ``init_from`` loaded (or ``cfg['model']`` at random init), then LoRA if enabled."""
     model_cfg = ModelConfig.from_dict(cfg["model"])
+    if cfg.get("quantize") and not cfg.get("init_from"):
+        raise ValueError(f"quantize={cfg['quantize']} needs a pretrained base: set init_from=DIR")
     if cfg.get("init_from"):
         from llamalit.checkpoints import load_checkpoint
+        from llamalit.checkpoints.merged import load_base
 
-        model = load_checkpoint(cfg["init_from"])
+        # A base to quantize is read straight into bf16 (one copy: ~14 GB for 7B, not float32's ~27 GB).
+        model = load_base(cfg["init_from"]).train() if cfg.get("quantize") else load_checkpoint(cfg["init_from"])
         set_max_seq_len(model, max(model.cfg.max_seq_len, model_cfg.max_seq_len))
     else:
         model = Llama(model_cfg)
     if cfg.get("quantize"):
-        if not cfg.get("init_from"):
-            raise ValueError(f"quantize={cfg['quantize']} needs a pretrained base: set init_from=DIR")
         from llamalit.quantize import quantize_linears
 
         quantize_linears(model, kind=cfg["quantize"])
@@ -234,7 +236,9 @@ def frozen_base_keys(module: LlamaLitModule) -> set[str]:
     cfg = module.cfg
     if not ((cfg.get("lora") or {}).get("enabled") and cfg.get("init_from")):
         return set()
-    return {f"model.{n}" for n, p in module.model.named_parameters(remove_duplicate=False) if not p.requires_grad}
+    trainable = {f"model.{n}" for n, p in module.model.named_parameters(remove_duplicate=False) if p.requires_grad}
+    # every other entry, 4-bit bases' quantization state (absmax, quant_map, ...) included
+    return {k for k in module.state_dict() if k.startswith("model.") and k not in trainable}
 
 
 def rng_states() -> dict:

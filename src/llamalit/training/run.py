@@ -201,6 +201,14 @@ def finish_run(cfg: DictConfig, resolved: dict, trainer: L.Trainer, module: Llam
     files = {}
     if trainer.is_global_zero:
         files = export_weights(module, run_dir, dm.tokenizer_path, resolved)
+        if (cfg.get("export") or {}).get("merged_hf") and (cfg.get("lora") or {}).get("enabled") \
+                and cfg.get("init_from"):  # the QLoRA guide's merge_and_unload: a plain HF model to ship
+            from llamalit.checkpoints.merged import export_merged_hf
+            from llamalit.lora import LoraConfig, lora_state_dict
+
+            files["merged_hf"] = str(export_merged_hf(
+                cfg.init_from, lora_state_dict(module.model), LoraConfig.from_dict(resolved["lora"]),
+                run_dir / "merged_hf", tokenizer=dm.tokenizer_path))
         if cfg.get("export_dir") and not trainer.fast_dev_run:  # a smoke run does not replace the shared model
             copy_export(files, Path(str(cfg.export_dir)).expanduser())
     adherence = None

@@ -1,0 +1,82 @@
+"""The ``merge_and_unload`` step of QLoRA: fold a trained adapter into a fresh reload of its base, save as HF.
+
+A QLoRA run trains adapters on a 4-bit base, and 4-bit weights cannot take the update (merging
+would re-quantize it away). So the base is read again in ``dtype`` (bf16 by default, as the QLoRA
+guide does), the same LoRA layers are applied, the adapter tensors loaded and merged, and the
+result written as a Hugging Face directory that ``transformers`` (and ``load_checkpoint``) read.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+
+from llamalit.checkpoints import hf
+from llamalit.checkpoints.llama2c import CheckpointError
+from llamalit.fileio import _UMASK
+from llamalit.model import Llama
+
+
+def load_base(base: str | Path, dtype: torch.dtype = torch.bfloat16) -> Llama:
+    """The base model in ``dtype`` on the CPU: HF directories straight into ``dtype`` (one copy in memory),
+    any other format through ``load_checkpoint`` (float32, then cast)."""
+    from llamalit.checkpoints.detect import fetch, load_checkpoint
+
+    path = fetch(base)
+    if hf.is_hf_dir(path):
+        return hf.load_hf(path, dtype=dtype).eval()
+    return load_checkpoint(path).to(dtype).eval()
+
+
+def _replace_dir(tmp: Path, out_dir: Path) -> None:
+    """Rename ``tmp`` onto ``out_dir``; an earlier export there is replaced only once the new one is complete."""
+    if not out_dir.exists():
+        os.replace(tmp, out_dir)
+        return
+    old = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.old-"))
+    os.replace(out_dir, old / out_dir.name)
+    os.replace(tmp, out_dir)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def export_merged_hf(base: str | Path, adapter_sd: dict[str, torch.Tensor], lora_cfg, out_dir: str | Path,
+                     dtype: torch.dtype = torch.bfloat16, tokenizer: str | Path | None = None) -> Path:
+    """Merge ``adapter_sd`` (``lora_state_dict`` of a LoRA or QLoRA model) into ``base`` and save an HF dir.
+
+    ``base``: the checkpoint the adapter was trained on (an HF directory, or anything
+    ``load_checkpoint`` reads), reloaded unquantized in ``dtype``; ``lora_cfg``: the ``LoraConfig``
+    it was trained with. ``tokenizer``: copied into the export (default: the base's
+    ``tokenizer.model`` if it has one). ``out_dir`` appears complete or not at all (written beside
+    it, then renamed); an earlier export there is replaced, any other non-empty directory refused.
+    Returns ``out_dir``.
+    """
+    from llamalit.checkpoints.detect import find_tokenizer
+    from llamalit.lora import apply_lora, load_lora_state_dict, merge_lora
+
+    out_dir = Path(out_dir).expanduser()
+    if out_dir.exists() and not (out_dir.is_dir() and (not any(out_dir.iterdir()) or hf.is_hf_dir(out_dir))):
+        raise FileExistsError(f"export_merged_hf: {out_dir} exists and is not an earlier Hugging Face export; "
+                              "choose a new or empty directory")
+    model = load_base(base, dtype)
+    apply_lora(model, lora_cfg)
+    try:
+        load_lora_state_dict(model, adapter_sd)
+    except ValueError as e:
+        raise CheckpointError(f"export_merged_hf: the adapter does not fit base {base} with {lora_cfg}: {e}") from e
+    merge_lora(model)
+    if tokenizer is None and Path(str(base)).expanduser().is_dir():
+        tokenizer = find_tokenizer(Path(str(base)).expanduser())
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.tmp-"))
+    try:
+        hf.save_hf(model, tmp, tokenizer=tokenizer, dtype=dtype)
+        os.chmod(tmp, 0o777 & ~_UMASK)  # mkdtemp makes 0700; an export is shared like any directory
+        _replace_dir(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out_dir
