@@ -7,6 +7,9 @@ Variants (tokens/s of new tokens, prompt = [BOS]):
   kv_generic  ours: KV cache through the ordinary ``Llama.hidden`` forward (what decode_step replaces)
   recompute   ours: the whole prefix through the model for every new token, no cache
   hf          transformers ``LlamaForCausalLM.generate`` on the same weights (greedy, use_cache=True)
+  run_c       with ``--run-c PATH``: llama2.c's ``run.c`` compiled here like ``make runfast``
+              (``gcc -Ofast -march=native``), on the same weights exported as a llama2.c ``.bin``,
+              1 thread, greedy; its own "achieved tok/s" (timed from its second token) is reported
   static      CUDA only: one-token step with static shapes (full-cache masked attention)
   cudagraph   CUDA only: ``static`` captured once in a CUDA graph and replayed per token
   compile     CUDA only: ``torch.compile(static, mode="reduce-overhead")``
@@ -24,7 +27,13 @@ import datetime
 import functools
 import os
 import platform
+import re
+import shutil
+import statistics
+import struct
+import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -167,6 +176,39 @@ def run_static(model: Llama, tokens: int, mode: str) -> list[int]:
     return ids.tolist()
 
 
+class RunC:
+    """llama2.c's ``run.c`` built in a temp dir, with the model as a legacy ``.bin`` and a dummy tokenizer."""
+
+    def __init__(self, source: str, model: Llama, cflags: str = "-Ofast -march=native"):
+        from llamalit.checkpoints.llama2c import save_llama2c_bin
+
+        cc = os.environ.get("CC") or shutil.which("gcc") or shutil.which("cc")
+        if not cc:
+            raise RuntimeError("--run-c needs a C compiler (gcc or $CC)")
+        self.dir = tempfile.mkdtemp(prefix="bench_run_c_")
+        self.exe, self.bin, self.tok = (os.path.join(self.dir, n) for n in ("run", "model.bin", "tok.bin"))
+        subprocess.run([cc, *cflags.split(), "-o", self.exe, source, "-lm"], check=True, capture_output=True)
+        save_llama2c_bin(model, self.bin, version=0)
+        with open(self.tok, "wb") as f:  # run.c reads vocab_size (score, length, bytes) entries
+            f.write(struct.pack("<i", 8))
+            for i in range(model.cfg.vocab_size):
+                piece = f"t{i}".encode()
+                f.write(struct.pack("<fi", 0.0, len(piece)) + piece)
+
+    def run(self, tokens: int) -> float:
+        """Seconds for ``tokens`` new tokens at run.c's own achieved tok/s."""
+        done = subprocess.run([self.exe, self.bin, "-t", "0", "-n", str(tokens + 1), "-z", self.tok],
+                              capture_output=True, text=True, check=True,
+                              env={**os.environ, "OMP_NUM_THREADS": "1"})
+        found = re.search(r"achieved tok/s: ([0-9.]+)", done.stderr)
+        if not found:
+            raise RuntimeError(f"run.c printed no tok/s: {done.stderr[-300:]}")
+        return tokens / float(found.group(1))
+
+    def close(self) -> None:
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
 def timed(fn: Callable[[], list[int]], device: str) -> tuple[float, list[int]]:
     _sync(device)
     t0 = time.perf_counter()
@@ -176,7 +218,7 @@ def timed(fn: Callable[[], list[int]], device: str) -> tuple[float, list[int]]:
 
 
 def bench_one(shape: str, device: str, threads: int, tokens: int, variants: list[str],
-              repeats: int = 1) -> list[dict]:
+              repeats: int = 1, run_c: str | None = None) -> list[dict]:
     """Rows of one (shape, device, threads) group; the repeats go round-robin over the variants
     (a burst of load on a shared machine then hits every variant alike) and the fastest counts."""
     if device == "cpu":
@@ -185,6 +227,9 @@ def bench_one(shape: str, device: str, threads: int, tokens: int, variants: list
     hf = build_hf(model) if "hf" in variants else None
     # its own copy: switching one model between layouts would rebuild its decode weights every run
     torch_model = copy.deepcopy(model) if "kv_torch" in variants else None
+    if run_c and device == "cpu" and threads == 1:
+        variants = [*variants, "run_c"]
+    runner = RunC(run_c, model) if "run_c" in variants else None
     fns: dict[str, Callable[[int], list[int]]] = {
         "kv": lambda n: generate(model, [1], n, temperature=0.0),
         "kv_torch": lambda n: run_kv_torch(torch_model, n),
@@ -194,8 +239,10 @@ def bench_one(shape: str, device: str, threads: int, tokens: int, variants: list
         "static": lambda n: run_static(model, n, "eager"),
         "cudagraph": lambda n: run_static(model, n, "cudagraph"),
         "compile": lambda n: run_static(model, n, "compile"),
+        "run_c": lambda n: runner.run(n),
     }
-    runs: dict[str, list[tuple[float, list[int]]]] = {name: [] for name in variants}
+    load_before = os.getloadavg()[0]  # other processes on the machine: the noise of this group
+    runs: dict[str, list[tuple[float, list[int] | None]]] = {name: [] for name in variants}
     errors: dict[str, str] = {}
     for r in range(repeats):
         for name in variants:
@@ -204,9 +251,15 @@ def bench_one(shape: str, device: str, threads: int, tokens: int, variants: list
             try:
                 if r == 0:
                     fns[name](8 if name != "compile" else tokens)  # warm-up (compile: also traces)
-                runs[name].append(timed(functools.partial(fns[name], tokens), device))
+                if name == "run_c":
+                    runs[name].append((runner.run(tokens), None))
+                else:
+                    runs[name].append(timed(functools.partial(fns[name], tokens), device))
             except Exception as e:  # record and go on: one failing variant should not lose the table
                 errors[name] = f"{type(e).__name__}: {e}"[:300]
+    if runner is not None:
+        runner.close()
+    load = (round(load_before, 2), round(os.getloadavg()[0], 2))
     rows, ref = [], None
     for name in variants:
         row = dict(shape=shape, device=device, threads=threads if device == "cpu" else None,
@@ -221,7 +274,9 @@ def bench_one(shape: str, device: str, threads: int, tokens: int, variants: list
                 row.update(kernel=weights is not None and weights.kernel is not None)
             row.update(seconds=round(seconds, 4), tok_s=round(tokens / seconds, 1), repeats=repeats,
                        all_tok_s=[round(tokens / run[0], 1) for run in runs[name]],
-                       match=None if ref is None or name == "kv" else ids == ref,
+                       median_tok_s=round(tokens / statistics.median(run[0] for run in runs[name]), 1),
+                       load_avg_1min=load,
+                       match=None if ref is None or ids is None or name == "kv" else ids == ref,
                        repeats_agree=all(run[1] == ids for run in runs[name]))
         rows.append(row)
         print(_fmt(row), flush=True)
@@ -230,7 +285,8 @@ def bench_one(shape: str, device: str, threads: int, tokens: int, variants: list
 
 def _fmt(row: dict) -> str:
     where = row["device"] + (f" x{row['threads']}" if row["threads"] else "")
-    speed = f"{row['tok_s']:>9.1f}" if row.get("tok_s") else "   failed"
+    speed = (f"{row['tok_s']:>9.1f} | {row['median_tok_s']:>9.1f}" if row.get("tok_s")
+             else "   failed |          ")
     extra = row.get("error") or ("" if row.get("match") is None else f"ids match kv: {row['match']}")
     if "kernel" in row:
         extra = f"compiled kernel: {row['kernel']}"
@@ -244,9 +300,12 @@ def summary(rows: list[dict]) -> list[str]:
     for key in sorted(groups, key=str):
         speed = {r["variant"]: r.get("tok_s") for r in rows if (r["shape"], r["device"], r["threads"]) == key}
         kv = speed.get("kv")
-        parts = [f"{v}: {kv / speed[v]:.1f}x" for v in ("recompute", "hf", "kv_torch", "kv_generic")
+        parts = [f"{v}: {kv / speed[v]:.2f}x" for v in ("run_c", "recompute", "hf", "kv_torch", "kv_generic")
                  if kv and speed.get(v)]
-        lines.append(f"{key[0]} {key[1]} threads={key[2]}: kv vs " + ", ".join(parts))
+        load = next((r.get("load_avg_1min") for r in rows if (r["shape"], r["device"], r["threads"]) == key
+                     and r.get("load_avg_1min")), None)
+        lines.append(f"{key[0]} {key[1]} threads={key[2]}: kv vs " + ", ".join(parts)
+                     + (f" (load average {load[0]} -> {load[1]})" if load else ""))
     return lines
 
 
@@ -260,6 +319,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--repeats", type=int, default=1, help="timed runs per variant; the fastest counts")
     p.add_argument("--quick", action="store_true", help="32 tokens, stories15m only, 1 thread")
     p.add_argument("--json", default=None, help="write the rows and run details to this JSON file")
+    p.add_argument("--run-c", default=None, metavar="PATH",
+                   help="llama2.c run.c source: adds the run_c variant (CPU, 1 thread)")
     args = p.parse_args(argv)
     if args.quick:
         args.tokens, args.shapes, args.threads = 32, "stories15m", "1"
@@ -270,7 +331,7 @@ def main(argv: list[str] | None = None) -> None:
 
     print(f"torch {torch.__version__}, {platform.processor() or platform.machine()}, {all_threads} cores, "
           f"{args.tokens} new tokens, batch 1, greedy, fp32")
-    print("| shape       | where    | variant    |     tok/s | |")
+    print("| shape       | where    | variant    | best tok/s | median |   |")
     rows = []
     for device in devices:
         names = CPU_VARIANTS if device == "cpu" else CUDA_VARIANTS
@@ -278,7 +339,7 @@ def main(argv: list[str] | None = None) -> None:
             names = [v for v in args.variants.split(",") if v in names]
         for shape in args.shapes.split(","):
             for t in threads if device == "cpu" else [0]:
-                rows += bench_one(shape, device, t, args.tokens, list(names), args.repeats)
+                rows += bench_one(shape, device, t, args.tokens, list(names), args.repeats, args.run_c)
     lines = summary(rows)
     print("\n".join(lines))
     if args.json:

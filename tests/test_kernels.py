@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import logging
 import os
 import time
@@ -31,8 +32,8 @@ def fresh_loader():
     load_decode_kernel.cache_clear()
 
 
-def _model(n_heads: int = 4, n_kv_heads: int = 2, tie: bool = True) -> Llama:
-    cfg = ModelConfig(dim=32, n_layers=2, n_heads=n_heads, n_kv_heads=n_kv_heads, vocab_size=97,
+def _model(n_heads: int = 4, n_kv_heads: int = 2, tie: bool = True, dim: int = 32) -> Llama:
+    cfg = ModelConfig(dim=dim, n_layers=2, n_heads=n_heads, n_kv_heads=n_kv_heads, vocab_size=97,
                       multiple_of=8, max_seq_len=64, tie_embeddings=tie)
     torch.manual_seed(0)
     model = Llama(cfg).eval()
@@ -76,12 +77,16 @@ def test_gemv_threads_agree(lib) -> None:
         torch.set_num_threads(old)
 
 
-@pytest.mark.parametrize("n_heads, n_kv_heads, tie", [(4, 4, True), (4, 2, False)], ids=["mha", "gqa"])
-def test_kernel_step_matches_forward_and_torch_path(lib, n_heads: int, n_kv_heads: int, tie: bool) -> None:
-    model = _model(n_heads, n_kv_heads, tie)
-    tokens = torch.randint(0, 97, (2, 16), generator=torch.Generator().manual_seed(2))
+# head sizes 8 (plain loops), 48 (stories15M) and 16 (vector paths); 40 positions: 3 softmax chunks
+@pytest.mark.parametrize("n_heads, n_kv_heads, tie, dim, length", [
+    (4, 4, True, 32, 16), (4, 2, False, 32, 16), (2, 2, True, 96, 40), (4, 2, False, 64, 40)],
+    ids=["mha", "gqa", "hd48", "hd16-gqa"])
+def test_kernel_step_matches_forward_and_torch_path(lib, n_heads: int, n_kv_heads: int, tie: bool, dim: int,
+                                                    length: int) -> None:
+    model = _model(n_heads, n_kv_heads, tie, dim)
+    tokens = torch.randint(0, 97, (2, length), generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
-        full = model(tokens)
+        full, exact = model(tokens), copy.deepcopy(model).double()(tokens)
     torch_path = model.decode_weights(kernel=False)
     assert torch_path.kernel is None
     fast = model.decode_weights(kernel=True)
@@ -92,18 +97,84 @@ def test_kernel_step_matches_forward_and_torch_path(lib, n_heads: int, n_kv_head
         with torch.no_grad():
             model.hidden(tokens[:, :4], 0, caches)
             outs[name] = torch.stack([model.decode_step(tokens[:, p:p + 1], p, caches, weights)
-                                      for p in range(4, 16)], dim=1)
+                                      for p in range(4, length)], dim=1)
         if name == "kernel":  # the kernel wrote the same keys and values the forward would
             ref = model.new_caches(2)
             with torch.no_grad():
                 model.hidden(tokens, 0, ref)
-            for c, r in zip(caches, ref):
-                torch.testing.assert_close(c.k, r.k, atol=1e-5, rtol=1e-5)
-                torch.testing.assert_close(c.v, r.v, atol=1e-5, rtol=1e-5)
-    tol = 1e-5 * float(full.abs().max())  # fp32 rounding relative to the logits' scale
-    torch.testing.assert_close(outs["kernel"], full[:, 4:], atol=tol, rtol=1e-5)
-    torch.testing.assert_close(outs["kernel"], outs["torch"], atol=tol, rtol=1e-5)
+            for c, r in zip(caches, ref):  # fp32 rounding relative to the cache's scale (the PyTorch
+                for got, want in ((c.k, r.k), (c.v, r.v)):  # step differs as much: ~5e-5 at dim 96)
+                    torch.testing.assert_close(got, want, atol=1e-5 * float(want.abs().max()), rtol=1e-5)
+    # fp32 rounding relative to the logits' scale: both decode paths within 1e-5 of float64 (the fp32
+    # forward itself is ~1e-5 off at dim 96, the kernel ~4e-6), so within 2e-5 of the fp32 forward
+    tol = 1e-5 * float(full.abs().max())
+    for got in (outs["kernel"], outs["torch"]):
+        assert (got.double() - exact[:, 4:]).abs().max() <= tol
+    torch.testing.assert_close(outs["kernel"], full[:, 4:], atol=2 * tol, rtol=1e-5)
+    torch.testing.assert_close(outs["kernel"], outs["torch"], atol=2 * tol, rtol=1e-5)
     assert torch.equal(outs["kernel"].argmax(-1), full[:, 4:].argmax(-1))
+
+
+def test_vector_exp_matches_float64(lib) -> None:
+    x = torch.cat([torch.linspace(-100, 100, 20001), torch.tensor([-87.3, 88.7, 1e-7, -1e-7])])
+    got, exact = kernels.vexp(x).double(), x.double().exp()
+    normal = (exact >= torch.finfo(torch.float32).tiny) & (exact <= torch.finfo(torch.float32).max)
+    assert ((got - exact).abs() <= 2 * 2.0**-24 * exact)[normal].all()  # within 2 ulp (SLEEF: 1)
+    assert (got[exact < torch.finfo(torch.float32).tiny] == 0).all()  # flushed to zero, never garbage
+    assert torch.isinf(got[exact > torch.finfo(torch.float32).max]).all()
+    special = kernels.vexp(torch.tensor([float("-inf"), float("inf"), float("nan"), 0.0]))
+    assert special[0] == 0 and special[1] == float("inf") and special[2].isnan() and special[3] == 1
+    assert torch.equal(kernels.vexp(x[:21]), kernels.vexp(x[:37])[:21])  # the scalar tail, same values
+
+
+def test_packed_weights_sit_in_one_aligned_arena(lib) -> None:
+    model = _model(dim=64)
+    kern = model.decode_weights().kernel
+    assert kern.arena.data_ptr() % kernels.HUGE_PAGE == 0
+    first = model.layers[0].attention
+    wqkv = torch.cat([first.wq.weight, first.wk.weight, first.wv.weight])
+    packed = pack_rows(wqkv).view(-1)
+    assert torch.equal(kern.arena[:packed.numel()], packed)  # layer 0's qkv first: the order read
+    head = pack_rows(model.output.weight).view(-1)
+    assert torch.equal(kern.arena[-head.numel():], head)  # the output head last
+    print(f"packed weights on transparent huge pages: {kern.huge_pages()}")
+
+
+def test_streamed_output_head_gives_the_same_logits(lib) -> None:
+    """Non-temporal prefetches of the head change where its lines are cached, never a value."""
+    model = _model(n_kv_heads=4)
+    layers = [(b.attention_norm.weight, torch.cat([b.attention.wq.weight, b.attention.wk.weight,
+                                                    b.attention.wv.weight]), b.attention.wo.weight,
+               b.ffn_norm.weight, torch.cat([b.feed_forward.w1.weight, b.feed_forward.w3.weight]),
+               b.feed_forward.w2.weight) for b in model.layers]
+    cfg, logits = model.cfg, []
+    for stream in (False, True):
+        kern = kernels.DecodeKernel(lib, dim=cfg.dim, hidden=cfg.hidden_dim, n_heads=cfg.n_heads,
+                                    n_kv_heads=cfg.n_kv_heads, eps=cfg.norm_eps,
+                                    embedding=model.tok_embeddings.weight, layers=layers, norm=model.norm.weight,
+                                    output=model.output.weight, cos=model.freqs_cos, sin=model.freqs_sin,
+                                    stream_output=stream)
+        caches = model.new_caches(1)
+        logits.append(torch.stack([kern.step(torch.tensor([t]), p, caches) for p, t in enumerate([1, 5, 9])]))
+    assert torch.equal(logits[0], logits[1])
+
+
+def test_kernel_follows_new_caches(lib) -> None:
+    """The pointers bound for one set of caches must not be reused for another."""
+    model = _model()
+    weights = model.decode_weights()
+    first, second = model.new_caches(1), model.new_caches(1)
+    tok = torch.tensor([3])
+    a = weights.kernel.step(tok, 0, first)
+    b = weights.kernel.step(tok, 0, second)
+    assert torch.equal(a, b) and first[0].k[0, :, 0].abs().sum() > 0
+    torch.testing.assert_close(second[1].k, first[1].k, atol=0, rtol=0)
+    first[0].k = torch.zeros_like(first[0].k)  # a new tensor in an old cache: rebound, written
+    weights.kernel.step(tok, 0, first)
+    assert torch.equal(first[0].k, second[0].k)
+    assert weights.kernel.try_step(tok, 0, model.new_caches(1, dtype=torch.float64)) is None
+    with pytest.raises(ValueError, match="caches do not fit the decode kernel"):
+        weights.kernel.step(tok, 0, model.new_caches(1)[:1])
 
 
 def test_env_switch_turns_the_kernel_off(lib, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -338,7 +338,6 @@ class Llama(nn.Module):
             self.__dict__["_decode_weights"] = cached  # a plain attribute: not in state_dict
         return cached
 
-    @torch.no_grad()
     def decode_step(self, tokens: torch.Tensor, pos: int, caches: list[KVCache],
                     weights: DecodeWeights | None = None) -> torch.Tensor:
         """Logits (B, vocab) of one new token per row (B, 1) at position ``pos``, appending to caches.
@@ -349,14 +348,18 @@ class Llama(nn.Module):
         """
         if weights is None:
             weights = self.decode_weights()
-        if (weights is None or self.training or tokens.shape[1] != 1
-                or (weights.kernel is not None and not weights.kernel.accepts(caches))):
-            return self.output(self.hidden(tokens, pos, caches)[:, -1])
-        if pos >= self.cfg.max_seq_len:
+        fast = weights is not None and not self.training and tokens.shape[1] == 1
+        if fast and pos >= self.cfg.max_seq_len:
             raise ValueError(f"position {pos} is past max_seq_len={self.cfg.max_seq_len}")
-        if weights.kernel is not None:
-            return weights.kernel.step(tokens[:, 0], pos, caches)
-        return weights.step(tokens[:, 0], pos, caches)
+        if fast and weights.kernel is not None:  # no autograd here: no grad-mode switch per token
+            logits = weights.kernel.try_step(tokens[:, 0], pos, caches)
+            if logits is not None:
+                return logits
+            fast = False  # caches the kernel cannot use (e.g. another dtype): the ordinary forward
+        with torch.no_grad():
+            if not fast:
+                return self.output(self.hidden(tokens, pos, caches)[:, -1])
+            return weights.step(tokens[:, 0], pos, caches)
 
     def num_params(self, trainable_only: bool = False) -> int:
         return sum(p.numel() for p in self.parameters() if p.requires_grad or not trainable_only)

@@ -1,7 +1,8 @@
 """A C++ CPU kernel for one-token fp32 decoding, compiled on first use and called through ctypes.
 
 ``decode_cpu.cpp`` runs a whole :meth:`llamalit.model.Llama.decode_step` (embedding to logits) on
-weights packed by :func:`pack_rows`, streaming each matrix once at close to memory bandwidth. It is
+weights packed by :func:`pack_rows` into one arena on transparent huge pages (:func:`huge_page_arena`),
+streaming each matrix once at close to memory bandwidth. It is
 built with the system C++ compiler (``$CXX``, else ``c++``; ``-O3 -march=native -fopenmp``, under a
 second on the dev CPU) into ``$LLAMALIT_KERNEL_DIR`` (default ``~/.cache/llamalit/kernels``), one
 file per source, flags, compiler and CPU. No compiler, or a failed build: :func:`load_decode_kernel`
@@ -29,7 +30,7 @@ log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("decode_cpu.cpp")
 PANEL = 64  # rows per packed panel; PANEL in decode_cpu.cpp
-ABI_VERSION = 1  # llk_abi_version() in decode_cpu.cpp
+ABI_VERSION = 3  # llk_abi_version() in decode_cpu.cpp
 ENV_SWITCH = "LLAMALIT_DECODE_KERNEL"
 _FLAGS = ["-O3", "-march=native", "-fopenmp-simd", "-fno-math-errno", "-shared", "-fPIC", "-std=c++17"]
 _P = ctypes.POINTER
@@ -112,8 +113,14 @@ def load_decode_kernel() -> ctypes.CDLL | None:
         return None
     lib.llk_gemv.argtypes = [_f32p, _i64, _i64, _f32p, _i64, _f32p, ctypes.c_int, ctypes.c_int]
     lib.llk_gemv.restype = None
-    lib.llk_step.argtypes = [_P(_Model), _P(_i64), _i64, _i64, _P(_f32p), _P(_f32p), _f32p, ctypes.c_int]
+    # plain addresses (ints): the per-token call converts no ctypes objects
+    _vp = ctypes.c_void_p
+    lib.llk_step.argtypes = [_vp, _vp, _i64, _i64, _vp, _vp, _vp, ctypes.c_int]
     lib.llk_step.restype = None
+    lib.llk_exp.argtypes = [_vp, _i64, _vp]
+    lib.llk_exp.restype = None
+    lib.llk_advise_huge.argtypes = [_vp, _i64]
+    lib.llk_advise_huge.restype = ctypes.c_int
     return lib
 
 
@@ -123,7 +130,7 @@ class _Model(ctypes.Structure):
     _fields_ = [(name, _i64) for name in ("dim", "hidden", "n_layers", "n_heads", "n_kv_heads", "head_dim",
                                           "vocab", "max_seq_len")] + [
         ("eps", ctypes.c_float), ("embedding", _f32p), ("layers", _P(_f32p)), ("norm", _f32p),
-        ("output", _f32p), ("cos", _f32p), ("sin", _f32p)]
+        ("output", _f32p), ("cos", _f32p), ("sin", _f32p), ("stream_output", _i64)]
 
 
 def _ptr(t: torch.Tensor) -> ctypes._Pointer:
@@ -152,54 +159,146 @@ def gemv(x: torch.Tensor, packed: torch.Tensor, rows: int) -> torch.Tensor:
     return y
 
 
+STREAM_OUTPUT_BYTES = 8 << 20  # output heads this large are read with non-temporal prefetches
+HUGE_PAGE = 2 << 20  # bytes: a transparent huge page on x86-64 / most arm64 kernels
+
+
+def huge_page_arena(numel: int, lib: ctypes.CDLL | None = None) -> torch.Tensor:
+    """An uninitialised float32 buffer of ``numel`` starting on a 2 MiB boundary, advised for huge pages.
+
+    Must be filled after this call (the advice applies to pages not yet touched). ``lib`` is the
+    kernel library (for ``llk_advise_huge``); without it, or where the OS refuses, plain pages.
+    """
+    span = -(-numel * 4 // HUGE_PAGE) * HUGE_PAGE
+    buf = torch.empty((span + HUGE_PAGE) // 4)
+    start = (-buf.data_ptr() % HUGE_PAGE) // 4
+    if lib is not None:
+        lib.llk_advise_huge(buf.data_ptr() + start * 4, span)
+    return buf[start:start + numel]  # the view keeps the whole buffer alive
+
+
+def vexp(x: torch.Tensor) -> torch.Tensor:
+    """``exp(x)`` (float32, CPU) through the kernel's vectorised exp; needs the kernel loaded."""
+    lib = load_decode_kernel()
+    if lib is None:
+        raise RuntimeError("the decode kernel is not available (see the warning logged above)")
+    x = x.float().contiguous()
+    out = torch.empty_like(x)
+    lib.llk_exp(x.data_ptr(), x.numel(), out.data_ptr())
+    return out
+
+
 class DecodeKernel:
     """Packed weights of one fp32 CPU model and the compiled step over them.
 
     ``layers`` holds, per layer, (attention_norm weight, wq|wk|wv, wo, ffn_norm weight, w1|w3, w2)
-    as plain (out, in) matrices; they are packed here (one copy of the weights). The tensors whose
+    as plain (out, in) matrices; they are packed here, in the order the step reads them, into one
+    2 MiB-aligned arena on transparent huge pages (one copy of the weights). The tensors whose
     pointers the kernel reads are kept alive by this object.
     """
 
     def __init__(self, lib: ctypes.CDLL, *, dim: int, hidden: int, n_heads: int, n_kv_heads: int,
                  eps: float, embedding: torch.Tensor, layers: list[tuple[torch.Tensor, ...]],
-                 norm: torch.Tensor, output: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+                 norm: torch.Tensor, output: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                 stream_output: bool | None = None):
         self.lib = lib
-        with torch.no_grad():
-            self.keep = [embedding.contiguous(), norm.contiguous(), pack_rows(output),
-                         cos.contiguous(), sin.contiguous()]
-            for an, wqkv, wo, fn, w13, w2 in layers:
-                self.keep += [an.contiguous(), pack_rows(wqkv), pack_rows(wo), fn.contiguous(),
-                              pack_rows(w13), pack_rows(w2)]
-        if any(t.dtype != torch.float32 or t.device.type != "cpu" for t in self.keep):
+        if stream_output is None:  # only worth it when the head would push the layers out of the cache
+            stream_output = output.numel() * 4 >= STREAM_OUTPUT_BYTES
+        mats = [w for layer in layers for w in (layer[1], layer[2], layer[4], layer[5])] + [output]
+        if any(t.dtype != torch.float32 or t.device.type != "cpu"
+               for t in [embedding, norm, cos, sin, *mats, *(w for layer in layers for w in layer)]):
             raise ValueError("DecodeKernel: every weight must be a float32 CPU tensor")
-        self.layer_ptrs = (_f32p * (len(self.keep) - 5))(*[_ptr(t) for t in self.keep[5:]])
+        sizes = [-(-w.shape[0] // PANEL) * PANEL * w.shape[1] for w in mats]
+        self.arena = huge_page_arena(sum(sizes), lib)
+        packed, offset = [], 0
+        with torch.no_grad():
+            for w, size in zip(mats, sizes):  # one matrix at a time: no second full copy at any moment
+                dst = self.arena[offset:offset + size]
+                dst.copy_(pack_rows(w).view(-1))
+                packed.append(dst)
+                offset += size
+            self.small = [embedding.contiguous(), norm.contiguous(), cos.contiguous(), sin.contiguous()]
+            self.norms = [t.contiguous() for layer in layers for t in (layer[0], layer[3])]
+        per_layer = [t for i in range(len(layers)) for t in (
+            self.norms[2 * i], packed[4 * i], packed[4 * i + 1], self.norms[2 * i + 1],
+            packed[4 * i + 2], packed[4 * i + 3])]
+        self.layer_ptrs = (_f32p * len(per_layer))(*[_ptr(t) for t in per_layer])
         self.vocab, self.n_kv_heads, self.head_dim = output.shape[0], n_kv_heads, dim // n_heads
-        self.max_seq_len = cos.shape[0]
+        self.n_layers, self.max_seq_len = len(layers), cos.shape[0]
+        emb, nrm, cos_, sin_ = self.small
         self.model = _Model(dim, hidden, len(layers), n_heads, n_kv_heads, self.head_dim, self.vocab,
-                            self.max_seq_len, eps, _ptr(self.keep[0]), self.layer_ptrs,
-                            _ptr(self.keep[1]), _ptr(self.keep[2]), _ptr(self.keep[3]), _ptr(self.keep[4]))
+                            self.max_seq_len, eps, _ptr(emb), self.layer_ptrs, _ptr(nrm), _ptr(packed[-1]),
+                            _ptr(cos_), _ptr(sin_), int(stream_output))
+        self._model_addr = ctypes.addressof(self.model)
+        self._bound: tuple | None = None  # the caches last checked, and their pointer arrays
+
+    def huge_pages(self) -> bool:
+        """Whether the packed weights' memory is (at least partly) on transparent huge pages (Linux)."""
+        start, end = self.arena.data_ptr(), self.arena.data_ptr() + self.arena.numel() * 4
+        try:
+            with open("/proc/self/smaps") as f:
+                inside = False
+                for line in f:
+                    head = line.split(" ", 1)[0]
+                    if "-" in head and not head.endswith(":"):
+                        lo, hi = (int(x, 16) for x in head.split("-"))
+                        inside = lo < end and start < hi
+                    elif inside and head == "AnonHugePages:" and int(line.split()[1]) > 0:
+                        return True
+        except OSError:
+            pass
+        return False
+
+    def _bind(self, caches: list) -> tuple | None:
+        """(batch, k pointer array, v pointer array) for these caches, or None when they do not fit.
+
+        The full check runs when the cache tensors change; a generation loop passing the same
+        caches again costs only an identity check per tensor.
+        """
+        tensors = [t for c in caches for t in (c.k, c.v)]
+        bound = self._bound
+        if bound is not None and len(tensors) == len(bound[0]) and all(
+                t is u and t.data_ptr() == p for t, u, p in zip(tensors, bound[0], bound[1])):
+            return bound[2]
+        shape = (self.n_kv_heads, self.max_seq_len, self.head_dim)
+        if len(caches) != self.n_layers or not all(
+                t.dtype == torch.float32 and t.device.type == "cpu" and t.is_contiguous()
+                and tuple(t.shape[1:]) == shape and t.shape[0] == tensors[0].shape[0] for t in tensors):
+            return None
+        k = (_f32p * len(caches))(*[_ptr(t) for t in tensors[0::2]])
+        v = (_f32p * len(caches))(*[_ptr(t) for t in tensors[1::2]])
+        bind = (tensors[0].shape[0], k, v, ctypes.addressof(k), ctypes.addressof(v))
+        self._bound = (tensors, [t.data_ptr() for t in tensors], bind)
+        return bind
 
     def accepts(self, caches: list) -> bool:
         """True when the caches are float32, contiguous, on the CPU and shaped for this model."""
-        shape = (self.n_kv_heads, self.max_seq_len, self.head_dim)
-        return len(caches) == len(self.layer_ptrs) // 6 and all(
-            t.dtype == torch.float32 and t.device.type == "cpu" and t.is_contiguous()
-            and tuple(t.shape[1:]) == shape
-            for c in caches for t in (c.k, c.v))
+        return self._bind(caches) is not None
 
     def step(self, tok: torch.Tensor, pos: int, caches: list) -> torch.Tensor:
         """Logits (B, vocab) for token ids ``tok`` (B,) at ``pos``; k and v of ``pos`` go into ``caches``."""
-        tok = tok.to(torch.int64).contiguous()
+        logits = self.try_step(tok, pos, caches)
+        if logits is None:
+            raise ValueError("the caches do not fit the decode kernel: they must be float32, contiguous, on "
+                             f"the CPU, one per layer ({self.n_layers}), each (B, {self.n_kv_heads}, "
+                             f"{self.max_seq_len}, {self.head_dim})")
+        return logits
+
+    def try_step(self, tok: torch.Tensor, pos: int, caches: list) -> torch.Tensor | None:
+        """:meth:`step`, or None (nothing done) when the caches do not fit (:meth:`accepts`)."""
         if not 0 <= pos < self.max_seq_len:
             raise ValueError(f"position {pos} is outside 0..{self.max_seq_len - 1}")
-        if tok.numel() and not 0 <= int(tok.min()) <= int(tok.max()) < self.vocab:
-            raise ValueError(f"token ids must be in 0..{self.vocab - 1}, got {tok.tolist()}")
-        batch = tok.shape[0]
-        if any(c.k.shape[0] != batch for c in caches):
-            raise ValueError(f"caches hold batch {caches[0].k.shape[0]}, tokens have {batch} rows")
-        k = (_f32p * len(caches))(*[_ptr(c.k) for c in caches])
-        v = (_f32p * len(caches))(*[_ptr(c.v) for c in caches])
+        bind = self._bind(caches)
+        if bind is None:
+            return None
+        ids = tok.tolist()
+        if ids and not 0 <= min(ids) <= max(ids) < self.vocab:
+            raise ValueError(f"token ids must be in 0..{self.vocab - 1}, got {ids}")
+        batch = len(ids)
+        if bind[0] != batch:
+            raise ValueError(f"caches hold batch {bind[0]}, tokens have {batch} rows")
+        ids_c = (_i64 * batch)(*ids)
         logits = torch.empty(batch, self.vocab)
-        self.lib.llk_step(ctypes.byref(self.model), ctypes.cast(tok.data_ptr(), _P(_i64)), batch, pos,
-                          k, v, _ptr(logits), torch.get_num_threads())
+        self.lib.llk_step(self._model_addr, ctypes.addressof(ids_c), batch, pos, bind[3], bind[4],
+                          logits.data_ptr(), torch.get_num_threads())
         return logits

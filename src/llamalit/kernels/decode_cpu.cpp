@@ -4,11 +4,16 @@
 // ctypes). Every matrix W (rows x n) arrives "packed" by pack_rows() there: panels of PANEL rows,
 // each stored input-major, (rows / PANEL, n, PANEL) zero-padded. A product then reads the weights in
 // one contiguous stream and needs no horizontal sums; MKL's gemv on the same cold matrices reaches
-// about half the bandwidth (docs/bench_generate.md).
+// about half the bandwidth (docs/bench_generate.md). The packed matrices sit in one arena on 2 MiB
+// pages (llk_advise_huge), in the order the step reads them; softmax and SiLU use a vector exp.
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 #include <vector>
+#if defined(__linux__)
+#include <sys/mman.h>
+#endif
 #ifdef _OPENMP
 #include <omp.h>
 #endif
@@ -21,7 +26,13 @@ typedef float vec __attribute__((vector_size(64), aligned(4)));
 
 inline vec load(const float* p) { return *reinterpret_cast<const vec*>(p); }
 
+// Non-temporal prefetch distance (floats) for a matrix read once per token and larger than the
+// cache (the output head): its lines then bypass most of the cache hierarchy and the ~25 MB of
+// layer weights stay in L3 between tokens (layers ~0.7 -> ~0.5 ms a token on the dev CPU).
+constexpr int64_t NTA_AHEAD = 512;
+
 // y[b, r] (+)= sum_i W[r, i] x[b, i] for the panels p0..p1 of the packed W.
+template <bool NTA>
 void gemv_panels(const float* x, int64_t batch, int64_t n, const float* wp, int64_t rows, float* y,
                  bool accumulate, int64_t p0, int64_t p1) {
   for (int64_t p = p0; p < p1; ++p) {
@@ -31,6 +42,8 @@ void gemv_panels(const float* x, int64_t batch, int64_t n, const float* wp, int6
       vec a0 = {}, a1 = {}, a2 = {}, a3 = {}, c0 = {}, c1 = {}, c2 = {}, c3 = {};
       int64_t i = 0;
       for (; i + 2 <= n; i += 2, w += 2 * PANEL) {  // two inputs a step: 8 independent sums
+        if (NTA && b == 0)
+          for (int k = 0; k < 2 * PANEL; k += 16) __builtin_prefetch(w + NTA_AHEAD + k, 0, 0);
         const float x0 = xb[i], x1 = xb[i + 1];
         a0 += load(w) * x0; a1 += load(w + 16) * x0; a2 += load(w + 32) * x0; a3 += load(w + 48) * x0;
         c0 += load(w + 64) * x1; c1 += load(w + 80) * x1; c2 += load(w + 96) * x1; c3 += load(w + 112) * x1;
@@ -49,12 +62,13 @@ void gemv_panels(const float* x, int64_t batch, int64_t n, const float* wp, int6
 }
 
 void gemv(const float* x, int64_t batch, int64_t n, const float* wp, int64_t rows, float* y,
-          bool accumulate, int threads) {
+          bool accumulate, int threads, bool nta = false) {
   const int64_t panels = (rows + PANEL - 1) / PANEL;
+  const auto run = nta ? gemv_panels<true> : gemv_panels<false>;
   // Only large products (the output head of the small models) are split: a fork per layer product
   // costs more than it saves once another process holds a core.
   if (threads <= 1 || panels < 2 || n * rows < (1 << 20)) {
-    gemv_panels(x, batch, n, wp, rows, y, accumulate, 0, panels);
+    run(x, batch, n, wp, rows, y, accumulate, 0, panels);
     return;
   }
 #ifdef _OPENMP
@@ -65,11 +79,11 @@ void gemv(const float* x, int64_t batch, int64_t n, const float* wp, int64_t row
 #pragma omp parallel num_threads(threads)
   {
     const int t = omp_get_thread_num(), nt = omp_get_num_threads();
-    gemv_panels(x, batch, n, wp, rows, y, accumulate, panels * t / nt, panels * (t + 1) / nt);
+    run(x, batch, n, wp, rows, y, accumulate, panels * t / nt, panels * (t + 1) / nt);
   }
   omp_set_dynamic(dynamic);
 #else
-  gemv_panels(x, batch, n, wp, rows, y, accumulate, 0, panels);
+  run(x, batch, n, wp, rows, y, accumulate, 0, panels);
 #endif
 }
 
@@ -79,6 +93,119 @@ void rms_norm(const float* x, const float* w, int64_t n, float eps, float* out) 
   for (int64_t i = 0; i < n; ++i) ss += x[i] * x[i];
   const float scale = 1.f / std::sqrt(ss / n + eps);
   for (int64_t i = 0; i < n; ++i) out[i] = x[i] * scale * w[i];
+}
+
+typedef int32_t ivec __attribute__((vector_size(64)));
+
+// exp of 16 floats (Cephes expf: range reduction by ln 2, degree-6 polynomial; ~1-2 ulp, like
+// the SLEEF exp PyTorch uses). Results below FLT_MIN are flushed to 0 (so -inf gives 0), past
+// FLT_MAX give inf, NaN stays NaN. The scalar std::exp does not vectorise without -ffast-math and
+// cost ~0.1-0.2 ms a token (SiLU of 6 x 768 values, 6 x 6 x (pos + 1) attention weights).
+inline vec vexp(vec x) {
+  constexpr float lo = -87.336544f, hi = 88.722839f;  // ln FLT_MIN, ln FLT_MAX
+  vec xc = x < lo ? vec{} + lo : x;  // vec{} + c: a splat of c
+  xc = xc > hi ? vec{} + hi : xc;
+  const vec magic = vec{} + 12582912.f;  // 1.5 * 2^23: adding and subtracting it rounds to nearest
+  const vec n = (xc * 1.44269504f + magic) - magic;
+  const vec r = xc - n * 0.693359375f + n * 2.12194440e-4f;  // x - n ln 2, ln 2 split in two parts
+  vec y = r * 1.9875691500e-4f + 1.3981999507e-3f;
+  y = y * r + 8.3334519073e-3f;
+  y = y * r + 4.1665795894e-2f;
+  y = y * r + 1.6666665459e-1f;
+  y = y * r + 5.0000001201e-1f;
+  y = y * r * r + r + 1.f;
+  const ivec ni = __builtin_convertvector(n, ivec), half = ni >> 1;  // 2^n = 2^half 2^(n - half):
+  const vec e = y * (vec)((half + 127) << 23) * (vec)((ni - half + 127) << 23);  // both normal
+  const vec inf = vec{} + INFINITY;
+  return x < lo ? vec{} : x > hi ? inf : x != x ? x : e;
+}
+
+inline float hsum(vec s) {
+  float t[16];
+  std::memcpy(t, &s, sizeof t);
+  for (int w = 8; w > 0; w /= 2)
+    for (int i = 0; i < w; ++i) t[i] += t[i + w];
+  return t[0];
+}
+
+// In place: scores[0..n) -> exp(scores - max); returns their sum. scores has room for n rounded
+// up to 16 (the tail is padded with -inf, whose exp is 0).
+float softmax_numerators(float* scores, int64_t n, float top) {
+  const int64_t padded = (n + 15) / 16 * 16;
+  std::fill(scores + n, scores + padded, -INFINITY);
+  vec total = {};
+  for (int64_t t = 0; t < padded; t += 16) {
+    const vec e = vexp(load(scores + t) - top);
+    std::memcpy(scores + t, &e, sizeof e);
+    total += e;
+  }
+  return hsum(total);
+}
+
+// One query head over keys/values k, v (n, 16 * C) contiguous: out = softmax(q k^T * scale) v.
+template <int C>
+void attend_head(const float* q, const float* k, const float* v, int64_t n, float scale, float* scores,
+                 float* out) {
+  constexpr int64_t hd = 16 * C;
+  vec qv[C], acc[C];
+  for (int c = 0; c < C; ++c) qv[c] = load(q + 16 * c) * scale, acc[c] = vec{};
+  float top = -INFINITY;
+  for (int64_t t = 0; t < n; ++t) {
+    vec s = qv[0] * load(k + t * hd);
+    for (int c = 1; c < C; ++c) s += qv[c] * load(k + t * hd + 16 * c);
+    scores[t] = hsum(s);
+    top = std::max(top, scores[t]);
+  }
+  const float inv = 1.f / softmax_numerators(scores, n, top);
+  for (int64_t t = 0; t < n; ++t)
+    for (int c = 0; c < C; ++c) acc[c] += load(v + t * hd + 16 * c) * scores[t];
+  for (int c = 0; c < C; ++c) {
+    const vec o = acc[c] * inv;
+    std::memcpy(out + 16 * c, &o, sizeof o);
+  }
+}
+
+// Any head size: the same with plain loops.
+void attend_head_any(const float* q, const float* k, const float* v, int64_t n, int64_t hd, float scale,
+                     float* scores, float* out) {
+  float top = -INFINITY;
+  for (int64_t t = 0; t < n; ++t) {
+    float s = 0.f;
+#pragma omp simd reduction(+ : s)
+    for (int64_t i = 0; i < hd; ++i) s += q[i] * k[t * hd + i];
+    scores[t] = s * scale;
+    top = std::max(top, scores[t]);
+  }
+  const float inv = 1.f / softmax_numerators(scores, n, top);
+  std::fill_n(out, hd, 0.f);
+  for (int64_t t = 0; t < n; ++t)
+#pragma omp simd
+    for (int64_t i = 0; i < hd; ++i) out[i] += scores[t] * v[t * hd + i];
+  for (int64_t i = 0; i < hd; ++i) out[i] *= inv;
+}
+
+void attend(const float* q, const float* k, const float* v, int64_t n, int64_t hd, float scale, float* scores,
+            float* out) {
+  switch (hd) {
+    case 16: return attend_head<1>(q, k, v, n, scale, scores, out);
+    case 32: return attend_head<2>(q, k, v, n, scale, scores, out);
+    case 48: return attend_head<3>(q, k, v, n, scale, scores, out);
+    case 64: return attend_head<4>(q, k, v, n, scale, scores, out);
+    case 96: return attend_head<6>(q, k, v, n, scale, scores, out);
+    case 128: return attend_head<8>(q, k, v, n, scale, scores, out);
+    default: return attend_head_any(q, k, v, n, hd, scale, scores, out);
+  }
+}
+
+// g = silu(h1) * h3 = h1 / (1 + exp(-h1)) * h3
+void swiglu(const float* h1, const float* h3, int64_t n, float* g) {
+  int64_t i = 0;
+  for (; i + 16 <= n; i += 16) {
+    const vec a = load(h1 + i);
+    const vec o = a / (1.f + vexp(-a)) * load(h3 + i);
+    std::memcpy(g + i, &o, sizeof o);
+  }
+  for (; i < n; ++i) g[i] = h1[i] / (1.f + std::exp(-h1[i])) * h3[i];
 }
 
 }  // namespace
@@ -95,9 +222,38 @@ struct LlkModel {
   const float* output;          // packed (vocab x dim)
   const float* cos;             // (max_seq_len, head_dim / 2)
   const float* sin;
+  int64_t stream_output;        // 1: read the output head with non-temporal prefetches
 };
 
-int llk_abi_version() { return 1; }
+int llk_abi_version() { return 3; }
+
+// Ask for transparent huge pages over [p, p + bytes) (p 2 MiB aligned, not yet touched): 4 KiB pages
+// cost a TLB miss and a restart of the hardware prefetcher every 4 KiB of a weight stream (a plain
+// streaming sum here: ~21 GB/s on 4 KiB pages, ~28 GB/s on 2 MiB pages). 0 on success; -1 where
+// not supported or refused (THP "never"): the weights then stay on small pages.
+int llk_advise_huge(void* p, int64_t bytes) {
+#if defined(__linux__) && defined(MADV_HUGEPAGE)
+  return madvise(p, static_cast<size_t>(bytes), MADV_HUGEPAGE) == 0 ? 0 : -1;
+#else
+  (void)p; (void)bytes;
+  return -1;
+#endif
+}
+
+// out = exp(x) elementwise with the kernel's vector exp (for tests).
+void llk_exp(const float* x, int64_t n, float* out) {
+  int64_t i = 0;
+  for (; i + 16 <= n; i += 16) {
+    const vec e = vexp(load(x + i));
+    std::memcpy(out + i, &e, sizeof e);
+  }
+  if (i < n) {
+    float t[16] = {};
+    std::copy(x + i, x + n, t);
+    const vec e = vexp(load(t));
+    std::memcpy(out + i, &e, (n - i) * sizeof(float));
+  }
+}
 
 // y = W x (or y += W x) for x (batch, n) and a packed W with `rows` rows.
 void llk_gemv(const float* x, int64_t batch, int64_t n, const float* wp, int64_t rows, float* y,
@@ -114,7 +270,7 @@ void llk_step(const LlkModel* m, const int64_t* tok, int64_t batch, int64_t pos,
   const int64_t group = nh / nkv;
   const float scale = 1.f / std::sqrt(static_cast<float>(hd));
   std::vector<float> x(batch * dim), xn(batch * dim), qkv(batch * n_qkv), att(batch * nh * hd),
-      h13(batch * 2 * m->hidden), g(batch * m->hidden), scores(pos + 1);
+      h13(batch * 2 * m->hidden), g(batch * m->hidden), scores((pos + 16) / 16 * 16);
   for (int64_t b = 0; b < batch; ++b)
     std::copy_n(m->embedding + tok[b] * dim, dim, x.data() + b * dim);
   const float* cos = m->cos + pos * half;
@@ -139,43 +295,20 @@ void llk_step(const LlkModel* m, const int64_t* tok, int64_t batch, int64_t pos,
         std::copy_n(q + (nh + h) * hd, hd, kc + (h * seq + pos) * hd);
         std::copy_n(q + (nh + nkv + h) * hd, hd, vc + (h * seq + pos) * hd);
       }
-      for (int64_t h = 0; h < nh; ++h) {  // softmax(q k^T / sqrt(hd)) v over positions 0..pos
-        const float* qh = q + h * hd;
-        const float* kh = kc + (h / group) * seq * hd;
-        const float* vh = vc + (h / group) * seq * hd;
-        float top = -INFINITY;
-        for (int64_t t = 0; t <= pos; ++t) {
-          float s = 0.f;
-#pragma omp simd reduction(+ : s)
-          for (int64_t i = 0; i < hd; ++i) s += qh[i] * kh[t * hd + i];
-          scores[t] = s * scale;
-          top = std::max(top, scores[t]);
-        }
-        float total = 0.f;
-#pragma omp simd reduction(+ : total)
-        for (int64_t t = 0; t <= pos; ++t) total += (scores[t] = std::exp(scores[t] - top));
-        float* out = &att[(b * nh + h) * hd];
-        std::fill_n(out, hd, 0.f);
-        for (int64_t t = 0; t <= pos; ++t) {
-          const float p = scores[t] / total;
-          for (int64_t i = 0; i < hd; ++i) out[i] += p * vh[t * hd + i];
-        }
-      }
+      for (int64_t h = 0; h < nh; ++h)  // softmax(q k^T / sqrt(hd)) v over positions 0..pos
+        attend(q + h * hd, kc + (h / group) * seq * hd, vc + (h / group) * seq * hd, pos + 1, hd, scale,
+               scores.data(), &att[(b * nh + h) * hd]);
     }
     gemv(att.data(), batch, nh * hd, w[2], dim, x.data(), true, threads);
     for (int64_t b = 0; b < batch; ++b) rms_norm(&x[b * dim], w[3], dim, m->eps, &xn[b * dim]);
     const int64_t hidden = m->hidden;
     gemv(xn.data(), batch, dim, w[4], 2 * hidden, h13.data(), false, threads);
     for (int64_t b = 0; b < batch; ++b)
-#pragma omp simd
-      for (int64_t i = 0; i < hidden; ++i) {
-        const float h1 = h13[b * 2 * hidden + i], h3 = h13[b * 2 * hidden + hidden + i];
-        g[b * hidden + i] = h1 / (1.f + std::exp(-h1)) * h3;  // silu(w1 x) * w3 x
-      }
+      swiglu(&h13[b * 2 * hidden], &h13[b * 2 * hidden + hidden], hidden, &g[b * hidden]);
     gemv(g.data(), batch, hidden, w[5], dim, x.data(), true, threads);
   }
   for (int64_t b = 0; b < batch; ++b) rms_norm(&x[b * dim], m->norm, dim, m->eps, &xn[b * dim]);
-  gemv(xn.data(), batch, dim, m->output, m->vocab, logits, false, threads);
+  gemv(xn.data(), batch, dim, m->output, m->vocab, logits, false, threads, m->stream_output != 0);
 }
 
 }  // extern "C"
