@@ -2,10 +2,14 @@
 
     python scripts/bench_train.py                     # CPU shapes: stories260K 32x256, stories15M 8x256, fp32
     python scripts/bench_train.py --configs 15m_pretrain,110m --device cuda   # GPU shapes (BENCHMARKS.md)
+    python scripts/bench_train.py --configs 15m_instruct_cpu                  # instruct rows: padded vs packed
 
-Both paths train the same model (same init) on the same random-token batches with the same optimizer,
-schedule, clipping and accumulation; each is timed over steady-state optimizer steps after warm-up.
-Prints a table; --json writes the rows.
+Both paths train the same model (same init) on the same batches with the same optimizer, schedule,
+clipping and accumulation; each is timed over steady-state optimizer steps after warm-up. Pretraining
+configs read random-token rows; instruct configs read a real instruct shard (TinyStories-like lengths:
+prompt 30-60 tokens not counted, story 100-300 counted, rows of 350; see scripts/bench_packing.py) through
+the datasets training uses, once padded (one example per row, as llama2.c) and once packed (data.packing).
+Useful tokens/s counts the positions that carry loss. Prints a table; --json writes the rows.
 """
 
 from __future__ import annotations
@@ -19,13 +23,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import lightning as L
+import numpy as np
 import torch
-import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 
 from llamalit.model import Llama, ModelConfig
 from llamalit.training.callbacks import SpeedMonitor, peak_flops
-from llamalit.training.module import LlamaLitModule
+from llamalit.training.module import LlamaLitModule, batch_loss, compile_blocks, resolve_compile
 from llamalit.training.optim import OptimConfig, build_optimizer, build_scheduler
 
 
@@ -38,19 +42,45 @@ class BenchConfig:
     accum: int
     lora: bool = False
     llama2c_tokens_per_s: float | None = None  # reference in ../shared/docs/BENCHMARKS.md, same shapes
+    instruct: bool = False  # rows of seq + 1 = 350 from an instruct shard (padded and packed)
 
 
 CONFIGS = {
     # CPU references: llama2.c train.py fp32, no compile, on the 2-core machine.
     "260k_cpu": BenchConfig("stories260K 32x256", "stories260k", 32, 256, 1, llama2c_tokens_per_s=20_000),
     "15m_cpu": BenchConfig("stories15M 8x256", "stories15m", 8, 256, 1, llama2c_tokens_per_s=1_200),
+    "15m_instruct_cpu": BenchConfig("stories15M instruct 4x350", "stories15m", 4, 349, 1, instruct=True),
     # GPU references: llama2.c train.py on one H100, bf16, compile, fused AdamW.
     "15m_pretrain": BenchConfig("15M pretrain 128x256x4", "stories15m", 128, 256, 4,
                                 llama2c_tokens_per_s=2.2e6),
-    "15m_instruct": BenchConfig("15M instruct 64x350x8", "stories15m", 64, 350, 8, llama2c_tokens_per_s=1.5e6),
+    "15m_instruct": BenchConfig("15M instruct 64x350x8", "stories15m", 64, 349, 8, llama2c_tokens_per_s=1.5e6,
+                                instruct=True),
     "110m": BenchConfig("110M 16x1024x8", "stories110m", 16, 1024, 8, llama2c_tokens_per_s=0.49e6),
-    "110m_lora": BenchConfig("110M LoRA 64x350x8", "stories110m", 64, 350, 8, lora=True),
+    "110m_lora": BenchConfig("110M LoRA 64x350x8", "stories110m", 64, 349, 8, lora=True, instruct=True),
 }
+
+
+def instruct_data(bc: BenchConfig, rows: int, root: Path, packed: bool) -> Dataset:
+    """An instruct shard of ``rows`` TinyStories-like rows (bench_packing.write_shard), read as training reads it."""
+    from bench_packing import EOS, IGNORE, ROW_LEN, write_shard
+
+    from llamalit.data.datasets import InstructRows, read_manifest, shard_files
+    from llamalit.data.packing import PackedInstructRows
+
+    assert bc.seq == ROW_LEN - 1, f"{bc.name}: instruct rows are {ROW_LEN} tokens (seq {ROW_LEN - 1})"
+    root = root / f"instruct_{rows}"
+    if not (root / "manifest.json").is_file():
+        write_shard(root, rows, np.random.default_rng(0))
+    shards = shard_files(read_manifest(root), root, "train")
+    if packed:
+        return PackedInstructRows(shards, ROW_LEN, 32000, IGNORE, EOS, seed=0)
+    return InstructRows(shards, ROW_LEN, 32000, IGNORE)
+
+
+def useful_per_step(data: Dataset, bc: BenchConfig, steps: int) -> float:
+    """Mean counted positions (label != -100) per optimizer step over the rows the timed steps read."""
+    n = min(len(data), bc.batch * bc.accum * steps)
+    return sum(int((data[i]["labels"] != -100).sum()) for i in range(n)) / (n / (bc.batch * bc.accum))
 
 
 class RandomTokens(Dataset):
@@ -117,11 +147,9 @@ def plain_loop(model: torch.nn.Module, batch_loss, bc: BenchConfig, data: Datase
     model.train()
     for _ in range(steps):
         for _ in range(bc.accum):
-            batch = next(batches)
-            x = batch["input_ids"].to(device, non_blocking=True)
-            y = batch["labels"].to(device, non_blocking=True)
+            batch = {k: v.to(device, non_blocking=True) for k, v in next(batches).items()}
             with autocast:
-                loss = batch_loss(x, y) / bc.accum
+                loss = batch_loss(batch) / bc.accum
             loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
@@ -140,19 +168,19 @@ def bench_plain(bc: BenchConfig, data: Dataset, steps: int, device: str, precisi
     torch.manual_seed(0)
     cfg = run_cfg(bc, steps)
     model: Llama = LlamaLitModule(cfg).model.to(device)
-    forward = torch.compile(model.counted_logits) if compile_ else model.counted_logits
+    if resolve_compile(compile_, torch.device(device)):
+        compile_blocks(model)
 
-    def batch_loss(x, y):
-        logits, targets = forward(x, y)
-        return F.cross_entropy(logits.float(), targets)
+    def loss_of(batch):
+        return batch_loss(model, batch).loss
 
     optim = OptimConfig.from_dict(cfg["optim"])
-    return plain_loop(model, batch_loss, bc, data, steps, device, precision,
+    return plain_loop(model, loss_of, bc, data, steps, device, precision,
                       scheduler_of=lambda opt: build_scheduler(opt, optim, steps))
 
 
 def bench_llama2c(bc: BenchConfig, data: Dataset, steps: int, device: str, precision: str,
-                  model_py: Path) -> list[float]:
+                  model_py: Path, compile_: bool) -> list[float]:
     """llama2.c's own ``model.py`` (a checkout of karpathy/llama2.c) in the same plain loop, as its train.py
     steps it: forward with targets, then ``last_loss``."""
     import importlib.util
@@ -166,11 +194,14 @@ def bench_llama2c(bc: BenchConfig, data: Dataset, steps: int, device: str, preci
                                           n_kv_heads=c.n_kv_heads, vocab_size=c.vocab_size,
                                           multiple_of=c.multiple_of, max_seq_len=c.max_seq_len)).to(device)
 
-    def batch_loss(x, y):
-        model(x, y)
+    if compile_:
+        model = torch.compile(model)  # as llama2.c's train.py does with compile=True
+
+    def loss_of(batch):  # llama2.c ignores targets of -1 (ours are -100)
+        model(batch["input_ids"], batch["labels"].clamp(min=-1))
         return model.last_loss
 
-    return plain_loop(model, batch_loss, bc, data, steps, device, precision)
+    return plain_loop(model, loss_of, bc, data, steps, device, precision)
 
 
 def steady(step_times: list[float], warmup: int) -> float:
@@ -187,7 +218,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
     p.add_argument("--llama2c-model", type=Path, default=None,
                    help="llama2.c's model.py (from a checkout): also time it in the same run")
     p.add_argument("--repeats", type=int, default=2, help="alternating rounds of both paths; best kept")
-    p.add_argument("--compile", action="store_true", help="torch.compile both paths")
+    p.add_argument("--compile", default="auto", choices=["auto", "on", "off"],
+                   help="torch.compile (our blocks; llama2.c's whole model): auto = on CUDA, as train.py")
+    p.add_argument("--layouts", default="padded,packed", help="instruct configs: padded and/or packed rows")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--json", type=Path, default=None)
     p.add_argument("--run-dir", type=Path, default=Path("outputs/bench_train"))
@@ -195,54 +228,80 @@ def main(argv: list[str] | None = None) -> list[dict]:
     if args.threads:
         torch.set_num_threads(args.threads)
     precision = "bf16-mixed" if args.device == "cuda" else "32-true"
+    compile_ = resolve_compile(None if args.compile == "auto" else args.compile == "on", torch.device(args.device))
     rows = []
     for key in args.configs.split(","):
         bc = CONFIGS[key]
-        vocab = ModelConfig.preset(bc.preset).vocab_size
-        data = RandomTokens(bc.batch * bc.accum * (args.steps + 1), bc.seq, vocab)
-        tokens_per_step = bc.batch * bc.seq * bc.accum
-        plain, lit, ref = float("inf"), float("inf"), float("inf")
-        for _ in range(args.repeats):  # alternate the paths; keep each one's best median
-            if args.llama2c_model:
-                ref = min(ref, steady(bench_llama2c(bc, data, args.steps, args.device, precision,
-                                                    args.llama2c_model), args.warmup))
-            plain = min(plain, steady(bench_plain(bc, data, args.steps, args.device, precision, args.compile),
-                                      args.warmup))
-            lit = min(lit, steady(bench_lightning(bc, data, args.steps, args.device, precision, args.compile,
-                                                  args.run_dir), args.warmup))
-        peak = peak_flops(torch.device(args.device))
-        fpt = Llama(ModelConfig.preset(bc.preset, max_seq_len=max(bc.seq, 256))).flops_per_token(bc.seq) \
-            if peak else None
-        row = {
-            "config": bc.name, "device": args.device, "precision": precision, "compile": args.compile,
-            "plain_tokens_per_s": tokens_per_step / plain, "lightning_tokens_per_s": tokens_per_step / lit,
-            "lightning_overhead_pct": 100 * (lit / plain - 1),
-            "llama2c_tokens_per_s": bc.llama2c_tokens_per_s,
-            "ratio_vs_llama2c": (tokens_per_step / lit) / bc.llama2c_tokens_per_s if bc.llama2c_tokens_per_s else None,
-            "llama2c_same_run_tokens_per_s": tokens_per_step / ref if args.llama2c_model else None,
-            "ratio_vs_llama2c_same_run": ref / lit if args.llama2c_model else None,
-            "mfu": (fpt * tokens_per_step / lit / peak) if peak else None,
-        }
-        rows.append(row)
+        n_rows = bc.batch * bc.accum * (args.steps + 1)
+        layouts = args.layouts.split(",") if bc.instruct else ["dense"]
+        padded_useful = None
+        for layout in layouts:
+            if bc.instruct:
+                # twice the rows the padded steps read: packing puts one to two examples in a row
+                data = instruct_data(bc, 2 * n_rows, args.run_dir / "data", packed=layout == "packed")
+                useful = useful_per_step(data, bc, args.steps)
+                padded_useful = useful if layout == "padded" else padded_useful
+            else:
+                data = RandomTokens(n_rows, bc.seq, ModelConfig.preset(bc.preset).vocab_size)
+                useful = bc.batch * bc.seq * bc.accum
+            rows.append(bench_one(bc, data, layout, useful, padded_useful, args, precision, compile_))
     print_table(rows)
     if args.json:
         args.json.write_text(json.dumps(rows, indent=2))
     return rows
 
 
+def bench_one(bc: BenchConfig, data: Dataset, layout: str, useful: float, padded_useful: float | None,
+              args: argparse.Namespace, precision: str, compile_: bool) -> dict:
+    """Time the plain loop, the Lightning path (and llama2.c's model on dense/padded rows) on ``data``."""
+    tokens_per_step = bc.batch * bc.seq * bc.accum
+    run_l2c = args.llama2c_model is not None and layout != "packed"  # llama2.c has no packing
+    plain, lit, ref = float("inf"), float("inf"), float("inf")
+    for _ in range(args.repeats):  # alternate the paths; keep each one's best median
+        if run_l2c:
+            ref = min(ref, steady(bench_llama2c(bc, data, args.steps, args.device, precision, args.llama2c_model,
+                                                compile_), args.warmup))
+        plain = min(plain, steady(bench_plain(bc, data, args.steps, args.device, precision, compile_),
+                                  args.warmup))
+        lit = min(lit, steady(bench_lightning(bc, data, args.steps, args.device, precision, compile_,
+                                              args.run_dir), args.warmup))
+    peak = peak_flops(torch.device(args.device))
+    fpt = Llama(ModelConfig.preset(bc.preset, max_seq_len=max(bc.seq, 256))).flops_per_token(bc.seq) \
+        if peak else None
+    # llama2.c's reference pads every example to its row: its useful share is the padded layout's
+    l2c_useful = None
+    if bc.llama2c_tokens_per_s and (padded_useful or not bc.instruct):
+        l2c_useful = bc.llama2c_tokens_per_s * ((padded_useful / tokens_per_step) if bc.instruct else 1.0)
+    return {
+        "config": bc.name, "layout": layout, "device": args.device, "precision": precision, "compile": compile_,
+        "plain_tokens_per_s": tokens_per_step / plain, "lightning_tokens_per_s": tokens_per_step / lit,
+        "useful_tokens_per_s": useful / lit, "useful_fraction": useful / tokens_per_step,
+        "lightning_overhead_pct": 100 * (lit / plain - 1),
+        "llama2c_tokens_per_s": bc.llama2c_tokens_per_s,
+        "ratio_vs_llama2c": (tokens_per_step / lit) / bc.llama2c_tokens_per_s if bc.llama2c_tokens_per_s else None,
+        "llama2c_useful_tokens_per_s": l2c_useful,
+        "useful_ratio_vs_llama2c": (useful / lit) / l2c_useful if l2c_useful else None,
+        "llama2c_same_run_tokens_per_s": tokens_per_step / ref if run_l2c else None,
+        "ratio_vs_llama2c_same_run": ref / lit if run_l2c else None,
+        "mfu": (fpt * tokens_per_step / lit / peak) if peak else None,
+    }
+
+
 def print_table(rows: list[dict]) -> None:
-    head = (f"{'config':26} {'plain tok/s':>12} {'lightning tok/s':>16} {'overhead':>9} {'llama2.c':>10} "
-            f"{'ratio':>6} {'llama2.c here':>14} {'ratio':>6} {'MFU':>6}")
+    def f(v, fmt):
+        return format(v, fmt) if v is not None else "-"
+
+    head = (f"{'config':26} {'layout':7} {'plain tok/s':>12} {'lightning':>10} {'overhead':>9} {'useful/s':>10} "
+            f"{'llama2.c':>10} {'ratio':>6} {'useful ratio':>12} {'llama2.c here':>14} {'ratio':>6} {'MFU':>6}")
     print(head)
     print("-" * len(head))
     for r in rows:
-        ref = f"{r['llama2c_tokens_per_s']:,.0f}" if r["llama2c_tokens_per_s"] else "-"
-        ratio = f"{r['ratio_vs_llama2c']:.2f}x" if r["ratio_vs_llama2c"] else "-"
-        mfu = f"{100 * r['mfu']:.1f}%" if r["mfu"] else "-"
-        here = f"{r['llama2c_same_run_tokens_per_s']:,.0f}" if r["llama2c_same_run_tokens_per_s"] else "-"
-        here_ratio = f"{r['ratio_vs_llama2c_same_run']:.2f}x" if r["ratio_vs_llama2c_same_run"] else "-"
-        print(f"{r['config']:26} {r['plain_tokens_per_s']:>12,.0f} {r['lightning_tokens_per_s']:>16,.0f} "
-              f"{r['lightning_overhead_pct']:>8.1f}% {ref:>10} {ratio:>6} {here:>14} {here_ratio:>6} {mfu:>6}")
+        print(f"{r['config']:26} {r['layout']:7} {r['plain_tokens_per_s']:>12,.0f} {r['lightning_tokens_per_s']:>10,.0f} "
+              f"{r['lightning_overhead_pct']:>8.1f}% {r['useful_tokens_per_s']:>10,.0f} "
+              f"{f(r['llama2c_tokens_per_s'], ',.0f'):>10} {f(r['ratio_vs_llama2c'], '.2f'):>6} "
+              f"{f(r['useful_ratio_vs_llama2c'], '.2f'):>12} {f(r['llama2c_same_run_tokens_per_s'], ',.0f'):>14} "
+              f"{f(r['ratio_vs_llama2c_same_run'], '.2f'):>6} "
+              f"{f(r['mfu'] and 100 * r['mfu'], '.1f'):>6}")
 
 
 if __name__ == "__main__":

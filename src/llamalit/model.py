@@ -13,6 +13,7 @@ from torch import nn
 from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex_attention
 
 from llamalit.kernels import DecodeKernel, kernel_enabled, load_decode_kernel
+from llamalit.losses import LossOutput, linear_cross_entropy
 
 IGNORE_INDEX = -100
 
@@ -300,10 +301,24 @@ class Llama(nn.Module):
 
     def loss(self, tokens: torch.Tensor, labels: torch.Tensor, **kw) -> torch.Tensor:
         """Mean next-token cross-entropy over counted positions (labels already aligned to tokens)."""
-        logits, targets = self.counted_logits(tokens, labels, **kw)
-        if logits.dtype in (torch.float16, torch.bfloat16):  # keep float64 as it is
-            logits = logits.float()
-        return F.cross_entropy(logits, targets, reduction="sum") / max(targets.numel(), 1)
+        return self.loss_and_correct(tokens, labels, **kw).loss
+
+    def loss_and_correct(self, tokens: torch.Tensor, labels: torch.Tensor, accuracy: bool = False,
+                         loss_impl: str = "auto", **kw) -> LossOutput:
+        """Mean cross-entropy over counted positions and (``accuracy``) how many argmaxes hit the label.
+
+        The head and the loss run on counted positions only and, through ``llamalit.losses``, in chunks,
+        so the (positions x vocab) logits are never held at once (``loss_impl``: auto | plain | chunked |
+        liger). A LoRA-wrapped head goes through its own forward (its dropout acts on the input).
+        """
+        h = self.hidden(tokens, **kw)
+        keep = labels != IGNORE_INDEX
+        h, targets = h[keep], labels[keep]
+        if type(self.output) is nn.Linear:
+            return linear_cross_entropy(h, self.output.weight, targets, impl=loss_impl, accuracy=accuracy)
+        logits = _at_least_fp32(self.output(h))
+        loss = F.cross_entropy(logits, targets, reduction="sum") / max(targets.numel(), 1)
+        return LossOutput(loss, (logits.argmax(-1) == targets).sum() if accuracy else None)
 
     def new_caches(self, batch: int, dtype: torch.dtype | None = None) -> list[KVCache]:
         """Fresh per-layer KV caches sized to max_seq_len."""

@@ -11,10 +11,10 @@ from collections.abc import Mapping
 import lightning as L
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torchmetrics import MeanMetric
 
-from llamalit.model import Llama, ModelConfig, rope_tables
+from llamalit.losses import LossOutput
+from llamalit.model import IGNORE_INDEX, Llama, ModelConfig, rope_tables
 from llamalit.training.optim import OptimConfig, build_optimizer, build_scheduler
 
 log = logging.getLogger(__name__)
@@ -56,6 +56,13 @@ def build_model(cfg: Mapping) -> Llama:
     if cfg.get("gradient_checkpointing"):
         enable_gradient_checkpointing(model)
     return model
+
+
+def batch_loss(model: Llama, batch: Mapping, accuracy: bool = False, loss_impl: str = "auto") -> LossOutput:
+    """``model``'s loss on a batch of ``input_ids``/``labels`` (+ ``positions``/``segments`` when packed)."""
+    packed = {k: batch[k] for k in ("positions", "segments") if k in batch}
+    return model.loss_and_correct(batch["input_ids"], batch["labels"], accuracy=accuracy, loss_impl=loss_impl,
+                                  **packed)
 
 
 def resolve_compile(setting: bool | None, device: torch.device) -> bool:
@@ -108,6 +115,7 @@ class LlamaLitModule(L.LightningModule):
         self._base_keys = frozen_base_keys(self)
         self.strict_loading = not self._base_keys  # on_load_checkpoint checks the keys itself
         self._compiled = False
+        self.loss_impl = str(cfg.get("loss_impl") or "auto")  # llamalit.losses: auto | plain | chunked | liger
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         return self.model(tokens)
@@ -117,20 +125,19 @@ class LlamaLitModule(L.LightningModule):
             compile_blocks(self.model)
             self._compiled = True
 
-    def _logits(self, batch: Mapping) -> tuple[torch.Tensor, torch.Tensor]:
-        packed = {k: batch[k] for k in ("positions", "segments") if k in batch}  # packed rows (data.packing)
-        return self.model.counted_logits(batch["input_ids"], batch["labels"], **packed)
+    def _loss(self, batch: Mapping, accuracy: bool) -> tuple[LossOutput, torch.Tensor]:
+        """The batch's loss (and correct count), and how many positions it counted (a device tensor)."""
+        return batch_loss(self.model, batch, accuracy, self.loss_impl), (batch["labels"] != IGNORE_INDEX).sum()
 
     def training_step(self, batch: Mapping, batch_idx: int) -> torch.Tensor:
-        logits, targets = self._logits(batch)
-        loss = F.cross_entropy(logits.float(), targets)
-        self._check_finite(loss)
-        self.log("train/loss", loss, on_step=True, prog_bar=True)
-        if self._logging_step():  # an argmax over every counted logit is not free: only when it is logged
-            with torch.no_grad():
-                self.train_acc.update((logits.argmax(-1) == targets).float().mean(), targets.numel())
+        logging = self._logging_step()  # an argmax over every counted logit is not free: only when it is logged
+        out, n = self._loss(batch, accuracy=logging)
+        self._check_finite(out.loss)
+        self.log("train/loss", out.loss, on_step=True, prog_bar=True)
+        if logging:
+            self.train_acc.update(out.correct / n.clamp(min=1), n)
             self.log("train/acc", self.train_acc, on_step=True, on_epoch=False)
-        return loss
+        return out.loss
 
     def _logging_step(self) -> bool:
         """Whether Lightning writes this step's metrics to the logger (every log_every_n_steps)."""
@@ -138,10 +145,9 @@ class LlamaLitModule(L.LightningModule):
         return bool(getattr(connector, "should_update_logs", True))
 
     def validation_step(self, batch: Mapping, batch_idx: int) -> None:
-        logits, targets = self._logits(batch)
-        n = targets.numel()
-        self.val_loss.update(F.cross_entropy(logits.float(), targets), n)
-        self.val_acc.update((logits.argmax(-1) == targets).float().mean(), n)
+        out, n = self._loss(batch, accuracy=True)
+        self.val_loss.update(out.loss, n)
+        self.val_acc.update(out.correct / n.clamp(min=1), n)
 
     def on_validation_epoch_end(self) -> None:
         loss = self.val_loss.compute()
