@@ -68,9 +68,13 @@ def run_mode(args: dict) -> dict:
     rss0 = _rss_bytes()
 
     model = Llama(cfg).to(device)
-    if args["mode"] == "lora":
+    if args["mode"].startswith("lora"):
         apply_lora(model, LoraConfig(rank=args["rank"], alpha=args["alpha"], dropout=args["dropout"],
                                      targets=tuple(args["targets"])))
+    if args["mode"].endswith("+gc"):  # model.gradient_checkpointing=true: recompute block activations
+        from llamalit.training.module import enable_gradient_checkpointing
+
+        enable_gradient_checkpointing(model)
     model.train()
     opt = build_optimizer(model, OptimConfig(lr=1e-4))
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if cuda else torch.autocast("cpu", enabled=False)
@@ -139,16 +143,17 @@ def run_isolated(args: dict) -> dict:
 
 
 def format_table(rows: list[dict]) -> str:
-    head = f"{'mode':<6} {'trainable':>12} {'of params':>10} {'state MiB':>10} {'peak MiB':>10} {'step ms':>9} {'tok/s':>9}"
+    head = f"{'mode':<8} {'trainable':>12} {'of params':>10} {'state MiB':>10} {'peak MiB':>10} {'step ms':>9} {'tok/s':>9}"
     lines = [head, "-" * len(head)]
     for r in rows:
-        lines.append(f"{r['mode']:<6} {r['trainable_params']:>12,} {r['trainable_params'] / r['params']:>10.4%} "
+        lines.append(f"{r['mode']:<8} {r['trainable_params']:>12,} {r['trainable_params'] / r['params']:>10.4%} "
                      f"{r['state_MiB']:>10.1f} {r['peak_MiB']:>10.1f} {r['step_ms']:>9.1f} {r['tokens_per_s']:>9,}")
     by = {r["mode"]: r for r in rows}
-    if "lora" in by and "full" in by and by["full"]["peak_MiB"] > 0:
-        lines.append(f"LoRA / full: peak memory {by['lora']['peak_MiB'] / by['full']['peak_MiB']:.2f}x, "
-                     f"state {by['lora']['state_MiB'] / by['full']['state_MiB']:.2f}x, "
-                     f"step time {by['lora']['step_ms'] / by['full']['step_ms']:.2f}x")
+    for mode in [m for m in by if m != "full"]:
+        if "full" in by and by["full"]["peak_MiB"] > 0:
+            lines.append(f"{mode} / full: peak memory {by[mode]['peak_MiB'] / by['full']['peak_MiB']:.2f}x, "
+                         f"state {by[mode]['state_MiB'] / by['full']['state_MiB']:.2f}x, "
+                         f"step time {by[mode]['step_ms'] / by['full']['step_ms']:.2f}x")
     r = rows[0]
     lines.append(f"{r['preset']} {r['batch']}x{r['seq']} on {r['gpu'] or r['device']} ({r['dtype']}); "
                  f"peak = {r['peak_kind']}; state = params + grads + optimizer state (exact)")
@@ -167,7 +172,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     p.add_argument("--alpha", type=float, default=1.0)
     p.add_argument("--dropout", type=float, default=0.1)
     p.add_argument("--targets", default="wq,wk,wv,wo")
-    p.add_argument("--modes", default="lora,full", help="comma list of lora, full")
+    p.add_argument("--modes", default="lora,lora+gc,full",
+                   help="comma list of lora, lora+gc (LoRA + gradient checkpointing), full, full+gc")
     p.add_argument("--json", type=Path, default=None, help="also write the rows here")
     a = p.parse_args(argv)
     common = {"preset": a.preset, "device": a.device, "batch": a.batch, "seq": a.seq, "steps": a.steps,

@@ -319,3 +319,11 @@ def test_trainer_fsdp_wraps_each_transformer_block(tmp_path):
     model = Llama(ModelConfig.preset("tiny", n_layers=3))
     wrapped = policy._run_policy(model, set(), {})
     assert set(wrapped) == set(model.layers) and all(type(m) is TransformerBlock for m in wrapped)
+
+
+def test_num_params_counts_4bit_weights_at_their_real_shape():
+    pytest.importorskip("bitsandbytes")
+    model = Llama(ModelConfig.preset("tiny", dim=64, hidden_dim=128, tie_embeddings=False))
+    before = model.num_params()
+    quantize_linears(model, device="cpu")
+    assert model.num_params() == before

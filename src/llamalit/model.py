@@ -377,7 +377,12 @@ class Llama(nn.Module):
             return weights.step(tokens[:, 0], pos, caches)
 
     def num_params(self, trainable_only: bool = False) -> int:
-        return sum(p.numel() for p in self.parameters() if p.requires_grad or not trainable_only)
+        """Parameter count; a 4-bit (bitsandbytes) weight counts as its original shape, not its packed bytes."""
+        def count(p: torch.Tensor) -> int:
+            state = getattr(p, "quant_state", None)
+            return math.prod(state.shape) if state is not None else p.numel()
+
+        return sum(count(p) for p in self.parameters() if p.requires_grad or not trainable_only)
 
     def flops_per_token(self, seq_len: int) -> float:
         """Training FLOPs per token: 6 x params + 12 x layers x dim x seq_len (PaLM appendix B)."""
