@@ -181,3 +181,22 @@ def test_compiled_blocks_match_eager_loss_and_grads():
         torch.testing.assert_close(compiled.loss(x, y, **kw), eager.loss(x, y, **kw), rtol=1e-5, atol=1e-6)
         for (name, a), b in zip(eager.named_parameters(), compiled.parameters()):
             torch.testing.assert_close(b.grad, a.grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
+@pytest.mark.parametrize("lora", [False, True])
+def test_model_from_module_state_rebuilds_the_trained_model(lora):
+    """What an FSDP run exports: the gathered LightningModule state dict as one plain (LoRA) model."""
+    from llamalit.training.run import model_from_module_state
+
+    cfg = make_cfg(max_steps=2)
+    if lora:
+        cfg["lora"] = {"enabled": True, "rank": 2, "alpha": 4.0, "dropout": 0.0, "targets": ["wq", "wv"]}
+    module = LlamaLitModule(cfg)
+    with torch.no_grad():
+        for p in module.parameters():
+            p.add_(torch.randn_like(p) * 0.01)  # trained-looking weights, LoRA B no longer zero
+    rebuilt = model_from_module_state(module.cfg, module.state_dict())
+    x = torch.randint(0, module.model.cfg.vocab_size, (2, 10))
+    with torch.no_grad():
+        torch.testing.assert_close(rebuilt.eval()(x), module.model.eval()(x), rtol=0, atol=0)
+    assert type(rebuilt.layers[0].attention.wq).__name__ == ("LoRALinear" if lora else "Linear")

@@ -132,8 +132,8 @@ class SampleCallback(L.Callback):
         self._n_val += 1
         if not self.prompts or trainer.sanity_checking or (self._n_val - 1) % self.every_n_val:
             return
-        if trainer.global_rank != 0:
-            return
+        if trainer.global_rank != 0 or type(trainer.strategy).__name__ == "FSDPStrategy":
+            return  # FSDP: rank 0 alone cannot run a sharded model (the exported model is whole)
         dm = trainer.datamodule
         if dm is None or not getattr(dm, "tokenizer_path", None):
             return

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import shutil
 import time
+from collections.abc import Mapping
 from pathlib import Path
 
 import lightning as L
@@ -15,6 +16,7 @@ from lightning.pytorch.callbacks import LearningRateMonitor
 from omegaconf import DictConfig, OmegaConf
 
 from llamalit.fileio import atomic_write_json
+from llamalit.model import Llama, ModelConfig
 from llamalit.training.loggers import build_logger, finish_wandb
 from llamalit.training.module import LlamaLitModule
 
@@ -98,7 +100,33 @@ def check_vocab(model_vocab: int, data_vocab: int, init_from: str | None, tokeni
                     model_vocab, data_vocab, tokenizer)
 
 
-def export_weights(module: LlamaLitModule, out_dir: Path, tokenizer_path: str | None, cfg: dict) -> dict:
+def model_from_module_state(cfg: Mapping, state: Mapping[str, torch.Tensor]) -> Llama:
+    """A plain ``Llama`` (LoRA-wrapped for a LoRA run) holding a ``LlamaLitModule`` state dict's weights."""
+    model = Llama(ModelConfig.from_dict(cfg["model"]))
+    lora = cfg.get("lora") or {}
+    if lora.get("enabled"):
+        from llamalit.lora import LoraConfig, apply_lora
+
+        apply_lora(model, LoraConfig.from_dict(lora))
+    model.load_state_dict({k.removeprefix("model."): v for k, v in state.items() if k.startswith("model.")})
+    return model
+
+
+def exportable_model(trainer: L.Trainer, module: LlamaLitModule) -> Llama | None:
+    """The trained model, whole, on rank 0 (None on the other ranks).
+
+    Under FSDP each rank holds a shard of every parameter, so the full weights are gathered first; every
+    rank must call this (the gather is collective). Otherwise it is ``module.model`` itself.
+    """
+    from lightning.pytorch.strategies import FSDPStrategy
+
+    if not isinstance(trainer.strategy, FSDPStrategy):
+        return module.model if trainer.is_global_zero else None
+    state = trainer.strategy.lightning_module_state_dict()  # full_state_dict, gathered on rank 0
+    return model_from_module_state(module.cfg, state) if trainer.is_global_zero else None
+
+
+def export_weights(model: Llama, out_dir: Path, tokenizer_path: str | None, cfg: dict) -> dict:
     """Weights only, loadable without Lightning: a full model, or for a LoRA run the adapter alone."""
     files: dict[str, str] = {}
     tok_copy = None
@@ -112,12 +140,12 @@ def export_weights(module: LlamaLitModule, out_dir: Path, tokenizer_path: str | 
     if (cfg.get("lora") or {}).get("enabled"):
         from llamalit.lora import LoraConfig, save_adapter
 
-        save_adapter(module.model, out_dir, base=cfg.get("init_from"), lora_cfg=LoraConfig.from_dict(cfg["lora"]))
+        save_adapter(model, out_dir, base=cfg.get("init_from"), lora_cfg=LoraConfig.from_dict(cfg["lora"]))
         files["adapter"] = str(out_dir / "adapter.safetensors")
     else:
         from llamalit.checkpoints.native import save_model
 
-        save_model(module.model, out_dir, extra=extra)
+        save_model(model, out_dir, extra=extra)
         files["model"] = str(out_dir / "model.safetensors")
     return files
 
@@ -132,7 +160,7 @@ def copy_export(files: dict[str, str], dest: Path) -> None:
                 shutil.copyfile(f, dest / f.name)
 
 
-def run_adherence(cfg: DictConfig, module: LlamaLitModule, dm) -> dict | None:
+def run_adherence(cfg: DictConfig, module: LlamaLitModule, model: Llama, dm) -> dict | None:
     """Instruction adherence on held-out TinyStories-format instructions (instruct data only)."""
     ev = cfg.get("evaluation") or {}
     if not ev.get("adherence_n") or dm.manifest.get("kind") != "instruct" or \
@@ -143,7 +171,7 @@ def run_adherence(cfg: DictConfig, module: LlamaLitModule, dm) -> dict | None:
 
     records = held_out_records(OmegaConf.to_container(cfg.data, resolve=True), n=ev.adherence_n,
                                seed=cfg.seed, cache_dir=cfg.paths.cache_dir)
-    result = evaluate_adherence(module.model, Tokenizer(dm.tokenizer_path), records,
+    result = evaluate_adherence(model, Tokenizer(dm.tokenizer_path), records,
                                 max_new_tokens=ev.get("max_new_tokens", 200), n_examples=2)
     if module.logger is not None:
         module.logger.log_metrics({f"adherence/{k}": v for k, v in result.items()
@@ -199,21 +227,22 @@ def finish_run(cfg: DictConfig, resolved: dict, trainer: L.Trainer, module: Llam
     else:
         metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")}
     files = {}
+    model = exportable_model(trainer, module)
     if trainer.is_global_zero:
-        files = export_weights(module, run_dir, dm.tokenizer_path, resolved)
+        files = export_weights(model, run_dir, dm.tokenizer_path, resolved)
         if (cfg.get("export") or {}).get("merged_hf") and (cfg.get("lora") or {}).get("enabled") \
                 and cfg.get("init_from"):  # the QLoRA guide's merge_and_unload: a plain HF model to ship
             from llamalit.checkpoints.merged import export_merged_hf
             from llamalit.lora import LoraConfig, lora_state_dict
 
             files["merged_hf"] = str(export_merged_hf(
-                cfg.init_from, lora_state_dict(module.model), LoraConfig.from_dict(resolved["lora"]),
+                cfg.init_from, lora_state_dict(model), LoraConfig.from_dict(resolved["lora"]),
                 run_dir / "merged_hf", tokenizer=dm.tokenizer_path))
         if cfg.get("export_dir") and not trainer.fast_dev_run:  # a smoke run does not replace the shared model
             copy_export(files, Path(str(cfg.export_dir)).expanduser())
     adherence = None
     if trainer.is_global_zero:
-        adherence = run_adherence(cfg, module, dm)
+        adherence = run_adherence(cfg, module, model, dm)
     speed = next((c for c in trainer.callbacks if c.__class__.__name__ == "SpeedMonitor"), None)
     summary = {
         "experiment": cfg.get("experiment_name"),
@@ -229,8 +258,8 @@ def finish_run(cfg: DictConfig, resolved: dict, trainer: L.Trainer, module: Llam
         "useful_tokens_per_s": (speed.useful_tokens_seen / speed.train_time_s)
         if speed and speed.train_time_s else None,
         "mfu": speed.mfu if speed else None,
-        "params": module.model.num_params(),
-        "trainable_params": module.model.num_params(trainable_only=True),
+        "params": (model or module.model).num_params(),  # the whole model (FSDP ranks hold shards)
+        "trainable_params": (model or module.model).num_params(trainable_only=True),
         "lora": resolved.get("lora"),
         "adherence": adherence,
         "best_checkpoint": best or None,
