@@ -11,6 +11,9 @@ CUDA and fp32 on CPU, the loss on every position (no prompt masking: the worst c
 Memory, reported per mode:
 * ``state_MiB``: parameters + gradients + optimizer state, summed exactly from the tensors after a step
   (any device);
+* ``saved_MiB``: the tensors autograd keeps from the forward for the backward (activations, the chunked
+  loss's gradients), each storage once, parameters excluded: exact on any device, so
+  ``state_plus_saved_MiB`` is a device-independent estimate of the peak (transient buffers aside);
 * ``peak_MiB``: on CUDA, ``torch.cuda.max_memory_allocated`` over model build and all steps (weights,
   gradients, optimizer state, activations, workspace); on CPU, the growth of the child's peak RSS
   (``ru_maxrss``) from just before the model is built — includes allocator slack, so it is coarser.
@@ -79,10 +82,21 @@ def run_mode(args: dict) -> dict:
     opt = build_optimizer(model, OptimConfig(lr=1e-4))
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if cuda else torch.autocast("cpu", enabled=False)
 
+    param_storages = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    saved: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:  # every tensor autograd keeps for backward, once per storage
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in param_storages:
+            saved[storage.data_ptr()] = storage.nbytes()
+        return t
+
     def step(i: int) -> float:
         w = batches[i % len(batches)].to(device, non_blocking=True)
-        with autocast:
+        with autocast, torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
             loss = model.loss(w[:, :-1], w[:, 1:])
+        step.saved_bytes = sum(saved.values())
+        saved.clear()
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=False)  # keep gradients allocated: they are part of the steady state
@@ -117,6 +131,8 @@ def run_mode(args: dict) -> dict:
         "batch": args["batch"], "seq": args["seq"],
         "params": sum(p.numel() for p in params), "trainable_params": sum(p.numel() for p in trainable),
         "state_MiB": round(state_bytes / MiB, 1), "peak_MiB": round(peak / MiB, 1), "peak_kind": peak_kind,
+        "saved_MiB": round(step.saved_bytes / MiB, 1),
+        "state_plus_saved_MiB": round((state_bytes + step.saved_bytes) / MiB, 1),
         "step_ms": round(step_s * 1000, 1), "tokens_per_s": round(args["batch"] * args["seq"] / step_s),
         "gpu": torch.cuda.get_device_name(device) if cuda else None,
     }
@@ -143,15 +159,17 @@ def run_isolated(args: dict) -> dict:
 
 
 def format_table(rows: list[dict]) -> str:
-    head = f"{'mode':<8} {'trainable':>12} {'of params':>10} {'state MiB':>10} {'peak MiB':>10} {'step ms':>9} {'tok/s':>9}"
+    head = (f"{'mode':<8} {'trainable':>12} {'of params':>10} {'state MiB':>10} {'saved MiB':>10} {'st+saved':>9} "
+            f"{'peak MiB':>10} {'step ms':>9} {'tok/s':>9}")
     lines = [head, "-" * len(head)]
     for r in rows:
         lines.append(f"{r['mode']:<8} {r['trainable_params']:>12,} {r['trainable_params'] / r['params']:>10.4%} "
-                     f"{r['state_MiB']:>10.1f} {r['peak_MiB']:>10.1f} {r['step_ms']:>9.1f} {r['tokens_per_s']:>9,}")
+                     f"{r['state_MiB']:>10.1f} {r['saved_MiB']:>10.1f} {r['state_plus_saved_MiB']:>9.1f} {r['peak_MiB']:>10.1f} {r['step_ms']:>9.1f} {r['tokens_per_s']:>9,}")
     by = {r["mode"]: r for r in rows}
     for mode in [m for m in by if m != "full"]:
         if "full" in by and by["full"]["peak_MiB"] > 0:
             lines.append(f"{mode} / full: peak memory {by[mode]['peak_MiB'] / by['full']['peak_MiB']:.2f}x, "
+                         f"state + saved {by[mode]['state_plus_saved_MiB'] / by['full']['state_plus_saved_MiB']:.2f}x, "
                          f"state {by[mode]['state_MiB'] / by['full']['state_MiB']:.2f}x, "
                          f"step time {by[mode]['step_ms'] / by['full']['step_ms']:.2f}x")
     r = rows[0]
