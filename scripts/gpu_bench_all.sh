@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# Every GPU figure the open issues ask for, in one go (about 20 minutes on one H100), JSON + logs into $OUT.
+#   OUT=/tmp/gpu bash scripts/gpu_bench_all.sh [path/to/llama2.c/model.py]
+# Needs torch (CUDA), lightning, torchmetrics, sentencepiece, safetensors, numpy, transformers; optional
+# bitsandbytes (QLoRA rows) and liger-kernel (liger loss rows). Runs from the repository root.
+set -uo pipefail
+OUT=${OUT:-gpu_results}
+L2C=${1:-}
+mkdir -p "$OUT"
+export PYTHONPATH="src${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
+run() {  # name, seconds, command...: a failing or slow step never stops the others
+  local name=$1 limit=$2; shift 2
+  echo "== $name"; timeout "$limit" "$@" 2>&1 | tee "$OUT/$name.log" | grep -v -i warn | tail -25
+}
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > "$OUT/gpu.txt"
+python -c "import torch, lightning; print(torch.__version__, lightning.__version__)" >> "$OUT/gpu.txt"
+run generate 150 python scripts/bench_generate.py --devices cuda --shapes stories15m,stories110m --repeats 3 \
+    --json "$OUT/bench_generate_cuda.json"
+run loss 120 python scripts/bench_loss.py --device cuda --iters 20 --warmup 3 --rounds 2 --json "$OUT/bench_loss.json"
+run train 420 python scripts/bench_train.py --device cuda --configs 15m_pretrain,15m_instruct,110m,110m_lora \
+    --steps 25 --warmup 8 --repeats 1 ${L2C:+--llama2c-model "$L2C"} --json "$OUT/bench_train.json"
+run train_eager 200 python scripts/bench_train.py --device cuda --compile off --configs 15m_pretrain,110m \
+    --steps 15 --warmup 5 --repeats 1 --layouts padded --json "$OUT/bench_train_eager.json"
+run lora 150 python scripts/bench_lora.py --preset stories110m --device cuda --batch 16 --seq 350 --steps 20 \
+    --warmup 5 --json "$OUT/bench_lora.json"
+run qlora 240 python scripts/bench_qlora.py --json "$OUT/bench_qlora.json"
+run tests 120 python -m pytest -q -x tests/test_losses.py tests/test_packing_model.py
