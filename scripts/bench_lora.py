@@ -23,7 +23,6 @@ Step time: median over ``--steps`` timed steps after ``--warmup`` steps (CUDA sy
 from __future__ import annotations
 
 import argparse
-import multiprocessing as mp
 import resource
 import statistics
 import sys
@@ -31,6 +30,8 @@ import time
 from pathlib import Path
 
 import torch
+
+from llamalit import benchutil
 
 MiB = 2**20
 
@@ -138,21 +139,9 @@ def run_mode(args: dict) -> dict:
     }
 
 
-def _child(args: dict, queue) -> None:
-    try:
-        queue.put(run_mode(args))
-    except BaseException as e:  # report, do not hang the parent
-        queue.put({"mode": args["mode"], "error": f"{type(e).__name__}: {e}"})
-
-
 def run_isolated(args: dict) -> dict:
     """:func:`run_mode` in a fresh spawned process (clean memory counters, no shared allocator)."""
-    ctx = mp.get_context("spawn")
-    queue = ctx.Queue()
-    proc = ctx.Process(target=_child, args=(args, queue))
-    proc.start()
-    result = queue.get()
-    proc.join()
+    result = benchutil.run_isolated(run_mode, args)
     if "error" in result:
         raise RuntimeError(f"{args['mode']} run failed: {result['error']}")
     return result

@@ -24,7 +24,6 @@ Default dtype: bf16 autocast on CUDA, fp32 on CPU (``--autocast bf16|off`` overr
 from __future__ import annotations
 
 import argparse
-import multiprocessing as mp
 import resource
 import statistics
 import sys
@@ -32,6 +31,8 @@ import time
 from pathlib import Path
 
 import torch
+
+from llamalit import benchutil
 
 MiB = 2**20
 SHAPES = {"15m": (int(64 * 349 * 0.6), 288, 32000), "110m": (16 * 1023, 768, 32000)}
@@ -96,22 +97,9 @@ def run_case(args: dict) -> dict:
     }
 
 
-def _child(args: dict, queue) -> None:
-    try:
-        queue.put(run_case(args))
-    except BaseException as e:  # report, do not hang the parent
-        queue.put({"impl": args["impl"], "error": f"{type(e).__name__}: {e}"})
-
-
 def run_isolated(args: dict) -> dict:
-    """:func:`run_case` in a fresh spawned process (clean peak-RSS counter, no shared allocator)."""
-    ctx = mp.get_context("spawn")
-    queue = ctx.Queue()
-    proc = ctx.Process(target=_child, args=(args, queue))
-    proc.start()
-    result = queue.get()
-    proc.join()
-    return result
+    """:func:`run_case` in a fresh spawned process (clean memory counters, no shared allocator)."""
+    return benchutil.run_isolated(run_case, args)
 
 
 def format_table(rows: list[dict]) -> str:

@@ -20,12 +20,13 @@ QLoRA), random token rows of ``--seq`` tokens with the loss on every position.
 from __future__ import annotations
 
 import argparse
-import multiprocessing as mp
 import statistics
 import time
 from pathlib import Path
 
 import torch
+
+from llamalit import benchutil
 
 GiB = 2**30
 # Published shapes: TinyLlama/TinyLlama-1.1B (GQA 32/4) and meta-llama/Llama-2-7b-hf; untied heads.
@@ -119,22 +120,9 @@ def run_row(args: dict) -> dict:
     }
 
 
-def _child(args: dict, queue) -> None:
-    try:
-        queue.put(run_row(args))
-    except BaseException as e:  # report (out of memory included), do not hang the parent
-        queue.put({**args, "error": f"{type(e).__name__}: {str(e)[:300]}"})
-
-
 def run_isolated(args: dict) -> dict:
-    """:func:`run_row` in a fresh spawned process: clean CUDA memory counters for every row."""
-    ctx = mp.get_context("spawn")
-    queue = ctx.Queue()
-    proc = ctx.Process(target=_child, args=(args, queue))
-    proc.start()
-    result = queue.get()
-    proc.join()
-    return result
+    """:func:`run_row` in a fresh spawned process (clean memory counters, no shared allocator)."""
+    return benchutil.run_isolated(run_row, args)
 
 
 def format_table(rows: list[dict]) -> str:
