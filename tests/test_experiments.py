@@ -330,3 +330,23 @@ def test_alpaca_qlora_trains_a_4bit_base_and_exports_a_merged_hf_model(env, tmp_
     x = torch.randint(0, base.cfg.vocab_size, (1, 12), generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
         assert torch.isfinite(hf(x).logits).all()
+
+
+def test_packed_demo_run_feeds_packed_rows_and_validates_unpacked(env, tmp_path, monkeypatch):
+    """data.packing=true through train(): training batches carry positions/segments, validation does not."""
+    seen: list[tuple[bool, bool]] = []  # (training, packed) of every loss call
+    real = LlamaLitModule._loss
+
+    def spy(self, batch, accuracy):
+        seen.append((self.training, "segments" in batch and "positions" in batch))
+        return real(self, batch, accuracy)
+
+    monkeypatch.setattr(LlamaLitModule, "_loss", spy)
+    cfg = experiment_cfg("demo", env, tmp_path / "run", [
+        "data.packing=true", "attention=dense", "trainer.max_steps=4", "trainer.val_check_interval=4",
+        "trainer.limit_val_batches=1", "callbacks.samples=null", "evaluation.adherence_n=0"])
+    summary = train(cfg)
+    assert summary["step"] == 4 and math.isfinite(summary["val/loss"])
+    assert {packed for training, packed in seen if training} == {True}
+    assert {packed for training, packed in seen if not training} == {False}
+    assert 0 < summary["useful_tokens_seen"] < summary["tokens_seen"]

@@ -55,6 +55,10 @@ def build_model(cfg: Mapping) -> Llama:
         apply_lora(model, LoraConfig.from_dict(lora))
     if cfg.get("gradient_checkpointing"):
         enable_gradient_checkpointing(model)
+    backend = cfg.get("attention") or "auto"
+    if backend not in ("auto", "flex", "dense"):
+        raise ValueError(f"attention={backend!r}: choose auto, flex (CUDA) or dense")
+    model.attention_backend = backend
     return model
 
 
