@@ -25,3 +25,11 @@ run lora 150 python scripts/bench_lora.py --preset stories110m --device cuda --b
     --warmup 5 --json "$OUT/bench_lora.json"
 run qlora 240 python scripts/bench_qlora.py --json "$OUT/bench_qlora.json"
 run tests 120 python -m pytest -q -x tests/test_losses.py tests/test_packing_model.py
+# Lightning's FSDP refuses the CPU, so its first real run is here (one GPU; needs hydra-core, omegaconf and
+# wandb, carried as wheels): the demo fully sharded, exported whole from the gathered state dict.
+if python -c "import hydra, omegaconf" 2>/dev/null; then
+  run fsdp 240 env WANDB_MODE=disabled python train.py experiment=demo trainer=fsdp trainer.devices=1 \
+      trainer.max_steps=20 trainer.val_check_interval=20 trainer.limit_val_batches=2 logger=csv \
+      paths.cache_dir="$OUT/cache" hydra.run.dir="$OUT/fsdp_run" evaluation.adherence_n=4
+  python -c "from llamalit.checkpoints import load_checkpoint; m = load_checkpoint('$OUT/fsdp_run'); print('fsdp export loads:', m.num_params(), 'params')" 2>&1 | tee -a "$OUT/fsdp.log"
+fi
