@@ -136,7 +136,7 @@ def bench_lightning(bc: BenchConfig, data: Dataset, steps: int, device: str, pre
 
 
 def plain_loop(model: torch.nn.Module, batch_loss, bc: BenchConfig, data: Dataset, steps: int, device: str,
-               precision: str, scheduler_of=None) -> list[float]:
+               precision: str, scheduler_of=None, on_step=None) -> list[float]:
     """Seconds of each optimizer step of a plain PyTorch loop: accumulate, clip 1.0, AdamW (+ schedule)."""
     opt = build_optimizer(model, OptimConfig(warmup_steps=2))
     sched = scheduler_of(opt) if scheduler_of else None
@@ -159,11 +159,13 @@ def plain_loop(model: torch.nn.Module, batch_loss, bc: BenchConfig, data: Datase
         if device == "cuda":
             torch.cuda.synchronize()
         times.append(time.perf_counter())
+        if on_step is not None:
+            on_step()
     return [b - a for a, b in zip(times, times[1:])]
 
 
 def bench_plain(bc: BenchConfig, data: Dataset, steps: int, device: str, precision: str,
-                compile_: bool) -> list[float]:
+                compile_: bool, on_step=None) -> list[float]:
     """Our model (built as the module builds it, LoRA included) in the plain loop, with our schedule."""
     torch.manual_seed(0)
     cfg = run_cfg(bc, steps)
@@ -176,7 +178,23 @@ def bench_plain(bc: BenchConfig, data: Dataset, steps: int, device: str, precisi
 
     optim = OptimConfig.from_dict(cfg["optim"])
     return plain_loop(model, loss_of, bc, data, steps, device, precision,
-                      scheduler_of=lambda opt: build_scheduler(opt, optim, steps))
+                      scheduler_of=lambda opt: build_scheduler(opt, optim, steps), on_step=on_step)
+
+
+def profile_plain(bc: BenchConfig, data: Dataset, device: str, precision: str, compile_: bool,
+                  out: Path, warmup: int = 3, active: int = 3) -> str:
+    """Where a step's time goes: ``torch.profiler`` over ``active`` steps of the plain loop after ``warmup``;
+    the top operators by self time (device time on CUDA), also written to ``out``."""
+    from torch.profiler import ProfilerActivity, profile, schedule
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
+    with profile(activities=activities, schedule=schedule(wait=0, warmup=warmup, active=active, repeat=1)) as prof:
+        bench_plain(bc, data, warmup + active, device, precision, compile_, on_step=prof.step)
+    key = "self_cuda_time_total" if device == "cuda" else "self_cpu_time_total"
+    table = prof.key_averages().table(sort_by=key, row_limit=20)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(table)
+    return table
 
 
 def bench_llama2c(bc: BenchConfig, data: Dataset, steps: int, device: str, precision: str,
@@ -221,6 +239,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     p.add_argument("--compile", default="auto", choices=["auto", "on", "off"],
                    help="torch.compile (our blocks; llama2.c's whole model): auto = on CUDA, as train.py")
     p.add_argument("--layouts", default="padded,packed", help="instruct configs: padded and/or packed rows")
+    p.add_argument("--profile", action="store_true",
+                   help="also profile the plain loop of each config (top operators; run-dir/profile_*.txt)")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--json", type=Path, default=None)
     p.add_argument("--run-dir", type=Path, default=Path("outputs/bench_train"))
@@ -245,6 +265,11 @@ def main(argv: list[str] | None = None) -> list[dict]:
                 data = RandomTokens(n_rows, bc.seq, ModelConfig.preset(bc.preset).vocab_size)
                 useful = bc.batch * bc.seq * bc.accum
             rows.append(bench_one(bc, data, layout, useful, padded_useful, args, precision, compile_))
+            if args.profile:
+                warm = max(1, min(3, args.steps // 2))  # the data holds steps + 1 steps of rows
+                print(profile_plain(bc, data, args.device, precision, compile_,
+                                    args.run_dir / f"profile_{key}_{layout}.txt",
+                                    warmup=warm, active=max(1, min(3, args.steps - warm))))
     print_table(rows)
     if args.json:
         args.json.write_text(json.dumps(rows, indent=2))

@@ -18,7 +18,8 @@ run generate 150 python scripts/bench_generate.py --devices cuda --shapes storie
     --json "$OUT/bench_generate_cuda.json"
 run loss 120 python scripts/bench_loss.py --device cuda --iters 20 --warmup 3 --rounds 2 --json "$OUT/bench_loss.json"
 run train 420 python scripts/bench_train.py --device cuda --configs 15m_pretrain,15m_instruct,110m,110m_lora \
-    --steps 25 --warmup 8 --repeats 1 ${L2C:+--llama2c-model "$L2C"} --json "$OUT/bench_train.json"
+    --steps 25 --warmup 8 --repeats 1 ${L2C:+--llama2c-model "$L2C"} --profile --run-dir "$OUT/train" \
+    --json "$OUT/bench_train.json"
 run train_eager 200 python scripts/bench_train.py --device cuda --compile off --configs 15m_pretrain,110m \
     --steps 15 --warmup 5 --repeats 1 --layouts padded --json "$OUT/bench_train_eager.json"
 run lora 150 python scripts/bench_lora.py --preset stories110m --device cuda --batch 16 --seq 350 --steps 20 \
