@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # Every GPU figure the open issues ask for, in one go (about 20 minutes on one H100), JSON + logs into $OUT.
 #   OUT=/tmp/gpu bash scripts/gpu_bench_all.sh [path/to/llama2.c/model.py]
+# The device tool allows 10 minutes a call: split it with ONLY (names of the steps below), e.g.
+#   ONLY="generate loss lora" ...;  ONLY="train" ...;  ONLY="train_eager qlora tests fsdp" ...
 # Needs torch (CUDA), lightning, torchmetrics, sentencepiece, safetensors, numpy, transformers; optional
 # bitsandbytes (QLoRA rows) and liger-kernel (liger loss rows). Runs from the repository root.
 set -uo pipefail
@@ -8,8 +10,10 @@ OUT=${OUT:-gpu_results}
 L2C=${1:-}
 mkdir -p "$OUT"
 export PYTHONPATH="src${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
+ONLY=${ONLY:-generate loss train train_eager lora qlora tests fsdp}
 run() {  # name, seconds, command...: a failing or slow step never stops the others
   local name=$1 limit=$2; shift 2
+  [[ " $ONLY " == *" $name "* ]] || return 0
   echo "== $name"; timeout "$limit" "$@" 2>&1 | tee "$OUT/$name.log" | grep -v -i warn | tail -25
 }
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > "$OUT/gpu.txt"
@@ -28,7 +32,7 @@ run qlora 240 python scripts/bench_qlora.py --json "$OUT/bench_qlora.json"
 run tests 120 python -m pytest -q -x tests/test_losses.py tests/test_packing_model.py
 # Lightning's FSDP refuses the CPU, so its first real run is here (one GPU; needs hydra-core, omegaconf and
 # wandb, carried as wheels): the demo fully sharded, exported whole from the gathered state dict.
-if python -c "import hydra, omegaconf" 2>/dev/null; then
+if [[ " $ONLY " == *" fsdp "* ]] && python -c "import hydra, omegaconf" 2>/dev/null; then
   run fsdp 240 env WANDB_MODE=disabled python train.py experiment=demo trainer=fsdp trainer.devices=1 \
       trainer.max_steps=20 trainer.val_check_interval=20 trainer.limit_val_batches=2 logger=csv \
       paths.cache_dir="$OUT/cache" hydra.run.dir="$OUT/fsdp_run" evaluation.adherence_n=4
