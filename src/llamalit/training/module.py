@@ -125,7 +125,10 @@ class LlamaLitModule(L.LightningModule):
         return self.model(tokens)
 
     def on_fit_start(self) -> None:
-        if not self._compiled and resolve_compile(self.cfg.get("compile"), self.device):
+        setting = self.cfg.get("compile")
+        if setting is None and self.cfg.get("quantize"):
+            setting = False  # auto stays off for 4-bit bases: bitsandbytes layers under compile are unmeasured
+        if not self._compiled and resolve_compile(setting, self.device):
             compile_blocks(self.model)
             self._compiled = True
 
