@@ -72,3 +72,25 @@ def test_document_mask_dense_layout() -> None:
     assert mask.shape == (1, 1, 5, 5) and torch.equal(mask[0, 0], expected)
     with pytest.raises(ValueError, match="backend"):
         document_mask(torch.zeros(1, 3, dtype=torch.long), backend="sparse")
+
+
+@pytest.mark.parametrize("tie", [True, False])
+def test_chunked_loss_in_the_model_matches_plain_grads_everywhere(tie: bool) -> None:
+    """Through the whole model (tied embedding included), packed rows and masked labels: chunked == plain."""
+    torch.manual_seed(3)
+    model = Llama(ModelConfig.preset("tiny", max_seq_len=32, tie_embeddings=tie)).double()
+    tokens, positions, segments = _pack([torch.randint(1, 256, (n,)) for n in (7, 11)], 24)
+    labels = torch.randint(0, 256, (1, 24))
+    labels[0, :3] = labels[0, 18:] = IGNORE_INDEX
+    grads = {}
+    for impl in ("plain", "chunked"):
+        model.zero_grad()
+        out = model.loss_and_correct(tokens, labels, accuracy=True, loss_impl=impl, positions=positions,
+                                     segments=segments)
+        out.loss.backward()
+        grads[impl] = (out.loss.detach(), out.correct, {n: p.grad.clone() for n, p in model.named_parameters()})
+    (lp, cp, gp), (lc, cc, gc) = grads["plain"], grads["chunked"]
+    torch.testing.assert_close(lc, lp, rtol=1e-12, atol=0)
+    assert int(cc) == int(cp)
+    for name in gp:
+        torch.testing.assert_close(gc[name], gp[name], rtol=1e-10, atol=1e-14, msg=name)
