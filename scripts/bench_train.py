@@ -29,7 +29,13 @@ from torch.utils.data import DataLoader, Dataset
 
 from llamalit.model import Llama, ModelConfig
 from llamalit.training.callbacks import SpeedMonitor, peak_flops
-from llamalit.training.module import LlamaLitModule, batch_loss, compile_blocks, resolve_compile
+from llamalit.training.module import (
+    LlamaLitModule,
+    add_counted_positions,
+    batch_loss,
+    compile_blocks,
+    resolve_compile,
+)
 from llamalit.training.optim import OptimConfig, build_optimizer, build_scheduler
 
 
@@ -147,7 +153,8 @@ def plain_loop(model: torch.nn.Module, batch_loss, bc: BenchConfig, data: Datase
     model.train()
     for _ in range(steps):
         for _ in range(bc.accum):
-            batch = {k: v.to(device, non_blocking=True) for k, v in next(batches).items()}
+            batch = add_counted_positions(next(batches), pin=device == "cuda")  # as the module does: no sync
+            batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
             with autocast:
                 loss = batch_loss(batch) / bc.accum
             loss.backward()

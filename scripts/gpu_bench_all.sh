@@ -2,7 +2,7 @@
 # Every GPU figure the open issues ask for, in one go (about 20 minutes on one H100), JSON + logs into $OUT.
 #   OUT=/tmp/gpu bash scripts/gpu_bench_all.sh [path/to/llama2.c/model.py]
 # The device tool allows 10 minutes a call: split it with ONLY (names of the steps below), e.g.
-#   ONLY="generate loss lora" ...;  ONLY="train" ...;  ONLY="train_eager qlora tests fsdp" ...
+#   ONLY="generate loss lora" ...;  ONLY="train" ...;  ONLY="train_eager qlora sync tests fsdp" ...
 # Needs torch (CUDA), lightning, torchmetrics, sentencepiece, safetensors, numpy, transformers; optional
 # bitsandbytes (QLoRA rows) and liger-kernel (liger loss rows). Runs from the repository root.
 set -uo pipefail
@@ -10,7 +10,7 @@ OUT=${OUT:-gpu_results}
 L2C=${1:-}
 mkdir -p "$OUT"
 export PYTHONPATH="src${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
-ONLY=${ONLY:-generate loss train train_eager lora qlora tests fsdp}
+ONLY=${ONLY:-generate loss train train_eager lora qlora sync tests fsdp}
 run() {  # name, seconds, command...: a failing or slow step never stops the others
   local name=$1 limit=$2; shift 2
   [[ " $ONLY " == *" $name "* ]] || return 0
@@ -29,6 +29,7 @@ run train_eager 200 python scripts/bench_train.py --device cuda --compile off --
 run lora 150 python scripts/bench_lora.py --preset stories110m --device cuda --batch 16 --seq 350 --steps 20 \
     --warmup 5 --json "$OUT/bench_lora.json"
 run qlora 240 python scripts/bench_qlora.py --json "$OUT/bench_qlora.json"
+run sync 200 bash -c "python scripts/check_sync.py && python scripts/check_sync.py --packed --compile"
 run tests 120 python -m pytest -q -x tests/test_losses.py tests/test_packing_model.py
 # Lightning's FSDP refuses the CPU, so its first real run is here (one GPU; needs hydra-core, omegaconf and
 # wandb, carried as wheels): the demo fully sharded, exported whole from the gathered state dict.

@@ -94,3 +94,18 @@ def test_chunked_loss_in_the_model_matches_plain_grads_everywhere(tie: bool) -> 
     assert int(cc) == int(cp)
     for name in gp:
         torch.testing.assert_close(gc[name], gp[name], rtol=1e-10, atol=1e-14, msg=name)
+
+
+def test_host_counted_positions_give_the_same_loss_without_a_device_count(model: Llama) -> None:
+    """``counted`` made on the host before the batch moves (what the module adds) == the on-device mask path."""
+    from llamalit.training.module import add_counted_positions, batch_loss
+
+    torch.manual_seed(4)
+    batch = {"input_ids": torch.randint(0, 256, (3, 12)), "labels": torch.randint(0, 256, (3, 12))}
+    batch["labels"][0, :5] = batch["labels"][2, 7:] = IGNORE_INDEX
+    plain = batch_loss(model, batch, accuracy=True)
+    with_index = add_counted_positions(dict(batch), pin=False)
+    assert torch.equal(with_index["counted"], (batch["labels"].flatten() != IGNORE_INDEX).nonzero()[:, 0])
+    out = batch_loss(model, with_index, accuracy=True)
+    torch.testing.assert_close(out.loss, plain.loss, rtol=0, atol=0)
+    assert int(out.correct) == int(plain.correct)

@@ -92,6 +92,11 @@ def _at_least_fp32(x: torch.Tensor) -> torch.Tensor:
     return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
 
 
+def counted_positions(labels: torch.Tensor) -> torch.Tensor:
+    """Flat indices (into ``labels.flatten()``) of the positions whose label is not IGNORE_INDEX."""
+    return (labels.flatten() != IGNORE_INDEX).nonzero().squeeze(1)
+
+
 def document_mask(segments: torch.Tensor, backend: str = "auto") -> torch.Tensor | BlockMask:
     """Causal attention within each document of packed rows; ``segments`` (B, T) numbers the documents.
 
@@ -304,16 +309,21 @@ class Llama(nn.Module):
         return self.loss_and_correct(tokens, labels, **kw).loss
 
     def loss_and_correct(self, tokens: torch.Tensor, labels: torch.Tensor, accuracy: bool = False,
-                         loss_impl: str = "auto", **kw) -> LossOutput:
+                         loss_impl: str = "auto", counted: torch.Tensor | None = None, **kw) -> LossOutput:
         """Mean cross-entropy over counted positions and (``accuracy``) how many argmaxes hit the label.
 
         The head and the loss run on counted positions only and, through ``llamalit.losses``, in chunks,
         so the (positions x vocab) logits are never held at once (``loss_impl``: auto | plain | chunked |
         liger). A LoRA-wrapped head goes through its own forward (its dropout acts on the input).
+        ``counted``: :func:`counted_positions` of ``labels``, computed on the host before the batch moved
+        to the GPU; without it the positions are found on the device, which waits for the forward (a sync).
         """
         h = self.hidden(tokens, **kw)
-        keep = labels != IGNORE_INDEX
-        h, targets = h[keep], labels[keep]
+        if counted is None:
+            keep = labels != IGNORE_INDEX
+            h, targets = h[keep], labels[keep]
+        else:
+            h, targets = h.flatten(0, 1).index_select(0, counted), labels.flatten().index_select(0, counted)
         if type(self.output) is nn.Linear:
             return linear_cross_entropy(h, self.output.weight, targets, impl=loss_impl, accuracy=accuracy)
         logits = _at_least_fp32(self.output(h))

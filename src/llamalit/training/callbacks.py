@@ -56,7 +56,8 @@ class SpeedMonitor(L.Callback):
         self.tokens_seen += n
         self._window_tokens += n
         self._world = trainer.world_size
-        counted = (batch["labels"] != IGNORE_INDEX).sum()
+        # host-side count when the module added one (no device op at all), else counted on the device
+        counted = batch["counted"].numel() if "counted" in batch else (batch["labels"] != IGNORE_INDEX).sum()
         self._useful = counted if self._useful is None else self._useful + counted
         now = time.perf_counter()
         self.train_time_s += now - self._mark

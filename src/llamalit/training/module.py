@@ -14,7 +14,7 @@ import torch
 from torchmetrics import MeanMetric
 
 from llamalit.losses import LossOutput
-from llamalit.model import IGNORE_INDEX, Llama, ModelConfig, rope_tables
+from llamalit.model import IGNORE_INDEX, Llama, ModelConfig, counted_positions, rope_tables
 from llamalit.training.optim import OptimConfig, build_optimizer, build_scheduler
 
 log = logging.getLogger(__name__)
@@ -62,11 +62,25 @@ def build_model(cfg: Mapping) -> Llama:
     return model
 
 
+def _at_least_one(n: torch.Tensor | int) -> torch.Tensor | int:
+    return n.clamp(min=1) if isinstance(n, torch.Tensor) else max(n, 1)  # a tensor stays on its device
+
+
 def batch_loss(model: Llama, batch: Mapping, accuracy: bool = False, loss_impl: str = "auto") -> LossOutput:
-    """``model``'s loss on a batch of ``input_ids``/``labels`` (+ ``positions``/``segments`` when packed)."""
-    packed = {k: batch[k] for k in ("positions", "segments") if k in batch}
+    """``model``'s loss on a batch of ``input_ids``/``labels`` (+ ``positions``/``segments`` when packed,
+    + ``counted`` when :func:`add_counted_positions` ran before the batch moved to the device)."""
+    extra = {k: batch[k] for k in ("positions", "segments", "counted") if k in batch}
     return model.loss_and_correct(batch["input_ids"], batch["labels"], accuracy=accuracy, loss_impl=loss_impl,
-                                  **packed)
+                                  **extra)
+
+
+def add_counted_positions(batch: dict, pin: bool) -> dict:
+    """Add ``counted`` (:func:`~llamalit.model.counted_positions`) to a host batch, pinned when it goes to a GPU:
+    its length is then known on the host, so the step never waits for the device to count (no sync)."""
+    if isinstance(batch, dict) and "labels" in batch and "counted" not in batch and batch["labels"].device.type == "cpu":
+        counted = counted_positions(batch["labels"])
+        batch["counted"] = counted.pin_memory() if pin else counted
+    return batch
 
 
 def resolve_compile(setting: bool | None, device: torch.device) -> bool:
@@ -132,9 +146,13 @@ class LlamaLitModule(L.LightningModule):
             compile_blocks(self.model)
             self._compiled = True
 
-    def _loss(self, batch: Mapping, accuracy: bool) -> tuple[LossOutput, torch.Tensor]:
-        """The batch's loss (and correct count), and how many positions it counted (a device tensor)."""
-        return batch_loss(self.model, batch, accuracy, self.loss_impl), (batch["labels"] != IGNORE_INDEX).sum()
+    def on_before_batch_transfer(self, batch, dataloader_idx: int):
+        return add_counted_positions(batch, pin=self.device.type == "cuda")
+
+    def _loss(self, batch: Mapping, accuracy: bool) -> tuple[LossOutput, torch.Tensor | int]:
+        """The batch's loss (and correct count), and how many positions it counted."""
+        n = batch["counted"].numel() if "counted" in batch else (batch["labels"] != IGNORE_INDEX).sum()
+        return batch_loss(self.model, batch, accuracy, self.loss_impl), n
 
     def training_step(self, batch: Mapping, batch_idx: int) -> torch.Tensor:
         logging = self._logging_step()  # an argmax over every counted logit is not free: only when it is logged
@@ -142,7 +160,7 @@ class LlamaLitModule(L.LightningModule):
         self._check_finite(out.loss)
         self.log("train/loss", out.loss, on_step=True, prog_bar=True)
         if logging:
-            self.train_acc.update(out.correct / n.clamp(min=1), n)
+            self.train_acc.update(out.correct / _at_least_one(n), n)
             self.log("train/acc", self.train_acc, on_step=True, on_epoch=False)
         return out.loss
 
@@ -154,7 +172,7 @@ class LlamaLitModule(L.LightningModule):
     def validation_step(self, batch: Mapping, batch_idx: int) -> None:
         out, n = self._loss(batch, accuracy=True)
         self.val_loss.update(out.loss, n)
-        self.val_acc.update(out.correct / n.clamp(min=1), n)
+        self.val_acc.update(out.correct / _at_least_one(n), n)
 
     def on_validation_epoch_end(self) -> None:
         loss = self.val_loss.compute()
