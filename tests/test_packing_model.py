@@ -72,6 +72,8 @@ def test_document_mask_dense_layout() -> None:
     assert mask.shape == (1, 1, 5, 5) and torch.equal(mask[0, 0], expected)
     with pytest.raises(ValueError, match="backend"):
         document_mask(torch.zeros(1, 3, dtype=torch.long), backend="sparse")
+    with pytest.raises(ValueError, match="attention=dense"):  # not a NotImplementedError deep in backward
+        document_mask(torch.zeros(1, 3, dtype=torch.long), backend="flex")
 
 
 @pytest.mark.parametrize("tie", [True, False])

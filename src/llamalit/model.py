@@ -112,6 +112,9 @@ def document_mask(segments: torch.Tensor, backend: str = "auto") -> torch.Tensor
         return same & torch.ones(t, t, dtype=torch.bool, device=segments.device).tril()
     if backend != "flex":
         raise ValueError(f"document_mask: backend={backend!r}; choose auto, flex or dense")
+    if not segments.is_cuda and torch.is_grad_enabled():
+        raise ValueError("attention=flex trains on CUDA only (flex attention has no backward on the CPU); "
+                         "use attention=dense or auto here")
 
     def same_doc_causal(b_i, h_i, q_i, kv_i):  # noqa: ARG001 - flex's mask_mod signature
         return (segments[b_i, q_i] == segments[b_i, kv_i]) & (q_i >= kv_i)
