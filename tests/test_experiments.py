@@ -71,7 +71,7 @@ def data_overrides(cfg: DictConfig, env: SimpleNamespace) -> list[str]:
     if cfg.data.get("format") in ("alpaca", "dolly"):
         # QLoRA needs CUDA + bitsandbytes: the CPU run checks the rest of the recipe in bf16-free LoRA.
         return [f"data.source={alpaca_json(env)}", f"data.tokenizer=train:{VOCAB}", "data.records_per_shard=60",
-                "data.seq_len=1024", "quantize=null", "optim.paged=false",
+                "data.seq_len=1024", "model.quantize=null", "optim.paged=false",
                 "lora.rank=2"]  # r=64 would outweigh a 32-wide model
     if cfg.data.source == "synthetic":
         return ["data.n_shards=3", "data.stories_per_shard=60", f"data.tokenizer=train:{VOCAB}"]
@@ -314,12 +314,13 @@ def test_alpaca_qlora_trains_a_4bit_base_and_exports_a_merged_hf_model(env, tmp_
     base = Llama(ModelConfig.preset("tiny", dim=64, hidden_dim=128, vocab_size=data_vocab(cfg)))
     with open_dict(cfg):
         cfg.init_from = str(save_hf(base, tmp_path / "hf_base64"))
-        cfg.quantize = "nf4"
+        cfg.model.quantize = "nf4"
     assert cfg.data.packing and cfg.export.merged_hf
     summary = train(cfg)
     assert summary["step"] == 3 and math.isfinite(summary["val/loss"])
     ckpt = torch.load(summary["last_checkpoint"], weights_only=True, map_location="cpu")
     assert ckpt["state_dict"] and all(k.endswith(("lora_A", "lora_B")) for k in ckpt["state_dict"])  # no 4-bit base
+    assert ckpt["hyper_parameters"]["cfg"]["model"]["quantize"] == "nf4"  # a resume quantizes the base again
     merged = Path(summary["files"]["merged_hf"])
     assert merged == run_dir / "merged_hf" and (merged / "config.json").is_file()
     hf = transformers.LlamaForCausalLM.from_pretrained(merged)

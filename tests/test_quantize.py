@@ -270,7 +270,7 @@ def test_alpaca_qlora_composes_with_the_qlora_settings(tmp_path):
     base = tmp_path / "Llama-2-7b-hf"
     cfg = compose_qlora([f"init_from={base}", f"data.source={tmp_path / 'alpaca_data.json'}", f"run_dir={tmp_path}"])
     c = OmegaConf.to_container(cfg, resolve=True)
-    assert (c["quantize"], c["gradient_checkpointing"], c["init_from"]) == ("nf4", True, str(base))
+    assert (c["model"]["quantize"], c["model"]["gradient_checkpointing"], c["init_from"]) == ("nf4", True, str(base))
     d = c["data"]
     assert (d["name"], d["format"], d["kind"], d["seq_len"], d["packing"], d["train_on_inputs"]) == \
         ("alpaca", "alpaca", "instruct", 2048, True, False)
@@ -287,9 +287,9 @@ def test_alpaca_qlora_composes_with_the_qlora_settings(tmp_path):
 
 
 def test_alpaca_qlora_takes_dolly_and_no_quantization(tmp_path):
-    cfg = compose_qlora([f"init_from={tmp_path}", "data=dolly", "quantize=null", "optim.paged=false",
-                         "gradient_checkpointing=false"])
-    assert (cfg.data.name, cfg.data.seq_len, cfg.quantize, cfg.optim.paged) == ("dolly", 2048, None, False)
+    cfg = compose_qlora([f"init_from={tmp_path}", "data=dolly", "model.quantize=null", "optim.paged=false",
+                         "model.gradient_checkpointing=false"])
+    assert (cfg.data.name, cfg.data.seq_len, cfg.model.quantize, cfg.optim.paged) == ("dolly", 2048, None, False)
     assert cfg.lora.rank == 64 and cfg.data.tokenizer == f"{tmp_path}/tokenizer.model"
 
 
@@ -306,10 +306,10 @@ def test_trainer_fsdp_wraps_each_transformer_block(tmp_path):
     from llamalit.model import TransformerBlock
 
     assert compose_train(["trainer=fsdp"]).trainer.gradient_clip_val is None  # FSDP cannot clip by norm
-    cfg = compose_train(["experiment=alpaca_qlora", f"init_from={tmp_path}", "quantize=null", "lora=none",
+    cfg = compose_train(["experiment=alpaca_qlora", f"init_from={tmp_path}", "model.quantize=null", "lora=none",
                          "optim.paged=false", "trainer=fsdp", "trainer.devices=8", "trainer.gradient_clip_val=null",
                          f"run_dir={tmp_path}"])
-    assert not cfg.lora.enabled and cfg.quantize is None and cfg.gradient_checkpointing
+    assert not cfg.lora.enabled and cfg.model.quantize is None and cfg.model.gradient_checkpointing
     trainer = OmegaConf.to_container(cfg.trainer, resolve=True)
     assert (trainer["_target_"], trainer["devices"], trainer["gradient_clip_val"]) == ("lightning.Trainer", 8, None)
     assert trainer["max_steps"] == 250 and trainer["precision"] == "auto"  # the experiment's settings kept

@@ -144,7 +144,7 @@ def test_gradient_checkpointing_gives_the_same_gradients():
     grads = []
     for ckpt in (False, True):
         torch.manual_seed(0)
-        module = LlamaLitModule({**cfg, "gradient_checkpointing": ckpt})
+        module = LlamaLitModule({**cfg, "model": {**cfg["model"], "gradient_checkpointing": ckpt}})
         batch = RandomRows(2, 12)[0]
         x, y = batch["input_ids"][None], batch["labels"][None]
         module.model.loss(x, y).backward()
@@ -156,7 +156,7 @@ def test_gradient_checkpointing_gives_the_same_gradients():
 
 def test_quantize_without_a_base_is_refused():
     with pytest.raises(ValueError, match="init_from"):
-        LlamaLitModule({**make_cfg(), "quantize": "nf4"})
+        LlamaLitModule({**make_cfg(), "model": {**make_cfg()["model"], "quantize": "nf4"}})
 
 
 def test_compile_defaults_to_cuda_only():

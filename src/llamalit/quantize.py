@@ -45,22 +45,22 @@ def require_bitsandbytes(device: str | torch.device | None = None):
     try:
         import bitsandbytes as bnb
     except ImportError as e:
-        raise ImportError(f"quantize=nf4 (QLoRA) needs bitsandbytes: {_NEEDS}; "
-                          "or train without quantization (quantize=null)") from e
+        raise ImportError(f"model.quantize=nf4 (QLoRA) needs bitsandbytes: {_NEEDS}; "
+                          "or train without quantization (model.quantize=null)") from e
     device = torch.device(device) if device is not None else default_device()
     version = getattr(bnb, "__version__", "?")
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError(f"quantize=nf4 on device {device}: torch.cuda.is_available() is False here. Use a "
+        raise RuntimeError(f"model.quantize=nf4 on device {device}: torch.cuda.is_available() is False here. Use a "
                            "machine with a CUDA GPU, or device='cpu' (bitsandbytes 0.50.2 quantizes on the CPU), "
-                           "or train without quantization (quantize=null)")
+                           "or train without quantization (model.quantize=null)")
     try:
         _probe_4bit(bnb, device)
     except Exception as e:  # old versions raise RuntimeError, NotImplementedError, AssertionError, ...
         where = "the CPU" if device.type == "cpu" else str(device)
         raise RuntimeError(
-            f"quantize=nf4: bitsandbytes {version} cannot quantize/run 4-bit layers on {where} "
+            f"model.quantize=nf4: bitsandbytes {version} cannot quantize/run 4-bit layers on {where} "
             f"({type(e).__name__}: {e}). Upgrade it (pip install -U 'bitsandbytes>=0.50'; 0.50.2 runs 4-bit on "
-            "the CPU) or use a machine with a CUDA GPU; or train without quantization (quantize=null)") from e
+            "the CPU) or use a machine with a CUDA GPU; or train without quantization (model.quantize=null)") from e
     return bnb
 
 
@@ -73,7 +73,7 @@ def quantize_linears(model: nn.Module, kind: str = "nf4", compute_dtype: torch.d
     CPU); the bias (if any) is kept in ``compute_dtype``. Call it before ``apply_lora``. Returns ``model``.
     """
     if kind not in QUANT_KINDS:
-        raise ValueError(f"quantize={kind!r}: choose one of {list(QUANT_KINDS)} (or null for none)")
+        raise ValueError(f"model.quantize={kind!r}: choose one of {list(QUANT_KINDS)} (or null for none)")
     from llamalit.lora import lora_layers
 
     if lora_layers(model):
@@ -93,7 +93,7 @@ def quantize_linears(model: nn.Module, kind: str = "nf4", compute_dtype: torch.d
         raise ValueError(f"quantize_linears on the CPU: {odd[:3]} have in_features not a multiple of {CPU_BLOCK}; "
                          "bitsandbytes' CPU 4-bit kernels give wrong results for such shapes (seen with 0.50.2: "
                          "in_features 32, 96, 160). Real Llama shapes are multiples of 64; quantize on a CUDA GPU "
-                         "or use quantize=null")
+                         "or use model.quantize=null")
     for name, lin in targets.items():
         q = bnb.nn.Linear4bit(lin.in_features, lin.out_features, bias=lin.bias is not None,
                               compute_dtype=compute_dtype, compress_statistics=True, quant_type=kind,

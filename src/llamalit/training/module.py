@@ -33,27 +33,28 @@ def set_max_seq_len(model: Llama, max_seq_len: int) -> None:
 def build_model(cfg: Mapping) -> Llama:
     """The model a run trains: ``init_from`` loaded (or ``cfg['model']`` at random init), then LoRA if enabled."""
     model_cfg = ModelConfig.from_dict(cfg["model"])
-    if cfg.get("quantize") and not cfg.get("init_from"):
-        raise ValueError(f"quantize={cfg['quantize']} needs a pretrained base: set init_from=DIR")
+    quantize, checkpointing = cfg["model"].get("quantize"), cfg["model"].get("gradient_checkpointing")
+    if quantize and not cfg.get("init_from"):
+        raise ValueError(f"model.quantize={quantize} needs a pretrained base: set init_from=DIR")
     if cfg.get("init_from"):
         from llamalit.checkpoints import load_checkpoint
         from llamalit.checkpoints.merged import load_base
 
         # A base to quantize is read straight into bf16 (one copy: ~14 GB for 7B, not float32's ~27 GB).
-        model = load_base(cfg["init_from"]).train() if cfg.get("quantize") else load_checkpoint(cfg["init_from"])
+        model = load_base(cfg["init_from"]).train() if quantize else load_checkpoint(cfg["init_from"])
         set_max_seq_len(model, max(model.cfg.max_seq_len, model_cfg.max_seq_len))
     else:
         model = Llama(model_cfg)
-    if cfg.get("quantize"):
+    if quantize:
         from llamalit.quantize import quantize_linears
 
-        quantize_linears(model, kind=cfg["quantize"])
+        quantize_linears(model, kind=quantize)
     lora = cfg.get("lora") or {}
     if lora.get("enabled"):
         from llamalit.lora import LoraConfig, apply_lora
 
         apply_lora(model, LoraConfig.from_dict(lora))
-    if cfg.get("gradient_checkpointing"):
+    if checkpointing:
         enable_gradient_checkpointing(model)
     backend = cfg.get("attention") or "auto"
     if backend not in ("auto", "flex", "dense"):
@@ -117,7 +118,8 @@ class LlamaLitModule(L.LightningModule):
     def __init__(self, cfg: dict):
         super().__init__()
         self.model = build_model(cfg)
-        cfg = {**cfg, "model": self.model.cfg.to_dict()}  # the checkpoint describes the real shape
+        # the checkpoint describes the real shape (and keeps model.quantize / gradient_checkpointing)
+        cfg = {**cfg, "model": {**cfg["model"], **self.model.cfg.to_dict()}}
         self.save_hyperparameters({"cfg": cfg})
         self.cfg = cfg
         self.optim_cfg = OptimConfig.from_dict(cfg.get("optim") or {})
@@ -140,7 +142,7 @@ class LlamaLitModule(L.LightningModule):
 
     def on_fit_start(self) -> None:
         setting = self.cfg.get("compile")
-        if setting is None and self.cfg.get("quantize"):
+        if setting is None and self.cfg["model"].get("quantize"):
             setting = False  # auto stays off for 4-bit bases: bitsandbytes layers under compile are unmeasured
         if not self._compiled and resolve_compile(setting, self.device):
             compile_blocks(self.model)
