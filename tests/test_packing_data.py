@@ -215,3 +215,33 @@ def test_auto_packing_follows_the_trainer_device(prepared_instruct: Path) -> Non
                                  global_rank=0, world_size=1)
     batch = next(iter(dm.train_dataloader()))   # set up before the Trainer (train.py does): rebuilt, packed
     assert dm.packing_enabled and "segments" in batch and dm.packing_stats["enabled"]
+
+
+def test_lengths_are_cached_beside_the_shards_until_a_label_file_changes(prepared_instruct: Path, tmp_path: Path,
+                                                                         monkeypatch) -> None:
+    import shutil
+
+    from llamalit.data import packing
+
+    data = tmp_path / "data"
+    shutil.copytree(prepared_instruct.parent, data)
+    rows, _ = _packed(data / prepared_instruct.name)
+    cache = data / "lengths_train.npz"
+    first = packing.cached_split_lengths(rows, cache)
+    assert cache.is_file() and np.array_equal(first, split_lengths(rows))
+
+    calls = []
+    real = packing.split_lengths
+    monkeypatch.setattr(packing, "split_lengths", lambda r: calls.append(1) or real(r))
+    assert np.array_equal(packing.cached_split_lengths(rows, cache), first) and not calls  # reused
+
+    labels = rows.shards[0].labels
+    values = np.fromfile(labels, dtype=np.int32)
+    values[: rows.row_len] = IGNORE_INDEX  # the first row loses every counted label
+    values.tofile(labels)
+    again = packing.cached_split_lengths(rows, cache)
+    assert calls == [1] and again[0] == 0 and np.array_equal(again[1:], first[1:])  # recomputed, not stale
+
+    blocked = tmp_path / "a_file"  # a cache that cannot be written (its "directory" is a file): no error
+    blocked.write_text("")
+    assert np.array_equal(packing.cached_split_lengths(rows, blocked / "lengths.npz"), again)

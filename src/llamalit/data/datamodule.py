@@ -38,7 +38,7 @@ from llamalit.data.datasets import (
     read_manifest,
     shard_files,
 )
-from llamalit.data.packing import PackedInstructRows, split_lengths
+from llamalit.data.packing import PackedInstructRows, cached_split_lengths
 
 log = logging.getLogger(__name__)
 
@@ -305,7 +305,8 @@ class LlamaDataModule(L.LightningDataModule):
             unit = f"windows of seq_len + 1 = {int(self.cfg['seq_len']) + 1} tokens"
         elif packed:
             if self._lengths is None:
-                self._lengths = split_lengths(InstructRows(shards, manifest["seq_len"], vocab, ignore))
+                self._lengths = cached_split_lengths(InstructRows(shards, manifest["seq_len"], vocab, ignore),
+                                                     self.data_dir / f"lengths_{split}.npz")
             ds = PackedInstructRows(shards, manifest["seq_len"], vocab, ignore, int(manifest["pad_id"]), self.seed,
                                     lengths=self._lengths)
             unit = "packed rows (no example has a counted label)"
