@@ -189,9 +189,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     rows = [run_isolated({**common, "mode": m}) for m in a.modes.split(",") if m]
     print(format_table(rows))
     if a.json:
-        from llamalit.fileio import atomic_write_json
-
-        atomic_write_json(a.json, {"args": vars(a) | {"json": str(a.json)}, "rows": rows})
+        benchutil.write_json(a.json, a, rows)
     return rows
 
 

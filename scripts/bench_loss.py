@@ -173,10 +173,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     rows = [merge_rounds(done) for done in runs]
     print(format_table(rows))
     if a.json:
-        from llamalit.fileio import atomic_write_json
-
-        atomic_write_json(a.json, {"args": vars(a) | {"json": str(a.json)}, "torch": torch.__version__,
-                                   "rows": rows})
+        benchutil.write_json(a.json, a, rows)
     return rows
 
 

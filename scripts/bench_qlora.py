@@ -169,9 +169,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         print(format_table(rows[-1:]).splitlines()[2], flush=True)  # this row, as it finishes
     print(format_table(rows))
     if a.json:
-        from llamalit.fileio import atomic_write_json
-
-        atomic_write_json(a.json, {"args": vars(a) | {"json": str(a.json)}, "rows": rows})
+        benchutil.write_json(a.json, a, rows)
     return rows
 
 

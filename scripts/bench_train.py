@@ -15,7 +15,6 @@ Useful tokens/s counts the positions that carry loss. Prints a table; --json wri
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import time
@@ -27,6 +26,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from llamalit import benchutil
 from llamalit.model import Llama, ModelConfig
 from llamalit.training.callbacks import SpeedMonitor, peak_flops
 from llamalit.training.module import (
@@ -279,7 +279,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
                                     warmup=warm, active=max(1, min(3, args.steps - warm))))
     print_table(rows)
     if args.json:
-        args.json.write_text(json.dumps(rows, indent=2))
+        benchutil.write_json(args.json, args, rows)
     return rows
 
 

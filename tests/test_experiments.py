@@ -237,18 +237,24 @@ def test_full_tiny_run_validates_checkpoints_and_exports(env, tmp_path):
     assert json.loads((run_dir / "config.json").read_text())["model"]["vocab_size"] == VOCAB
 
 
-def test_nan_loss_stops_train_naming_the_step(env, tmp_path, monkeypatch):
+def poison_training_forwards(monkeypatch, bad) -> None:
+    """Training forward number n (1, 2, ...) returns NaN hidden states when ``bad(n)``; eval forwards
+    (validation, samples) are left alone."""
     real = Llama.hidden
     calls = {"n": 0}
 
     def poisoned(self, tokens, **kw):
         h = real(self, tokens, **kw)
-        if self.training:  # training forwards only (validation and samples run in eval mode)
-            calls["n"] += 1
-            return h * float("nan") if calls["n"] == 3 else h
-        return h
+        if not self.training:
+            return h
+        calls["n"] += 1
+        return h * float("nan") if bad(calls["n"]) else h
 
     monkeypatch.setattr(Llama, "hidden", poisoned)
+
+
+def test_nan_loss_stops_train_naming_the_step(env, tmp_path, monkeypatch):
+    poison_training_forwards(monkeypatch, lambda n: n == 3)
     run_dir = tmp_path / "run"
     cfg = experiment_cfg("demo", env, run_dir, ["trainer.max_steps=6", "trainer.val_check_interval=100",
                                                 "trainer.limit_val_batches=1", "callbacks.samples=null"])
@@ -260,17 +266,7 @@ def test_nan_loss_stops_train_naming_the_step(env, tmp_path, monkeypatch):
 @pytest.mark.parametrize("bad_call, expected", [(3, "optimizer step 2"), (7, "optimizer step 6")])
 def test_deferred_nan_check_names_the_first_bad_step(env, tmp_path, monkeypatch, bad_call, expected):
     """The accelerator path (no sync per step): found at the next log interval (step 4), or at the end (7 steps)."""
-    real = Llama.hidden
-    calls = {"n": 0}
-
-    def poisoned(self, tokens, **kw):
-        h = real(self, tokens, **kw)
-        if self.training:  # training forwards only (validation and samples run in eval mode)
-            calls["n"] += 1
-            return h * float("nan") if calls["n"] >= bad_call else h
-        return h
-
-    monkeypatch.setattr(Llama, "hidden", poisoned)
+    poison_training_forwards(monkeypatch, lambda n: n >= bad_call)
     monkeypatch.setattr(LlamaLitModule, "defer_finite_check", True)
     steps = []
     monkeypatch.setattr(LlamaLitModule, "on_train_batch_end", lambda self, *a: steps.append(self.global_step))

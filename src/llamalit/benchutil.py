@@ -2,8 +2,14 @@
 
 from __future__ import annotations
 
+import argparse
 import multiprocessing as mp
 from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+from llamalit.fileio import atomic_write_json
 
 
 def _child(fn: Callable[[dict], dict], args: dict, queue) -> None:
@@ -23,3 +29,9 @@ def run_isolated(fn: Callable[[dict], dict], args: dict) -> dict:
     result = queue.get()
     proc.join()
     return result
+
+
+def write_json(path: str | Path, args: argparse.Namespace, rows: list[dict]) -> None:
+    """The rows of a benchmark with its arguments and torch version, written atomically."""
+    atomic_write_json(path, {"args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
+                             "torch": torch.__version__, "rows": rows})

@@ -303,9 +303,16 @@ class Llama(nn.Module):
 
         The output head runs only on those positions: on instruct data most are prompt or padding.
         """
+        h, targets = self._counted_hidden(tokens, labels, **kw)
+        return self.output(h), targets
+
+    def _counted_hidden(self, tokens: torch.Tensor, labels: torch.Tensor, counted: torch.Tensor | None = None,
+                        **kw) -> tuple[torch.Tensor, torch.Tensor]:
+        """Hidden states (N, dim) and targets (N,) of the counted positions (``counted``: their flat indices)."""
+        if counted is None:  # on a GPU, nonzero waits for the queued work (a sync): the module passes it in
+            counted = counted_positions(labels)
         h = self.hidden(tokens, **kw)
-        keep = labels != IGNORE_INDEX
-        return self.output(h[keep]), labels[keep]
+        return h.flatten(0, 1).index_select(0, counted), labels.flatten().index_select(0, counted)
 
     def loss(self, tokens: torch.Tensor, labels: torch.Tensor, **kw) -> torch.Tensor:
         """Mean next-token cross-entropy over counted positions (labels already aligned to tokens)."""
@@ -321,12 +328,7 @@ class Llama(nn.Module):
         ``counted``: :func:`counted_positions` of ``labels``, computed on the host before the batch moved
         to the GPU; without it the positions are found on the device, which waits for the forward (a sync).
         """
-        h = self.hidden(tokens, **kw)
-        if counted is None:
-            keep = labels != IGNORE_INDEX
-            h, targets = h[keep], labels[keep]
-        else:
-            h, targets = h.flatten(0, 1).index_select(0, counted), labels.flatten().index_select(0, counted)
+        h, targets = self._counted_hidden(tokens, labels, counted, **kw)
         if type(self.output) is nn.Linear:
             return linear_cross_entropy(h, self.output.weight, targets, impl=loss_impl, accuracy=accuracy)
         logits = _at_least_fp32(self.output(h))
