@@ -117,6 +117,10 @@ class StepTimer(L.Callback):
         self.times: list[float] = []
         self._last_step = -1
 
+    def on_train_start(self, trainer, pl_module):  # as the plain loop: `steps` intervals for `steps` steps
+        self._last_step = trainer.global_step
+        self.times.append(time.perf_counter())
+
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         if trainer.global_step != self._last_step:
             self._last_step = trainer.global_step
@@ -125,8 +129,14 @@ class StepTimer(L.Callback):
             self.times.append(time.perf_counter())
 
 
+def loader(data: Dataset, bc: BenchConfig, device: str, workers: int) -> DataLoader:
+    """Both paths read batches alike: pinned on CUDA, ``workers`` loader processes (conf/data: 2)."""
+    return DataLoader(data, batch_size=bc.batch, shuffle=False, pin_memory=device == "cuda", drop_last=True,
+                      num_workers=workers, persistent_workers=workers > 0)
+
+
 def bench_lightning(bc: BenchConfig, data: Dataset, steps: int, device: str, precision: str,
-                    compile_: bool, run_dir: Path) -> list[float]:
+                    compile_: bool, run_dir: Path, workers: int = 0) -> list[float]:
     torch.manual_seed(0)
     module = LlamaLitModule({**run_cfg(bc, steps), "compile": compile_})
     timer = StepTimer()
@@ -136,19 +146,17 @@ def bench_lightning(bc: BenchConfig, data: Dataset, steps: int, device: str, pre
                         accumulate_grad_batches=bc.accum, gradient_clip_val=1.0, logger=logger,
                         callbacks=callbacks, enable_checkpointing=False, enable_progress_bar=False,
                         enable_model_summary=False, log_every_n_steps=10, num_sanity_val_steps=0)
-    loader = DataLoader(data, batch_size=bc.batch, shuffle=False, pin_memory=device == "cuda", drop_last=True)
-    trainer.fit(module, loader)
+    trainer.fit(module, loader(data, bc, device, workers))
     return [b - a for a, b in zip(timer.times, timer.times[1:])]
 
 
 def plain_loop(model: torch.nn.Module, batch_loss, bc: BenchConfig, data: Dataset, steps: int, device: str,
-               precision: str, scheduler_of=None, on_step=None) -> list[float]:
+               precision: str, scheduler_of=None, on_step=None, workers: int = 0) -> list[float]:
     """Seconds of each optimizer step of a plain PyTorch loop: accumulate, clip 1.0, AdamW (+ schedule)."""
     opt = build_optimizer(model, OptimConfig(warmup_steps=2))
     sched = scheduler_of(opt) if scheduler_of else None
-    loader = DataLoader(data, batch_size=bc.batch, shuffle=False, pin_memory=device == "cuda", drop_last=True)
     autocast = torch.autocast(device_type=device, dtype=torch.bfloat16, enabled=precision == "bf16-mixed")
-    batches = iter(loader)
+    batches = iter(loader(data, bc, device, workers))
     times = [time.perf_counter()]
     model.train()
     for _ in range(steps):
@@ -172,7 +180,7 @@ def plain_loop(model: torch.nn.Module, batch_loss, bc: BenchConfig, data: Datase
 
 
 def bench_plain(bc: BenchConfig, data: Dataset, steps: int, device: str, precision: str,
-                compile_: bool, on_step=None) -> list[float]:
+                compile_: bool, on_step=None, workers: int = 0) -> list[float]:
     """Our model (built as the module builds it, LoRA included) in the plain loop, with our schedule."""
     torch.manual_seed(0)
     cfg = run_cfg(bc, steps)
@@ -185,7 +193,7 @@ def bench_plain(bc: BenchConfig, data: Dataset, steps: int, device: str, precisi
 
     optim = OptimConfig.from_dict(cfg["optim"])
     return plain_loop(model, loss_of, bc, data, steps, device, precision,
-                      scheduler_of=lambda opt: build_scheduler(opt, optim, steps), on_step=on_step)
+                      scheduler_of=lambda opt: build_scheduler(opt, optim, steps), on_step=on_step, workers=workers)
 
 
 def profile_plain(bc: BenchConfig, data: Dataset, device: str, precision: str, compile_: bool,
@@ -205,7 +213,7 @@ def profile_plain(bc: BenchConfig, data: Dataset, device: str, precision: str, c
 
 
 def bench_llama2c(bc: BenchConfig, data: Dataset, steps: int, device: str, precision: str,
-                  model_py: Path, compile_: bool) -> list[float]:
+                  model_py: Path, compile_: bool, workers: int = 0) -> list[float]:
     """llama2.c's own ``model.py`` (a checkout of karpathy/llama2.c) in the same plain loop, as its train.py
     steps it: forward with targets, then ``last_loss``."""
     import importlib.util
@@ -226,7 +234,7 @@ def bench_llama2c(bc: BenchConfig, data: Dataset, steps: int, device: str, preci
         model(batch["input_ids"], batch["labels"].clamp(min=-1))
         return model.last_loss
 
-    return plain_loop(model, loss_of, bc, data, steps, device, precision)
+    return plain_loop(model, loss_of, bc, data, steps, device, precision, workers=workers)
 
 
 def steady(step_times: list[float], warmup: int) -> float:
@@ -249,9 +257,15 @@ def main(argv: list[str] | None = None) -> list[dict]:
     p.add_argument("--profile", action="store_true",
                    help="also profile the plain loop of each config (top operators; run-dir/profile_*.txt)")
     p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--loader-workers", type=int, default=None,
+                   help="loader processes for every path (default: 2 on CUDA as conf/data, 0 on the CPU)")
     p.add_argument("--json", type=Path, default=None)
     p.add_argument("--run-dir", type=Path, default=Path("outputs/bench_train"))
     args = p.parse_args(argv)
+    if args.loader_workers is None:
+        args.loader_workers = 2 if args.device == "cuda" else 0
+    if args.steps <= args.warmup:
+        p.error(f"--steps {args.steps} must exceed --warmup {args.warmup}: the timed steps come after warm-up")
     if args.threads:
         torch.set_num_threads(args.threads)
     precision = "bf16-mixed" if args.device == "cuda" else "32-true"
@@ -288,15 +302,16 @@ def bench_one(bc: BenchConfig, data: Dataset, layout: str, useful: float, padded
     """Time the plain loop, the Lightning path (and llama2.c's model on dense/padded rows) on ``data``."""
     tokens_per_step = bc.batch * bc.seq * bc.accum
     run_l2c = args.llama2c_model is not None and layout != "packed"  # llama2.c has no packing
+    workers = args.loader_workers
     plain, lit, ref = float("inf"), float("inf"), float("inf")
     for _ in range(args.repeats):  # alternate the paths; keep each one's best median
         if run_l2c:
             ref = min(ref, steady(bench_llama2c(bc, data, args.steps, args.device, precision, args.llama2c_model,
-                                                compile_), args.warmup))
-        plain = min(plain, steady(bench_plain(bc, data, args.steps, args.device, precision, compile_),
-                                  args.warmup))
+                                                compile_, workers), args.warmup))
+        plain = min(plain, steady(bench_plain(bc, data, args.steps, args.device, precision, compile_,
+                                              workers=workers), args.warmup))
         lit = min(lit, steady(bench_lightning(bc, data, args.steps, args.device, precision, compile_,
-                                              args.run_dir), args.warmup))
+                                              args.run_dir, workers), args.warmup))
     peak = peak_flops(torch.device(args.device))
     fpt = Llama(ModelConfig.preset(bc.preset, max_seq_len=max(bc.seq, 256))).flops_per_token(bc.seq) \
         if peak else None

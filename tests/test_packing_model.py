@@ -111,3 +111,45 @@ def test_host_counted_positions_give_the_same_loss_without_a_device_count(model:
     out = batch_loss(model, with_index, accuracy=True)
     torch.testing.assert_close(out.loss, plain.loss, rtol=0, atol=0)
     assert int(out.correct) == int(plain.correct)
+
+
+def test_auto_picks_flex_only_where_its_kernel_runs() -> None:
+    """flex attention's CUDA kernel needs head_dim >= 16: narrower heads (stories260K, tiny) use the dense mask."""
+    from llamalit.training.module import build_model
+
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    wide, narrow = Llama(ModelConfig.preset("tiny", dim=64)), Llama(ModelConfig.preset("tiny"))  # head_dim 16, 8
+    assert (wide.mask_backend(cuda), wide.mask_backend(cpu)) == ("flex", "dense")
+    assert narrow.mask_backend(cuda) == "dense"
+    narrow.attention_backend = "dense"
+    assert wide.mask_backend(cuda) == "flex" and narrow.mask_backend(cuda) == "dense"
+    cfg = {"model": ModelConfig.preset("tiny").to_dict(), "init_from": None, "attention": "flex"}
+    with pytest.raises(ValueError, match="head_dim 8"):
+        build_model(cfg)
+    assert build_model({**cfg, "model": ModelConfig.preset("tiny", dim=64).to_dict()}).attention_backend == "flex"
+
+
+def test_compiled_blocks_run_flex_without_recompiling_per_batch() -> None:
+    """Every packed batch brings a new BlockMask (a new mask_mod closure): the compiled blocks must not
+    recompile for it. Forward only (flex attention has no backward on the CPU); on CUDA the same graph trains."""
+    from torch._dynamo.utils import counters
+
+    from llamalit.training.module import compile_blocks
+
+    torch.manual_seed(5)
+    eager = Llama(ModelConfig.preset("tiny", max_seq_len=48)).eval()
+    compiled = Llama(eager.cfg).eval()
+    compiled.load_state_dict(eager.state_dict())
+    compile_blocks(compiled)
+    compiled.attention_backend = "flex"
+    torch._dynamo.reset()
+    counters.clear()
+    with torch.no_grad():
+        for cuts in ((10, 30), (17, 40), (25, 31), (5, 6)):
+            examples = [torch.randint(1, 256, (n,)) for n in (cuts[0], cuts[1] - cuts[0])]
+            tokens, positions, segments = _pack(examples, 48)
+            tokens, positions, segments = (x.repeat(2, 1) for x in (tokens, positions, segments))
+            expected = eager.hidden(tokens, positions=positions, segments=segments)  # dense mask, eager
+            got = compiled.hidden(tokens, positions=positions, segments=segments)
+            torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
+    assert counters["frames"]["ok"] == 1 and not counters["recompiles"], dict(counters["recompiles"])

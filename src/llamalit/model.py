@@ -16,6 +16,7 @@ from llamalit.kernels import DecodeKernel, kernel_enabled, load_decode_kernel
 from llamalit.losses import LossOutput, linear_cross_entropy
 
 IGNORE_INDEX = -100
+FLEX_MIN_HEAD_DIM = 16  # flex attention's CUDA kernel needs head_dim >= 16 (stories260K and tiny have 8)
 
 _PRESETS: dict[str, dict] = {
     # Shapes of the llama2.c releases (FORMATS.md); stories260K uses multiple_of=4.
@@ -198,6 +199,8 @@ class Attention(nn.Module):
         if cache is not None:
             k, v = cache.update(start_pos, k, v)
         if isinstance(mask, BlockMask):  # packed rows on CUDA: flex attention skips the masked-out blocks
+            # contiguous: inductor's CPU flex template cannot read the rotated views (compiled blocks on the CPU)
+            q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
             out = _flex_attention()(q, k, v, block_mask=mask, enable_gqa=self.n_kv_heads != self.n_heads)
             return self.resid_dropout(self.wo(out.transpose(1, 2).reshape(b, t, -1)))
         is_causal = False
@@ -268,6 +271,13 @@ class Llama(nn.Module):
         if isinstance(module, (nn.Linear, nn.Embedding)):
             nn.init.normal_(module.weight, mean=0.0, std=0.02)
 
+    def mask_backend(self, device: torch.device) -> str:
+        """The :func:`document_mask` backend for packed rows on ``device``: ``attention_backend``, with ``auto``
+        resolved to flex on CUDA when the heads are wide enough for its kernel, dense SDPA otherwise."""
+        if self.attention_backend != "auto":
+            return self.attention_backend
+        return "flex" if device.type == "cuda" and self.cfg.head_dim >= FLEX_MIN_HEAD_DIM else "dense"
+
     def hidden(self, tokens: torch.Tensor, start_pos: int = 0, caches: list[KVCache] | None = None,
                positions: torch.Tensor | None = None, mask: torch.Tensor | BlockMask | None = None,
                segments: torch.Tensor | None = None) -> torch.Tensor:
@@ -279,7 +289,7 @@ class Llama(nn.Module):
         """
         t = tokens.shape[1]
         if segments is not None and mask is None:
-            mask = document_mask(segments, self.attention_backend)
+            mask = document_mask(segments, self.mask_backend(segments.device))
         if start_pos + t > self.cfg.max_seq_len:
             raise ValueError(
                 f"sequence of {start_pos + t} tokens exceeds max_seq_len={self.cfg.max_seq_len}"

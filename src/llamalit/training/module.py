@@ -14,7 +14,7 @@ import torch
 from torchmetrics import MeanMetric
 
 from llamalit.losses import LossOutput
-from llamalit.model import IGNORE_INDEX, Llama, ModelConfig, counted_positions, rope_tables
+from llamalit.model import FLEX_MIN_HEAD_DIM, IGNORE_INDEX, Llama, ModelConfig, counted_positions, rope_tables
 from llamalit.training.optim import OptimConfig, build_optimizer, build_scheduler
 
 log = logging.getLogger(__name__)
@@ -59,6 +59,9 @@ def build_model(cfg: Mapping) -> Llama:
     backend = cfg.get("attention") or "auto"
     if backend not in ("auto", "flex", "dense"):
         raise ValueError(f"attention={backend!r}: choose auto, flex (CUDA) or dense")
+    if backend == "flex" and model.cfg.head_dim < FLEX_MIN_HEAD_DIM:
+        raise ValueError(f"attention=flex: head_dim {model.cfg.head_dim} (model.dim / model.n_heads) is below the "
+                         f"{FLEX_MIN_HEAD_DIM} flex attention's kernel needs; use attention=auto or dense")
     model.attention_backend = backend
     return model
 
