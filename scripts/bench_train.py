@@ -28,7 +28,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from llamalit import benchutil
 from llamalit.model import Llama, ModelConfig
-from llamalit.training.callbacks import SpeedMonitor, peak_flops
+from llamalit.training.callbacks import SpeedMonitor, StepProgressBar, peak_flops
 from llamalit.training.module import (
     LlamaLitModule,
     add_counted_positions,
@@ -140,11 +140,12 @@ def bench_lightning(bc: BenchConfig, data: Dataset, steps: int, device: str, pre
     torch.manual_seed(0)
     module = LlamaLitModule({**run_cfg(bc, steps), "compile": compile_})
     timer = StepTimer()
-    callbacks = [timer, SpeedMonitor(log_every=10), L.pytorch.callbacks.LearningRateMonitor("step")]
+    callbacks = [timer, SpeedMonitor(log_every=10), L.pytorch.callbacks.LearningRateMonitor("step"),
+                 StepProgressBar(refresh_steps=10)]  # as conf/callbacks: the bar users see, read every 10 steps
     logger = L.pytorch.loggers.CSVLogger(str(run_dir), name="bench")
     trainer = L.Trainer(accelerator=device, devices=1, precision=precision, max_steps=steps,
                         accumulate_grad_batches=bc.accum, gradient_clip_val=1.0, logger=logger,
-                        callbacks=callbacks, enable_checkpointing=False, enable_progress_bar=False,
+                        callbacks=callbacks, enable_checkpointing=False, enable_progress_bar=True,
                         enable_model_summary=False, log_every_n_steps=10, num_sanity_val_steps=0)
     trainer.fit(module, loader(data, bc, device, workers))
     return [b - a for a, b in zip(timer.times, timer.times[1:])]

@@ -347,3 +347,21 @@ def test_packed_demo_run_feeds_packed_rows_and_validates_unpacked(env, tmp_path,
     assert {packed for training, packed in seen if training} == {True}
     assert {packed for training, packed in seen if not training} == {False}
     assert 0 < summary["useful_tokens_seen"] < summary["tokens_seen"]
+
+
+def test_callbacks_follow_the_trainer_switches(tmp_path):
+    """The bar refreshes per optimizer steps; trainer.enable_progress_bar=false drops it (Lightning refuses a
+    bar it was told not to show), logger=none drops the LR monitor (it needs a logger)."""
+    from lightning.pytorch.callbacks import LearningRateMonitor, ProgressBar
+
+    from llamalit.training.callbacks import StepProgressBar
+    from llamalit.training.run import build_callbacks
+
+    cfg = compose_cfg(["experiment=demo", f"run_dir={tmp_path}"])
+    kinds = [type(c) for c in build_callbacks(cfg)]
+    assert StepProgressBar in kinds and LearningRateMonitor in kinds
+    bar = next(c for c in build_callbacks(cfg) if isinstance(c, StepProgressBar))
+    assert bar.refresh_steps == cfg.trainer.log_every_n_steps
+    quiet = compose_cfg(["experiment=demo", f"run_dir={tmp_path}", "trainer.enable_progress_bar=false"])
+    assert not any(isinstance(c, ProgressBar) for c in build_callbacks(quiet, has_logger=False))
+    assert not any(isinstance(c, LearningRateMonitor) for c in build_callbacks(quiet, has_logger=False))

@@ -200,3 +200,20 @@ def test_model_from_module_state_rebuilds_the_trained_model(lora):
     with torch.no_grad():
         torch.testing.assert_close(rebuilt.eval()(x), module.model.eval()(x), rtol=0, atol=0)
     assert type(rebuilt.layers[0].attention.wq).__name__ == ("LoRALinear" if lora else "Linear")
+
+
+def test_progress_bar_reads_metrics_once_per_refresh_steps_not_per_micro_batch():
+    """Each bar refresh reads the logged loss from the device (a GPU sync): with accumulation 4 and
+    refresh_steps 2, 6 optimizer steps (24 micro-batches) refresh 3 times, not 12 or 24."""
+    from llamalit.training.callbacks import StepProgressBar
+
+    bar = StepProgressBar(refresh_steps=2)
+    reads = []
+    get_metrics = bar.get_metrics
+    bar.get_metrics = lambda trainer, module: reads.append(trainer.global_step) or get_metrics(trainer, module)
+    module = LlamaLitModule(make_cfg(max_steps=6))
+    trainer = L.Trainer(accelerator="cpu", logger=False, enable_checkpointing=False, enable_model_summary=False,
+                        callbacks=[bar], max_steps=6, accumulate_grad_batches=4, limit_val_batches=0)
+    trainer.fit(module, DataLoader(RandomRows(64, 12), batch_size=2))
+    # plus one read where Lightning thinks the epoch ends (its total ignores accumulation) and one at the end
+    assert bar.refresh_rate == 8 and {2, 4, 6} <= set(reads) and len(reads) <= 5, reads

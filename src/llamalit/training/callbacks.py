@@ -8,6 +8,7 @@ from typing import Any
 
 import lightning as L
 import torch
+from lightning.pytorch.callbacks import TQDMProgressBar
 
 from llamalit.model import IGNORE_INDEX, Llama
 
@@ -110,6 +111,22 @@ class SpeedMonitor(L.Callback):
         self.tokens_seen = state_dict.get("tokens_seen", 0)
         self.useful_tokens_seen = state_dict.get("useful_tokens_seen", 0)
         self.train_time_s = state_dict.get("train_time_s", 0.0)
+
+
+class StepProgressBar(TQDMProgressBar):
+    """The TQDM bar, refreshed every ``refresh_steps`` optimizer steps rather than every micro-batch.
+
+    Each refresh reads the logged loss back from the device, a host sync that drains the GPU's queue of
+    kernels: with ``accumulate_grad_batches=8`` a per-batch bar would do that 8 times an optimizer step.
+    """
+
+    def __init__(self, refresh_steps: int = 10, **kwargs: Any):
+        super().__init__(refresh_rate=refresh_steps, **kwargs)
+        self.refresh_steps = refresh_steps
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        super().on_train_start(trainer, pl_module)
+        self._refresh_rate = max(1, self.refresh_steps * trainer.accumulate_grad_batches)
 
 
 class SampleCallback(L.Callback):

@@ -12,7 +12,7 @@ import lightning as L
 import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
-from lightning.pytorch.callbacks import LearningRateMonitor
+from lightning.pytorch.callbacks import LearningRateMonitor, ProgressBar
 from omegaconf import DictConfig, OmegaConf
 
 from llamalit.fileio import atomic_write_json
@@ -72,10 +72,13 @@ def sweep_group(cfg: DictConfig) -> str | None:
 
 
 def build_callbacks(cfg: DictConfig, has_logger: bool = True) -> list[L.Callback]:
-    """``cfg.callbacks`` instantiated (null entries dropped); without a logger, the ones that need one too."""
+    """``cfg.callbacks`` instantiated (null entries dropped); without a logger, the ones that need one too, and
+    without ``trainer.enable_progress_bar`` the bar (Lightning refuses a bar it was told not to show)."""
     callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c is not None]
     if not has_logger:  # LearningRateMonitor refuses to run without a logger (logger=none)
         callbacks = [c for c in callbacks if not isinstance(c, LearningRateMonitor)]
+    if not (cfg.get("trainer") or {}).get("enable_progress_bar", True):
+        callbacks = [c for c in callbacks if not isinstance(c, ProgressBar)]
     return callbacks
 
 
