@@ -52,6 +52,13 @@ class ModelConfig:
     tie_embeddings: bool = True
 
     def __post_init__(self) -> None:
+        for name in ("dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "hidden_dim", "multiple_of",
+                     "max_seq_len"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
+                raise ValueError(f"ModelConfig: {name}={value!r} must be a positive integer")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"ModelConfig: dropout={self.dropout} must be in [0, 1)")
         if self.n_kv_heads is None:
             self.n_kv_heads = self.n_heads
         if self.hidden_dim is None:

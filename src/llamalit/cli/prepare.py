@@ -19,9 +19,11 @@ def config_dir() -> str:
 @hydra.main(version_base="1.3", config_path=config_dir(), config_name="prepare")
 def main(cfg: DictConfig) -> None:
     """Prepare ``cfg.data`` under ``cfg.data.dir`` and print a one-line summary."""
+    from llamalit.cli import user_errors
     from llamalit.data.prepare import run_prepare
 
-    result = run_prepare(cfg.data, cfg.paths.cache_dir, progress=bool(cfg.get("progress", True)))
+    with user_errors():
+        result = run_prepare(cfg.data, cfg.paths.cache_dir, progress=bool(cfg.get("progress", True)))
     print(result.summary(), flush=True)
 
 

@@ -13,9 +13,11 @@ CONF_DIR = str(Path(__file__).resolve().parents[3] / "conf")
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="train")
 def main(cfg: DictConfig) -> float | None:
     """Train; return the final val/loss (what a Hydra sweeper such as Optuna minimises)."""
+    from llamalit.cli import user_errors
     from llamalit.training.run import train
 
-    return train(cfg)["val/loss"]
+    with user_errors():
+        return train(cfg)["val/loss"]
 
 
 if __name__ == "__main__":

@@ -82,6 +82,46 @@ def build_callbacks(cfg: DictConfig, has_logger: bool = True) -> list[L.Callback
     return callbacks
 
 
+def check_resume(ckpt_path: str, module: LlamaLitModule) -> None:
+    """Refuse, naming the key and both settings, a ``ckpt_path`` that is not a training checkpoint or whose
+    tensors do not fit this run's model (Lightning would fail later with a page of state-dict errors)."""
+    try:  # mmap: only the headers are read here; Lightning loads the tensors when it restores
+        ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as e:  # noqa: BLE001 - any failure means "not one of our checkpoints"
+        raise ValueError(f"ckpt_path={ckpt_path} is not a training checkpoint (a .ckpt that train.py wrote under "
+                         f"run_dir/checkpoints/): {str(e).splitlines()[0]}. To start from other weights use "
+                         "init_from=") from e
+    if not isinstance(ckpt, dict) or not isinstance(ckpt.get("state_dict"), dict):
+        raise ValueError(f"ckpt_path={ckpt_path} has no 'state_dict': not a training checkpoint; to start from "
+                         "these weights use init_from=")
+    own = module.state_dict()
+    unexpected = sorted(k for k in ckpt["state_dict"] if k not in own)
+    wrong = sorted(k for k, v in ckpt["state_dict"].items() if k in own and tuple(v.shape) != tuple(own[k].shape))
+    if not unexpected and not wrong:
+        return
+    saved = ((ckpt.get("hyper_parameters") or {}).get("cfg") or {})
+    differ = [f"{group}.{key}={saved[group][key]!r} (this run: {module.cfg[group].get(key)!r})"
+              for group in ("model", "lora") if isinstance(saved.get(group), dict)
+              for key in saved[group] if saved[group][key] != (module.cfg.get(group) or {}).get(key)]
+    what = (f"{wrong[0]} is {tuple(ckpt['state_dict'][wrong[0]].shape)} there but "
+            f"{tuple(own[wrong[0]].shape)} here" if wrong else f"it has {unexpected[0]}, which this model lacks")
+    raise ValueError(f"ckpt_path={ckpt_path} does not fit this run's model: {what}. Resume with the settings "
+                     f"that wrote it" + (f": {'; '.join(differ[:6])}" if differ else " (its config is in the "
+                                         "checkpoint's hyper_parameters['cfg'])"))
+
+
+def preflight(cfg: DictConfig) -> None:
+    """Checks that need no data, before data preparation (which may download gigabytes)."""
+    from llamalit.data.download import is_url
+
+    init_from = cfg.get("init_from")
+    if init_from and not is_url(str(init_from)) and not Path(str(init_from)).exists():
+        raise FileNotFoundError(f"init_from={init_from}: no such file or directory; give a checkpoint path or "
+                                "URL, or leave it empty to train from random weights")
+    if not init_from:
+        ModelConfig.from_dict(OmegaConf.to_container(cfg.model, resolve=True))  # the shape errors, now
+
+
 def adapt_model_to_data(cfg: DictConfig, vocab_size: int, input_len: int) -> None:
     """From scratch, the model takes the tokenizer's vocab; any model grows its context to the data's."""
     if not cfg.get("init_from") and cfg.model.vocab_size != vocab_size:
@@ -191,6 +231,8 @@ def train(cfg: DictConfig) -> dict:
     run_dir = Path(str(cfg.run_dir))
     run_dir.mkdir(parents=True, exist_ok=True)
     L.seed_everything(cfg.seed, workers=True)
+    preflight(cfg)
+    ckpt_path = resolve_ckpt_path(cfg.get("ckpt_path"), run_dir)
 
     dm = LlamaDataModule(OmegaConf.to_container(cfg.data, resolve=True), cache_dir=cfg.paths.cache_dir,
                          seed=cfg.seed)
@@ -200,6 +242,8 @@ def train(cfg: DictConfig) -> dict:
     resolved = OmegaConf.to_container(cfg, resolve=True)
     module = LlamaLitModule(resolved)
     check_vocab(module.model.cfg.vocab_size, dm.vocab_size, cfg.get("init_from"), dm.tokenizer_path)
+    if ckpt_path:
+        check_resume(ckpt_path, module)
 
     logger = build_logger(cfg.logger, run_dir, run_name(cfg), sweep_group(cfg), resolved)
     callbacks = build_callbacks(cfg, has_logger=logger is not None)
@@ -209,7 +253,7 @@ def train(cfg: DictConfig) -> dict:
     trainer: L.Trainer = instantiate(trainer_cfg, callbacks=callbacks, logger=logger or False,
                                      default_root_dir=str(run_dir))
     try:
-        trainer.fit(module, datamodule=dm, ckpt_path=resolve_ckpt_path(cfg.get("ckpt_path"), run_dir))
+        trainer.fit(module, datamodule=dm, ckpt_path=ckpt_path)
         summary = finish_run(cfg, resolved, trainer, module, dm, run_dir, start)
     finally:
         finish_wandb()
