@@ -380,8 +380,11 @@ def test_prepare_data_runs_the_preparation_only_when_needed(tmp_path: Path, monk
     LlamaDataModule(config, cache_dir=tmp_path / "cache").prepare_data()
     assert len(calls) == 1                                           # shards present: nothing to do
     (tmp_path / "shards" / "data01.bin").write_bytes(b"\0\0")
+    with pytest.raises(ValueError, match=r"data01\.bin holds 1 uint16 values"):  # damaged after preparing: said
+        LlamaDataModule(config, cache_dir=tmp_path / "cache").prepare_data()
+    (tmp_path / "shards" / "manifest.json").unlink()                 # no manifest (an interrupted prepare)
     LlamaDataModule(config, cache_dir=tmp_path / "cache").prepare_data()
-    assert len(calls) == 2                                           # a truncated shard: prepared again
+    assert len(calls) == 2                                           # prepared again
     assert read_manifest(tmp_path / "shards")["kind"] == "pretrain"
 
 

@@ -208,12 +208,21 @@ def test_progress_bar_reads_metrics_once_per_refresh_steps_not_per_micro_batch()
     from llamalit.training.callbacks import StepProgressBar
 
     bar = StepProgressBar(refresh_steps=2)
-    reads = []
+    reads, shown = [], []
     get_metrics = bar.get_metrics
-    bar.get_metrics = lambda trainer, module: reads.append(trainer.global_step) or get_metrics(trainer, module)
+
+    def spy(trainer, module):
+        reads.append(trainer.global_step)
+        shown.append(get_metrics(trainer, module))
+        return shown[-1]
+
+    bar.get_metrics = spy
     module = LlamaLitModule(make_cfg(max_steps=6))
     trainer = L.Trainer(accelerator="cpu", logger=False, enable_checkpointing=False, enable_model_summary=False,
                         callbacks=[bar], max_steps=6, accumulate_grad_batches=4, limit_val_batches=0)
     trainer.fit(module, DataLoader(RandomRows(64, 12), batch_size=2))
     # plus one read where Lightning thinks the epoch ends (its total ignores accumulation) and one at the end
     assert bar.refresh_rate == 8 and {2, 4, 6} <= set(reads) and len(reads) <= 5, reads
+    assert all(isinstance(items["train/loss"], float) for items in shown)  # shown, though not a prog_bar metric
+    # Lightning reads prog_bar metrics back after every micro-batch: the training step must log none
+    assert not trainer.progress_bar_metrics, trainer.progress_bar_metrics

@@ -1,11 +1,13 @@
-"""Atomic file writes: a temp file in the target directory, then a rename, so nothing is half-written."""
+"""Atomic writes: a temp file (or directory) beside the target, then a rename, so nothing is half-written."""
 
 from __future__ import annotations
 
+import fnmatch
 import json
 import os
+import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -27,6 +29,95 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
+
+
+@contextmanager
+def atomic_dir(path: str | Path) -> Iterator[Path]:
+    """Yield a fresh temp directory beside ``path`` (``.<name>.tmp-*``, same filesystem); on success it
+    replaces ``path`` as a whole (an existing ``path`` is renamed aside, the new one renamed in, the old
+    one deleted), on error it is removed and ``path`` is untouched."""
+    path = Path(os.path.abspath(path))
+    if path.exists() and not path.is_dir():
+        raise NotADirectoryError(f"{path}: exists and is not a directory; choose a directory path")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.tmp-"))
+    try:
+        yield tmp
+        os.chmod(tmp, 0o777 & ~_UMASK)  # mkdtemp makes 0700
+        if not path.exists():
+            os.replace(tmp, path)
+            return
+        old = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.old-"))
+        os.replace(path, old / path.name)
+        try:
+            os.replace(tmp, path)
+        except BaseException:
+            os.replace(old / path.name, path)  # put the old one back
+            old.rmdir()
+            raise
+        shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def _owned(name: str, owned: Collection[str]) -> bool:
+    return any(fnmatch.fnmatchcase(name, pattern) for pattern in owned)
+
+
+def _replaceable(path: Path, owned: Collection[str]) -> bool:
+    """Whole-directory replacement is safe: ``path`` is absent, or a plain directory (not the working
+    directory or above it) holding only names the writer owns."""
+    if not path.exists():
+        return True
+    cwd = Path.cwd()
+    if path.is_symlink() or path == cwd or path in cwd.parents:
+        return False
+    return path.is_dir() and all(_owned(p.name, owned) for p in path.iterdir())
+
+
+@contextmanager
+def atomic_checkpoint_dir(path: str | Path, owned: Collection[str], commit: str) -> Iterator[Path]:
+    """Yield a temp directory to write a multi-file checkpoint into; on success it is published at ``path``.
+
+    ``owned``: the names (fnmatch patterns) this kind of checkpoint may hold; ``commit``: the file
+    whose presence makes the directory loadable (its config). Where ``path`` is absent or holds only
+    owned names, the whole directory is replaced (:func:`atomic_dir`): an error or interruption
+    leaves the old one intact. Where it also holds other files (a run directory, a ``base/``
+    beside an adapter), those are kept: ``commit`` is removed first, stale owned files deleted,
+    the new files renamed in, ``commit`` last, so an interruption leaves no ``commit`` (the
+    directory fails to load, loudly) rather than a mix of two models. An error raised while
+    writing leaves ``path`` untouched either way.
+    """
+    path = Path(os.path.abspath(path))
+    if _replaceable(path, owned):
+        with atomic_dir(path) as tmp:
+            yield tmp
+        return
+    if not path.is_dir():
+        raise NotADirectoryError(f"{path}: exists and is not a directory; choose a directory path")
+    tmp = Path(tempfile.mkdtemp(dir=path, prefix=".llamalit-staging-"))
+    try:
+        yield tmp
+        new = sorted(p.name for p in tmp.iterdir())
+        (path / commit).unlink(missing_ok=True)
+        for stale in path.iterdir():
+            if stale.name not in new and stale != tmp and _owned(stale.name, owned):
+                _remove(stale)
+        for name in new:
+            if name != commit:
+                os.replace(tmp / name, path / name)
+        if commit in new:
+            os.replace(tmp / commit, path / commit)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+import numbers
 from collections.abc import Iterator
 
 import torch
@@ -34,13 +36,41 @@ def sample_next(logits: torch.Tensor, temperature: float = 1.0, top_k: int | Non
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
 
-def _check_args(model: Llama, prompt_len: int, max_new_tokens: int, temperature: float) -> None:
+def _is_int(value: object) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def _is_number(value: object) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
+def check_sampling_args(max_new_tokens: int, temperature: float, top_k: int | None = None,
+                        top_p: float | None = None, seed: int | None = None) -> None:
+    """Raise ValueError naming the setting and its value when a sampling setting is out of range.
+
+    Valid: ``max_new_tokens`` an int >= 1; ``temperature`` a finite number >= 0 (0 = greedy);
+    ``top_k`` None or an int >= 1; ``top_p`` None or a number in (0, 1] (1 = off); ``seed`` None or an int.
+    """
+    if not _is_int(max_new_tokens) or max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens={max_new_tokens!r}: must be an integer >= 1 (the number of tokens "
+                         "to generate)")
+    if not _is_number(temperature) or not math.isfinite(temperature) or temperature < 0:
+        raise ValueError(f"temperature={temperature!r}: must be a number >= 0 (0 = greedy, 1 = the model's "
+                         "distribution)")
+    if top_k is not None and (not _is_int(top_k) or top_k < 1):
+        raise ValueError(f"top_k={top_k!r}: must be an integer >= 1 (keep the k most likely tokens), or null "
+                         "to keep all")
+    if top_p is not None and (not _is_number(top_p) or not 0.0 < top_p <= 1.0):
+        raise ValueError(f"top_p={top_p!r}: must be a number in (0, 1] (nucleus mass; 1 = off), or null")
+    if seed is not None and not _is_int(seed):
+        raise ValueError(f"seed={seed!r}: must be an integer, or null for a random sample")
+
+
+def _check_args(model: Llama, prompt_len: int, max_new_tokens: int, temperature: float,
+                top_k: int | None = None, top_p: float | None = None, seed: int | None = None) -> None:
     if prompt_len == 0:
         raise ValueError("generate: the prompt is empty; pass at least one token (e.g. BOS)")
-    if max_new_tokens < 1:
-        raise ValueError(f"generate: max_new_tokens must be >= 1, got {max_new_tokens}")
-    if temperature < 0:
-        raise ValueError(f"generate: temperature must be >= 0, got {temperature}")
+    check_sampling_args(max_new_tokens, temperature, top_k, top_p, seed)
     if prompt_len + max_new_tokens > model.cfg.max_seq_len:
         raise ValueError(
             f"generate: prompt ({prompt_len} tokens) + max_new_tokens ({max_new_tokens}) = "
@@ -49,7 +79,6 @@ def _check_args(model: Llama, prompt_len: int, max_new_tokens: int, temperature:
         )
 
 
-@torch.inference_mode()
 def generate_stream(model: Llama, prompt_ids: list[int] | list[list[int]], max_new_tokens: int,
                     temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
                     eos_id: int | None = None, seed: int | None = None) -> Iterator[int | list[int]]:
@@ -57,13 +86,20 @@ def generate_stream(model: Llama, prompt_ids: list[int] | list[list[int]], max_n
 
     A batch is a list of equal-length prompts. Generation stops once every row has sampled
     ``eos_id``; a finished row yields ``eos_id`` again (as padding) until the rest finish.
+    Bad settings raise ValueError here, before the first token is asked for.
     """
     batched = bool(prompt_ids) and isinstance(prompt_ids[0], (list, tuple))
     rows = [list(p) for p in prompt_ids] if batched else [list(prompt_ids)]
     if len({len(r) for r in rows}) > 1:
         raise ValueError("generate: prompts in a batch must have equal length")
-    _check_args(model, len(rows[0]), max_new_tokens, temperature)
+    _check_args(model, len(rows[0]), max_new_tokens, temperature, top_k, top_p, seed)
+    return _stream(model, rows, batched, max_new_tokens, temperature, top_k, top_p, eos_id, seed)
 
+
+@torch.inference_mode()
+def _stream(model: Llama, rows: list[list[int]], batched: bool, max_new_tokens: int, temperature: float,
+            top_k: int | None, top_p: float | None, eos_id: int | None,
+            seed: int | None) -> Iterator[int | list[int]]:
     device = model.output.weight.device
     generator = None
     if seed is not None:

@@ -12,6 +12,7 @@ model with LoRA layers applied (for further training or PEFT export).
 
 from __future__ import annotations
 
+import fnmatch
 import json
 from pathlib import Path
 
@@ -21,6 +22,11 @@ from llamalit.checkpoints.llama2c import CheckpointError
 from llamalit.model import Llama, ModelConfig
 
 _PICKLE_HEADS = (b"PK\x03\x04", b"\x80")  # torch zip archive, legacy pickle protocol 2+
+# The weights file of each directory format: a .safetensors path given for the directory must be it.
+_DIR_WEIGHTS = {"native": native.WEIGHTS, "adapter": "adapter.safetensors", "peft": peft.PEFT_WEIGHTS,
+                "hf": "model*.safetensors"}
+_ACCEPTED = ("accepted: a llamalit, adapter, PEFT or Hugging Face checkpoint directory (or a file in one), "
+             "a Lightning .ckpt, a llama2.c .pt or .bin")
 
 
 def resolve_relative(ref: str, base_dir: Path) -> str:
@@ -65,7 +71,14 @@ def detect_format(path: Path) -> str:
             "or adapter_model.safetensors (PEFT)"
         )
     if path.suffix == ".safetensors" or path.name in ("config.json", "adapter_config.json"):
-        return detect_format(path.parent)
+        try:
+            fmt = detect_format(path.parent)
+        except CheckpointError as e:
+            raise CheckpointError(f"{path}: {_lone_file_problem(path)}; {_ACCEPTED}") from e
+        if path.suffix == ".safetensors" and not fnmatch.fnmatchcase(path.name, _DIR_WEIGHTS[fmt]):
+            raise CheckpointError(f"{path}: not the weights of the {fmt} checkpoint directory {path.parent} "
+                                  f"(that is {_DIR_WEIGHTS[fmt]}); pass the directory, or move the file out")
+        return fmt
     with open(path, "rb") as f:
         head = f.read(8)
     if head.startswith(_PICKLE_HEADS):
@@ -74,22 +87,35 @@ def detect_format(path: Path) -> str:
         return "llama2c_bin"
     if path.suffix == ".bin":
         return "llama2c_bin"  # v0 has no magic: its header and size are checked while reading
-    raise CheckpointError(
-        f"{path}: unknown checkpoint format (first bytes {head!r}); supported: llamalit or Hugging Face "
-        "directories, adapter directories, Lightning .ckpt, llama2.c .pt / .bin"
-    )
+    raise CheckpointError(f"{path}: unknown checkpoint format (first bytes {head!r}); {_ACCEPTED}")
+
+
+def _lone_file_problem(path: Path) -> str:
+    """Why a ``.safetensors`` / config file is no checkpoint when its folder is not a checkpoint directory."""
+    if path.suffix != ".safetensors":
+        return f"its folder {path.parent} is not a checkpoint directory (weights missing beside it?)"
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as st:
+            st.keys()
+    except Exception as e:  # safetensors raises its own error types
+        return f"not a readable safetensors file (truncated or corrupt? {e})"
+    return (f"a safetensors file alone is not a checkpoint, and its folder {path.parent} lacks the config "
+            "that goes with it")
 
 
 def _load_torch(path: Path, merge: bool) -> Llama:
     obj = llama2c.safe_torch_load(path)
     if is_lightning_ckpt(obj):
+        llama2c.check_state_dict(obj["state_dict"], f"{path}: 'state_dict'")
         return model_from_lightning(obj, path, merge)
     if isinstance(obj, dict) and "model" in obj and "model_args" in obj:
         return llama2c.load_llama2c_pt(path)
-    keys = sorted(obj)[:8] if isinstance(obj, dict) else type(obj).__name__
     raise CheckpointError(
-        f"{path}: a torch pickle that is neither a Lightning checkpoint (state_dict + hyper_parameters) "
-        f"nor a llama2.c checkpoint (model + model_args); found {keys}"
+        f"{path}: a torch pickle that is neither a Lightning .ckpt (a dict with 'state_dict' and "
+        "'hyper_parameters') nor a llama2.c .pt (a dict with 'model', a state dict of tensors, and "
+        f"'model_args'); found {llama2c.describe_keys(obj)}"
     )
 
 

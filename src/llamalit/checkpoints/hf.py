@@ -24,12 +24,16 @@ from llamalit.checkpoints.hf_layout import (
 )
 from llamalit.checkpoints.llama2c import CheckpointError, safe_torch_load
 from llamalit.checkpoints.native import save_tensors
-from llamalit.fileio import atomic_path, atomic_write_json
+from llamalit.fileio import atomic_checkpoint_dir, atomic_write_json
 from llamalit.model import Llama, ModelConfig, rope_tables
 
 CONFIG = "config.json"
 _WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
 _INDEX_FILES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
+# Files of one Hugging Face model: replaced (or removed as stale) when save_hf writes another there.
+HF_FILES = (CONFIG, "generation_config.json", "model*.safetensors", "model.safetensors.index.json",
+            "pytorch_model*.bin", "pytorch_model.bin.index.json", "tokenizer.model", "tokenizer.json",
+            "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json")
 
 
 def is_hf_dir(path: str | Path) -> bool:
@@ -221,6 +225,9 @@ def save_hf(model: Llama, out_dir: str | Path, tokenizer: str | Path | None = No
     """Write ``model.safetensors``, ``config.json``, ``generation_config.json`` (+ ``tokenizer.model``).
 
     ``dtype``: of the saved tensors (default float32; ``torch.bfloat16`` halves a merged 7B export).
+    The files appear together (:func:`llamalit.fileio.atomic_checkpoint_dir`): a directory holding
+    only Hugging Face model files (an earlier export) is replaced whole; other files are kept, and
+    stale model files there (shards, index, ``tokenizer.json`` of another model) removed.
     """
     dtype = dtype or torch.float32
     out_dir = Path(out_dir)
@@ -232,17 +239,17 @@ def save_hf(model: Llama, out_dir: str | Path, tokenizer: str | Path | None = No
     cfg = model.cfg
     tensors = to_hf_state_dict({k: v.detach().to(dtype) for k, v in sd.items()}, cfg)
     bos, eos = _tokenizer_ids(Path(tokenizer)) if tokenizer else (1, 2)
-    save_tensors(tensors, out_dir / "model.safetensors", metadata={"format": "pt"})
-    atomic_write_json(out_dir / CONFIG, {**hf_config_dict(cfg), "bos_token_id": bos, "eos_token_id": eos,
+    with atomic_checkpoint_dir(out_dir, owned=HF_FILES, commit=CONFIG) as tmp:
+        save_tensors(tensors, tmp / "model.safetensors", metadata={"format": "pt"})
+        atomic_write_json(tmp / "generation_config.json",
+                          {"_from_model_config": True, "bos_token_id": bos, "eos_token_id": eos})
+        if tokenizer:
+            shutil.copyfile(tokenizer, tmp / "tokenizer.model")
+            atomic_write_json(tmp / "tokenizer_config.json", {
+                "tokenizer_class": "LlamaTokenizer", "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>",
+                "add_bos_token": True, "add_eos_token": False, "legacy": True,
+                "model_max_length": cfg.max_seq_len, "clean_up_tokenization_spaces": False,
+            })
+        atomic_write_json(tmp / CONFIG, {**hf_config_dict(cfg), "bos_token_id": bos, "eos_token_id": eos,
                                          "torch_dtype": str(dtype).removeprefix("torch.")})
-    atomic_write_json(out_dir / "generation_config.json",
-                      {"_from_model_config": True, "bos_token_id": bos, "eos_token_id": eos})
-    if tokenizer:
-        with atomic_path(out_dir / "tokenizer.model") as tmp:
-            shutil.copyfile(tokenizer, tmp)
-        atomic_write_json(out_dir / "tokenizer_config.json", {
-            "tokenizer_class": "LlamaTokenizer", "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>",
-            "add_bos_token": True, "add_eos_token": False, "legacy": True,
-            "model_max_length": cfg.max_seq_len, "clean_up_tokenization_spaces": False,
-        })
     return out_dir

@@ -54,6 +54,27 @@ def safe_torch_load(path: str | Path) -> object:
         raise CheckpointError(f"{path}: corrupt or truncated torch checkpoint ({e})") from e
 
 
+def describe_keys(obj: object, limit: int = 8) -> str:
+    """What a loaded pickle holds, for error messages: up to ``limit`` keys (reprs) of a dict (any key
+    types), else its type."""
+    if not isinstance(obj, dict):
+        return f"a {type(obj).__name__}"
+    keys = sorted(repr(k) for k in obj)
+    return f"[{', '.join(keys[:limit])}{', ...' if len(keys) > limit else ''}]"
+
+
+def check_state_dict(sd: object, where: str) -> dict[str, torch.Tensor]:
+    """``sd`` itself when it is a dict of str -> tensor; else a CheckpointError naming ``where`` and the first
+    bad entry."""
+    if not isinstance(sd, dict):
+        raise CheckpointError(f"{where}: expected a state dict (names -> tensors), got a {type(sd).__name__}")
+    for k, v in sd.items():
+        if not isinstance(k, str) or not isinstance(v, torch.Tensor):
+            raise CheckpointError(f"{where}: expected a state dict (names -> tensors), but entry {k!r} is a "
+                                  f"{type(v).__name__}")
+    return sd
+
+
 def strip_prefix(sd: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
     """Keys with ``prefix`` removed where they start with it (others unchanged)."""
     return {k[len(prefix):] if k.startswith(prefix) else k: v for k, v in sd.items()}
@@ -99,11 +120,13 @@ def load_llama2c_pt(path: str | Path) -> Llama:
     """Load llama2.c's ``torch.save`` dict (``model`` state dict + ``model_args``)."""
     path = Path(path)
     ckpt = safe_torch_load(path)
+    expected = "a llama2.c .pt is a dict with 'model' (a state dict of tensors) and 'model_args' (a dict)"
     if not isinstance(ckpt, dict) or "model" not in ckpt or "model_args" not in ckpt:
-        keys = sorted(ckpt)[:8] if isinstance(ckpt, dict) else type(ckpt).__name__
-        raise CheckpointError(f"{path}: not a llama2.c checkpoint (expected keys 'model' and 'model_args', got {keys})")
-    sd = strip_prefix(ckpt["model"], _COMPILE_PREFIX)
-    args = dict(ckpt["model_args"])
+        raise CheckpointError(f"{path}: not a llama2.c checkpoint: {expected}; found {describe_keys(ckpt)}")
+    sd = strip_prefix(check_state_dict(ckpt["model"], f"{path}: 'model' of a llama2.c .pt"), _COMPILE_PREFIX)
+    if not isinstance(ckpt["model_args"], dict):
+        raise CheckpointError(f"{path}: 'model_args' is a {type(ckpt['model_args']).__name__}; {expected}")
+    args = {str(k): v for k, v in ckpt["model_args"].items()}
     tied = "output.weight" not in sd or (
         "tok_embeddings.weight" in sd and torch.equal(sd["tok_embeddings.weight"], sd["output.weight"])
     )

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import json
+import shutil
+from collections.abc import Mapping
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
 
-from llamalit.fileio import atomic_path, atomic_write_json, read_tagged_json
+from llamalit.fileio import atomic_checkpoint_dir, atomic_path, atomic_write_json, read_tagged_json
 from llamalit.model import Llama, ModelConfig
 
 FORMAT = "llamalit/1"
@@ -29,14 +31,27 @@ def save_tensors(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[st
         save_file(plain, str(tmp), metadata=metadata)
 
 
-def save_model(model: Llama, out_dir: str | Path, extra: dict | None = None) -> Path:
-    """Write ``model.safetensors`` (without the tied output copy) and ``config.json`` into ``out_dir``."""
+def save_model(model: Llama, out_dir: str | Path, extra: dict | None = None,
+               files: Mapping[str, str | Path] | None = None) -> Path:
+    """Write ``model.safetensors`` (without the tied output copy) and ``config.json`` into ``out_dir``.
+
+    ``files``: more files to publish with them, name -> source (e.g. ``{"tokenizer.model": tok}``).
+    All appear together (:func:`llamalit.fileio.atomic_checkpoint_dir`): a directory holding only
+    an earlier export is replaced whole; other files in ``out_dir`` (a run directory) are kept.
+    """
     out_dir = Path(out_dir)
     sd = model.state_dict()
     if model.cfg.tie_embeddings:
         sd.pop("output.weight", None)
-    save_tensors(sd, out_dir / WEIGHTS, metadata={"format": FORMAT})
-    atomic_write_json(out_dir / CONFIG, {"format": FORMAT, "model": model.cfg.to_dict(), **(extra or {})})
+    files = dict(files or {})
+    bad = [n for n in files if Path(n).name != n or n in (WEIGHTS, CONFIG, "", ".", "..")]
+    if bad:
+        raise ValueError(f"save_model: files names {bad} must be plain file names other than {WEIGHTS}/{CONFIG}")
+    with atomic_checkpoint_dir(out_dir, owned=(WEIGHTS, CONFIG, *files), commit=CONFIG) as tmp:
+        save_tensors(sd, tmp / WEIGHTS, metadata={"format": FORMAT})
+        for name, src in files.items():
+            shutil.copyfile(src, tmp / name)
+        atomic_write_json(tmp / CONFIG, {"format": FORMAT, "model": model.cfg.to_dict(), **(extra or {})})
     return out_dir
 
 

@@ -17,11 +17,12 @@ from safetensors.torch import load_file
 from llamalit.checkpoints.hf_layout import hf_name, permute_from_hf, permute_to_hf
 from llamalit.checkpoints.llama2c import CheckpointError
 from llamalit.checkpoints.native import save_tensors
-from llamalit.fileio import atomic_write_json
+from llamalit.fileio import atomic_checkpoint_dir, atomic_write_json
 from llamalit.model import Llama
 
 PEFT_CONFIG = "adapter_config.json"
 PEFT_WEIGHTS = "adapter_model.safetensors"
+PEFT_FILES = (PEFT_CONFIG, PEFT_WEIGHTS, "adapter_model.bin")
 _PREFIX = "base_model.model."
 _TO_HF = {"wq": "q_proj", "wk": "k_proj", "wv": "v_proj", "wo": "o_proj",
           "w1": "gate_proj", "w2": "down_proj", "w3": "up_proj", "output": "lm_head"}
@@ -53,6 +54,8 @@ def save_peft(model: Llama, out_dir: str | Path, base: str | None = None) -> Pat
     """Write ``adapter_config.json`` + ``adapter_model.safetensors`` for a model with LoRA applied.
 
     ``base`` is recorded as ``base_model_name_or_path`` (the Hugging Face export of the base model).
+    Both files appear together (:func:`llamalit.fileio.atomic_checkpoint_dir`); other files in
+    ``out_dir`` (e.g. the base export in ``out_dir/base``) are kept.
     """
     from llamalit.lora import lora_layers
 
@@ -75,15 +78,16 @@ def save_peft(model: Llama, out_dir: str | Path, base: str | None = None) -> Pat
         tensors[f"{key}.lora_B.weight"] = permute_to_hf(b, heads) if heads else b
     targets = sorted({_TO_HF[name.rpartition(".")[2]] for name in layers})
     out_dir = Path(out_dir)
-    save_tensors(tensors, out_dir / PEFT_WEIGHTS, metadata={"format": "pt"})
-    atomic_write_json(out_dir / PEFT_CONFIG, {
-        "peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base,
-        "r": rank, "lora_alpha": int(alpha) if float(alpha).is_integer() else alpha,
-        "lora_dropout": dropout, "target_modules": targets, "bias": "none", "fan_in_fan_out": False,
-        "inference_mode": True, "modules_to_save": None, "init_lora_weights": True,
-        "use_rslora": False, "use_dora": False, "layers_to_transform": None, "layers_pattern": None,
-        "rank_pattern": {}, "alpha_pattern": {}, "revision": None,
-    })
+    with atomic_checkpoint_dir(out_dir, owned=PEFT_FILES, commit=PEFT_CONFIG) as tmp:
+        save_tensors(tensors, tmp / PEFT_WEIGHTS, metadata={"format": "pt"})
+        atomic_write_json(tmp / PEFT_CONFIG, {
+            "peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base,
+            "r": rank, "lora_alpha": int(alpha) if float(alpha).is_integer() else alpha,
+            "lora_dropout": dropout, "target_modules": targets, "bias": "none", "fan_in_fan_out": False,
+            "inference_mode": True, "modules_to_save": None, "init_lora_weights": True,
+            "use_rslora": False, "use_dora": False, "layers_to_transform": None, "layers_pattern": None,
+            "rank_pattern": {}, "alpha_pattern": {}, "revision": None,
+        })
     return out_dir
 
 

@@ -24,15 +24,37 @@ LLAMA2_TOKENIZER_SHA256 = "9e556afd44213b6bd1be2b850ebbbd98f5481437a8021afaf58ee
 LLAMA2_VOCAB = 32000
 
 
+def _mps_available() -> bool:
+    return getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()
+
+
 def resolve_device(name: str | None) -> torch.device:
-    """``auto``: CUDA when available, else Apple MPS, else CPU; anything else as torch spells it."""
+    """``auto``: CUDA when available, else Apple MPS, else CPU; anything else as torch spells it.
+
+    A device that is not there (``cuda`` without a GPU, ``cuda:3`` with one) is a ValueError naming it.
+    """
     if name in (None, "", "auto"):
         if torch.cuda.is_available():
             return torch.device("cuda")
-        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+        if _mps_available():
             return torch.device("mps")
         return torch.device("cpu")
-    return torch.device(name)
+    try:
+        device = torch.device(str(name))
+    except RuntimeError as e:
+        raise ValueError(f"device={name!r}: not a device name; use auto, cpu, cuda, cuda:N or mps") from e
+    if device.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise ValueError(f"device={name}: no CUDA GPU is visible; use device=cpu or device=auto")
+        if device.index is not None and device.index >= count:
+            raise ValueError(f"device={name}: only {count} CUDA GPU(s) are visible (cuda:0 to cuda:{count - 1}); "
+                             "pick one of those or use device=auto")
+    elif device.type == "mps" and not _mps_available():
+        raise ValueError(f"device={name}: Apple MPS is not available here; use device=cpu or device=auto")
+    elif device.type not in ("cpu", "cuda", "mps"):
+        raise ValueError(f"device={name}: not supported; use auto, cpu, cuda, cuda:N or mps")
+    return device
 
 
 def resolve_tokenizer(given: str | None, ckpt_local: Path, vocab_size: int, cache_dir: str | Path) -> Path:
@@ -41,7 +63,7 @@ def resolve_tokenizer(given: str | None, ckpt_local: Path, vocab_size: int, cach
     from llamalit.data.tokenizer import fetch_tokenizer
 
     if given:
-        return fetch_tokenizer(str(given), cache_dir)
+        return fetch_tokenizer(str(given), cache_dir, key="tokenizer")
     found = find_tokenizer(ckpt_local)
     if found is not None:
         return found
@@ -95,33 +117,36 @@ def run_generate(cfg: Mapping, out: TextIO | None = None) -> list[int]:
     from llamalit.checkpoints.detect import fetch, load_checkpoint
     from llamalit.data.download import default_cache_dir
     from llamalit.data.tokenizer import Tokenizer
-    from llamalit.generate import generate_stream
+    from llamalit.generate import check_sampling_args, generate_stream
 
     out = out if out is not None else sys.stdout
+    max_new_setting = cfg.get("max_new_tokens")  # null: fill the context
+    top_k, top_p, seed = cfg.get("top_k"), cfg.get("top_p"), cfg.get("seed")
+    temperature = cfg.get("temperature", 1.0)
+    # every setting is checked before anything is loaded or printed (1 stands in for a null max_new_tokens)
+    check_sampling_args(1 if max_new_setting is None else max_new_setting, temperature, top_k, top_p, seed)
+    device = resolve_device(cfg.get("device"))
     local = fetch(cfg["ckpt"])
     model = load_checkpoint(local)
     tok = Tokenizer(resolve_tokenizer(cfg.get("tokenizer"), local, model.cfg.vocab_size, default_cache_dir()))
     if tok.vocab_size != model.cfg.vocab_size:
         raise ValueError(f"tokenizer {tok.path} has {tok.vocab_size} pieces but the model's vocab_size is "
                          f"{model.cfg.vocab_size}; pass the tokenizer the model was trained with")
-    device = resolve_device(cfg.get("device"))
     model.to(device)
     prompt_ids = tok.encode(cfg.get("prompt") or "", bos=True, eos=False)
     room = model.cfg.max_seq_len - len(prompt_ids)
     if room < 1:
-        raise ValueError(f"the prompt is {len(prompt_ids)} tokens; the model's context is {model.cfg.max_seq_len}")
-    max_new = min(int(cfg.get("max_new_tokens") or room), room)
-    top_k = cfg.get("top_k") or None
-    top_p = cfg.get("top_p")
-    top_p = None if top_p is None or float(top_p) >= 1.0 else float(top_p)
+        raise ValueError(f"prompt: {len(prompt_ids)} tokens (with BOS) fill the model's context of "
+                         f"{model.cfg.max_seq_len}; shorten the prompt")
+    max_new = room if max_new_setting is None else min(int(max_new_setting), room)  # capped by the context
     eos = tok.eos_id if cfg.get("stop_at_eos", True) else None
 
     stream = StreamDecoder(tok, prompt_ids)
     out.write(stream.emitted)
     out.flush()
     new_ids = []
-    for token_id in generate_stream(model, prompt_ids, max_new, temperature=float(cfg.get("temperature", 1.0)),
-                                    top_k=top_k, top_p=top_p, eos_id=eos, seed=cfg.get("seed")):
+    for token_id in generate_stream(model, prompt_ids, max_new, temperature=temperature,
+                                    top_k=top_k, top_p=top_p, eos_id=eos, seed=seed):
         new_ids.append(token_id)
         piece = stream.push(token_id)
         if piece:

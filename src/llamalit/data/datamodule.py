@@ -39,6 +39,7 @@ from llamalit.data.datasets import (
     shard_files,
 )
 from llamalit.data.packing import PackedInstructRows, cached_split_lengths
+from llamalit.data.prepare import ManifestMissing, check_data_dir, check_tokenizer, stale_settings
 
 log = logging.getLogger(__name__)
 
@@ -195,20 +196,46 @@ class LlamaDataModule(L.LightningDataModule):
         self._manifest = None
 
     def _ready(self) -> bool:
+        """True when ``data_dir`` holds usable shards made with these settings; False when they are to be
+        prepared (no manifest, or one made with other settings). A manifest that exists but is broken (bad
+        field, missing or wrong-size shard, another tokenizer) raises: preparing over it would hide the cause."""
+        check_data_dir(self.data_dir)
         try:
             manifest = read_manifest(self.data_dir)
-            for split in ("train", "val"):
-                shard_files(manifest, self.data_dir, split)
-            self._check_settings(manifest)
-        except (OSError, ValueError):
+        except ManifestMissing:
             return False
+        if changed := stale_settings(manifest, self.cfg):
+            warnings.warn(f"{manifest_path(self.data_dir)} was prepared with other settings ({'; '.join(changed)})"
+                          "; preparing the data again.", stacklevel=3)
+            return False
+        try:
+            self._check_settings(manifest)
+        except ValueError:
+            return False  # another kind / row length: prepared again (setup reports it if that does not help)
+        for split in ("train", "val"):
+            shard_files(manifest, self.data_dir, split)
+        self._check_tokenizer(manifest)
         return True
+
+    def _check_tokenizer(self, manifest: dict[str, Any]) -> None:
+        """The manifest's tokenizer file must be the one recorded (sha256, piece count): a run copies it as its
+        own. A missing file is an error for data the preparation wrote (it always writes one), else a warning."""
+        where = manifest_path(self.data_dir)
+        path = manifest["tokenizer"].get("path")
+        if (not path or not (self.data_dir / Path(path).expanduser()).is_file()) and "prepared_from" not in manifest:
+            warnings.warn(f"{where} names no tokenizer file that exists ({path!r}): training works, but the run "
+                          "cannot sample text or ship a tokenizer.", stacklevel=3)
+            return
+        check_tokenizer(manifest, where)
 
     @property
     def manifest(self) -> dict[str, Any]:
-        """The validated ``manifest.json`` of ``data_dir`` (read on first use)."""
+        """The validated ``manifest.json`` of ``data_dir`` (read on first use; its tokenizer file is checked)."""
         if self._manifest is None:
-            self._manifest = read_manifest(self.data_dir)
+            check_data_dir(self.data_dir)
+            manifest = read_manifest(self.data_dir)
+            self._check_tokenizer(manifest)
+            self._manifest = manifest
         return self._manifest
 
     @property

@@ -60,23 +60,29 @@ def shard_files(manifest: dict[str, Any], root: str | Path, split: str) -> list[
             rows=spec["rows"] if instruct else None,
             n_elements=n,
         )
-        _check_size(shard.tokens, shard.token_dtype, n)
+        _check_size(shard.tokens, shard.token_dtype, n, root)
         if shard.labels is not None:
-            _check_size(shard.labels, shard.label_dtype, n)
+            _check_size(shard.labels, shard.label_dtype, n, root)
         out.append(shard)
     return out
 
 
-def _check_size(path: Path, dtype: str, n_elements: int) -> None:
+def _again(root: Path) -> str:
+    return (f"Restore the file, or prepare again: `python scripts/prepare.py data=NAME data.dir={root}` "
+            f"(llamalit-prepare), or delete {root} and training prepares it.")
+
+
+def _check_size(path: Path, dtype: str, n_elements: int, root: Path) -> None:
     if not path.is_file():
-        raise FileNotFoundError(f"shard file {path} is missing (listed in {MANIFEST_NAME}); run the preparation again.")
+        raise FileNotFoundError(f"shard file {path} is missing (listed in {root / MANIFEST_NAME}); {_again(root)}")
     itemsize = np.dtype(dtype).itemsize
     size = os.path.getsize(path)
     if size != n_elements * itemsize:
         how = "shorter" if size < n_elements * itemsize else "longer"
         raise ValueError(
-            f"shard file {path} holds {size // itemsize} {dtype} values ({size} bytes) but {MANIFEST_NAME} says "
-            f"{n_elements}: the file is {how} than the manifest says (interrupted copy?). Run the preparation again."
+            f"shard file {path} holds {size // itemsize} {dtype} values ({size} bytes) but "
+            f"{root / MANIFEST_NAME} says {n_elements}: the file is {how} than the manifest says "
+            f"(interrupted copy?). {_again(root)}"
         )
 
 

@@ -17,7 +17,15 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from llamalit.data.download import DownloadError, cached_download, extract_tar, is_url, sha256_file
-from llamalit.data.pretokenize import IGNORE_INDEX, LABEL_DTYPE, TOKEN_DTYPE, ShardJob, run_jobs
+from llamalit.data.pretokenize import (
+    IGNORE_INDEX,
+    LABEL_DTYPE,
+    TOKEN_DTYPE,
+    ShardJob,
+    existing_result,
+    meta_path,
+    run_jobs,
+)
 from llamalit.data.synthetic import make_corpus
 from llamalit.data.text_formats import FORMATS, read_records, text_for_kind
 from llamalit.data.tokenizer import (
@@ -93,6 +101,33 @@ def data_settings(data_cfg: Mapping) -> dict:
     cfg["val_shards"] = list(cfg["val_shards"] or [])
     cfg["source"], cfg["tokenizer"], cfg["dir"] = str(cfg["source"]), str(cfg["tokenizer"]), str(cfg["dir"])
     return cfg
+
+
+def check_data_dir(path: str | Path) -> Path:
+    """``path`` (``data.dir``) expanded; raises ``NotADirectoryError`` when it, or a parent, is a file."""
+    path = Path(path).expanduser()
+    for p in (path, *path.parents):
+        if p.exists():
+            if not p.is_dir():
+                raise NotADirectoryError(f"data.dir={path}: {p} is a file, not a directory; set data.dir to a "
+                                         "directory for the shards (a new one, or one holding a manifest.json)")
+            break
+    return path
+
+
+def stale_settings(manifest: Mapping, data_cfg: Mapping) -> list[str]:
+    """``"key: recorded -> configured"`` for each setting that decides the shards' content and differs between
+    the manifest's ``prepared_from`` and ``data_cfg``; empty when they agree or cannot be compared (a manifest
+    without ``prepared_from``, a config without source/tokenizer)."""
+    recorded = manifest.get("prepared_from")
+    try:
+        wanted = _prepared_from(data_settings(data_cfg))
+    except (ValueError, TypeError, KeyError):
+        return []
+    if not isinstance(recorded, dict):
+        return []
+    return [f"{k}: {recorded.get(k)!r} -> {wanted.get(k)!r}" for k in sorted(set(wanted) | set(recorded))
+            if recorded.get(k) != wanted.get(k)]
 
 
 def _prepared_from(cfg: dict) -> dict:
@@ -181,6 +216,11 @@ def _tokenizer_file(cfg: dict, cache_dir: Path, out_dir: Path, jobs: list[ShardJ
     n = parse_train_spec(cfg["tokenizer"])
     if n is None:
         src = fetch_tokenizer(cfg["tokenizer"], cache_dir, cfg["tokenizer_sha256"])
+        try:
+            Tokenizer(src)  # a broken file is reported under its own name and never copied
+        except TokenizerError as err:
+            raise TokenizerError(f"data.tokenizer={cfg['tokenizer']!r}: {err}; give a SentencePiece .model "
+                                 "file or URL, or train:N to train one") from err
         if not target.is_file() or sha256_file(target) != sha256_file(src):
             with atomic_path(target) as tmp:
                 shutil.copyfile(src, tmp)
@@ -215,7 +255,7 @@ def run_prepare(data_cfg: Mapping, cache_dir: str | Path, progress: bool = True)
     """:func:`prepare`, returning counts and timing as well."""
     t0 = time.perf_counter()
     cfg = data_settings(data_cfg)
-    cache_dir, out_dir = Path(cache_dir).expanduser(), Path(cfg["dir"]).expanduser()
+    cache_dir, out_dir = Path(cache_dir).expanduser(), check_data_dir(cfg["dir"])
     manifest_path = out_dir / MANIFEST
     if (done := _up_to_date(manifest_path, cfg)) is not None:
         shards, stories = done
@@ -224,11 +264,17 @@ def run_prepare(data_cfg: Mapping, cache_dir: str | Path, progress: bool = True)
     files, chunked = source_files(cfg, cache_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     jobs = _jobs(cfg, files, chunked, out_dir)
+    # Nothing in out_dir changes while a manifest could vouch for it: a run stopped half way leaves no manifest
+    # (readers then prepare again) and no shard meta that another run could mistake for its own.
+    manifest_path.unlink(missing_ok=True)
     tok_path = _tokenizer_file(cfg, cache_dir, out_dir, jobs)
     tok = Tokenizer(tok_path)
     check_vocab_fits(tok.vocab_size, TOKEN_DTYPE, source=str(tok_path))
     write_llama2c_tokenizer_bin(tok_path, out_dir / "tokenizer.bin")
     jobs = [replace(j, tokenizer_path=str(tok_path), tokenizer_sha256=tok.sha256) for j in jobs]
+    for job in jobs:
+        if existing_result(job) is None:  # to be redone: its files change before its meta does
+            meta_path(job).unlink(missing_ok=True)
     workers = cfg["num_workers"] or os.cpu_count() or 1
     results = run_jobs(jobs, int(workers), progress=progress)
     manifest = {
@@ -240,7 +286,7 @@ def run_prepare(data_cfg: Mapping, cache_dir: str | Path, progress: bool = True)
         "shards": [r["entry"] for r in results],
         "prepared_from": _prepared_from(cfg),
     }
-    atomic_write_json(manifest_path, manifest)
+    atomic_write_json(manifest_path, manifest)  # last, and atomically: a manifest means every file is done
     return PrepareResult(manifest_path, sum(r["stories"] for r in results),
                          sum(r["entry"]["n_tokens"] for r in results),
                          sum(r["entry"]["dropped"] for r in results), time.perf_counter() - t0,
@@ -263,9 +309,9 @@ def manifest_path(path_or_dir: str | Path) -> Path:
     return path / MANIFEST if path.is_dir() or path.suffix != ".json" else path
 
 
-def _rerun(path: Path) -> str:
-    return (f"run `llamalit-prepare data=NAME data.dir={path.parent}` (training runs the same preparation in "
-            "LlamaDataModule.prepare_data when shards are missing)")
+def _rerun(path: Path, fix: str = "fix it, or ") -> str:
+    return (f"{fix}prepare again: `python scripts/prepare.py data=NAME data.dir={path.parent}` "
+            f"(llamalit-prepare), or delete {path.parent} and training prepares it")
 
 
 def read_manifest(path_or_dir: str | Path) -> dict:
@@ -276,11 +322,12 @@ def read_manifest(path_or_dir: str | Path) -> dict:
     """
     path = manifest_path(path_or_dir)
     if not path.is_file():
-        raise ManifestMissing(f"{path} does not exist: no manifest; {_rerun(path)}.")
+        raise ManifestMissing(f"{path} does not exist: no manifest; run `llamalit-prepare data=NAME "
+                              f"data.dir={path.parent}` (training runs the same preparation when it is missing).")
     try:
         manifest = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as err:
-        raise ManifestError(f"{path}: unreadable manifest, not valid JSON ({err}); delete it and {_rerun(path)}.") \
+        raise ManifestError(f"{path}: unreadable manifest, not valid JSON ({err}); {_rerun(path)}.") \
             from err
     if not isinstance(manifest, dict):
         raise ManifestError(f"{path}: expected a JSON object, found {type(manifest).__name__}; {_rerun(path)}.")
@@ -319,7 +366,6 @@ def read_manifest(path_or_dir: str | Path) -> dict:
     return manifest
 
 
-
 def _require(path: Path, obj: dict, key: str, kind: type, where: str = ""):
     label = f"{where}.{key}" if where else key
     if key not in obj:
@@ -354,12 +400,37 @@ def load_manifest(path_or_dir: str | Path, verify: bool = True) -> dict:
                 raise ManifestError(f"{shard[key]}: missing or not {expected} bytes as the manifest says; "
                                     f"{_rerun(path)}")
     if verify:
-        if tok["path"] is None or not Path(tok["path"]).is_file():
-            raise ManifestError(f"{tok['path']}: the tokenizer of these shards is missing; {_rerun(path)}")
-        if (digest := sha256_file(tok["path"])) != tok.get("sha256"):
-            raise ManifestError(f"{tok['path']}: sha256 {digest} differs from the manifest's {tok.get('sha256')}: "
-                                f"the shards were made with another tokenizer. Restore it, or {_rerun(path)}")
+        check_tokenizer(manifest, path)
     return manifest
+
+
+def check_tokenizer(manifest: Mapping, manifest_file: str | Path) -> Path:
+    """The tokenizer file ``manifest`` names (relative to ``manifest_file``'s directory), checked against the
+    manifest's record: its sha256, then (loaded with SentencePiece) its piece count and BOS/EOS ids.
+
+    Raises :class:`ManifestError` naming both files when the file is missing or disagrees with the record.
+    """
+    where, record = Path(manifest_file), manifest["tokenizer"]
+    if not record.get("path"):
+        raise ManifestError(f"{where}: tokenizer.path is not set, so the shards' tokenizer is unknown; "
+                            f"{_rerun(where)}")
+    path = where.parent / Path(record["path"]).expanduser()
+    if not path.is_file():
+        raise ManifestError(f"{path}: the tokenizer of the shards in {where} is missing; "
+                            f"{_rerun(where, 'put it back, or ')}")
+    if record.get("sha256") is not None and (digest := sha256_file(path)) != record["sha256"]:
+        raise ManifestError(f"{path}: sha256 {digest} differs from the manifest's {record['sha256']} ({where}): "
+                            "the shards were made with another tokenizer. "
+                            f"{_rerun(where, 'Put the original back, or ')}")
+    try:
+        tok = Tokenizer(path)
+    except TokenizerError as err:
+        raise ManifestError(f"{err}; it is the tokenizer of {where}: {_rerun(where)}") from err
+    for key, have in (("vocab_size", tok.vocab_size), ("bos_id", tok.bos_id), ("eos_id", tok.eos_id)):
+        if key in record and record[key] != have:
+            raise ManifestError(f"{where}: tokenizer.{key} is {record[key]!r} but the tokenizer {path} has "
+                                f"{have}; {_rerun(where)}")
+    return path
 
 
 def verify_tokenizer(manifest: Mapping, tokenizer: Tokenizer | str | Path) -> None:
@@ -373,5 +444,6 @@ def verify_tokenizer(manifest: Mapping, tokenizer: Tokenizer | str | Path) -> No
 
 
 __all__ = ["prepare", "run_prepare", "read_manifest", "load_manifest", "manifest_path", "verify_tokenizer",
-           "data_settings", "PrepareResult", "ManifestError", "ManifestMissing", "MANIFEST", "MANIFEST_FORMAT",
+           "check_tokenizer", "check_data_dir", "stale_settings", "data_settings", "PrepareResult", "ManifestError",
+           "ManifestMissing", "MANIFEST", "MANIFEST_FORMAT",
            "LABEL_DTYPE", "TOKEN_DTYPE"]

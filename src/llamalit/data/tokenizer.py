@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import struct
 import tempfile
@@ -86,14 +87,19 @@ def parse_train_spec(spec: str) -> int | None:
     return n
 
 
-def fetch_tokenizer(spec: str, cache_dir: str | Path, sha256: str | None = None) -> Path:
-    """The local file of a tokenizer given as a path or URL (URLs are downloaded into the cache)."""
+def fetch_tokenizer(spec: str, cache_dir: str | Path, sha256: str | None = None,
+                    key: str = "data.tokenizer") -> Path:
+    """The local file of a tokenizer given as a path or URL (URLs are downloaded into the cache).
+
+    ``key``: the caller's config key, named in errors (``tokenizer`` for generate.py and export.py).
+    """
     if is_url(spec):
         return cached_download(str(spec), cache_dir, sha256=sha256)
     path = Path(spec).expanduser()
     if not path.is_file():
-        raise TokenizerError(f"data.tokenizer={spec!r}: no such file; give a SentencePiece .model path or "
-                             f"URL, or train:N to train one")
+        what = "a directory, not a file" if path.is_dir() else "no such file"
+        also = ", or train:N to train one" if key == "data.tokenizer" else ""
+        raise TokenizerError(f"{key}={spec!r}: {what}; give a SentencePiece .model path or URL{also}")
     if sha256 is not None and (digest := sha256_file(path)) != sha256.lower():
         raise TokenizerError(f"{path}: sha256 {digest} differs from the configured {sha256}")
     return path
@@ -123,11 +129,27 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int, out_path: str | Path,
                 unk_surface=r" \342\201\207 ", normalization_rule_name="identity",
                 hard_vocab_limit=hard_vocab_limit, minloglevel=2)
         except RuntimeError as e:
-            raise TokenizerError(f"train:{vocab_size}: SentencePiece could not train this vocabulary ({e}); "
-                                 f"the corpus may be too small for {vocab_size} pieces, use a smaller N") from e
+            raise _train_error(vocab_size, str(e)) from e
         with atomic_path(out_path) as dst:
             shutil.copyfile(Path(tmp) / "tok.model", dst)
     return out_path
+
+
+def _train_error(vocab_size: int, message: str) -> TokenizerError:
+    """A TokenizerError that says which way to move N, from SentencePiece's own message."""
+    if m := re.search(r"smaller than required_chars\. *\d+ vs (\d+)", message):
+        need = int(m.group(1))
+        return TokenizerError(
+            f"train:{vocab_size}: too few pieces; SentencePiece needs a vocabulary of at least {need} for this "
+            f"corpus (256 byte pieces, the special pieces and every distinct character); use a larger N, "
+            f"train:{need} or more")
+    if m := re.search(r"too high \(\d+\)\. Please set it to a value <= (\d+)", message):
+        most = int(m.group(1))
+        return TokenizerError(
+            f"train:{vocab_size}: the corpus is too small for {vocab_size} pieces (SentencePiece can make at "
+            f"most {most}); use a smaller N, train:{most} or less, or train on more text")
+    return TokenizerError(f"train:{vocab_size}: SentencePiece could not train this vocabulary ({message}); "
+                          "check N and the training text")
 
 
 def write_llama2c_tokenizer_bin(model_path: str | Path, out_path: str | Path) -> Path:

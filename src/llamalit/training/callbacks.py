@@ -118,6 +118,8 @@ class StepProgressBar(TQDMProgressBar):
 
     Each refresh reads the logged loss back from the device, a host sync that drains the GPU's queue of
     kernels: with ``accumulate_grad_batches=8`` a per-batch bar would do that 8 times an optimizer step.
+    ``train/loss`` is logged without ``prog_bar`` (Lightning would read a progress-bar metric back after every
+    micro-batch, whatever the refresh rate) and shown here from the callback metrics, at refreshes only.
     """
 
     def __init__(self, refresh_steps: int = 10, **kwargs: Any):
@@ -127,6 +129,13 @@ class StepProgressBar(TQDMProgressBar):
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         super().on_train_start(trainer, pl_module)
         self._refresh_rate = max(1, self.refresh_steps * trainer.accumulate_grad_batches)
+
+    def get_metrics(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, int | str | float | dict]:
+        items = super().get_metrics(trainer, pl_module)
+        loss = trainer.callback_metrics.get("train/loss") if trainer.training else None
+        if isinstance(loss, torch.Tensor):
+            items["train/loss"] = round(float(loss), 4)
+        return items
 
 
 class SampleCallback(L.Callback):

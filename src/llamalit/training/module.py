@@ -163,7 +163,9 @@ class LlamaLitModule(L.LightningModule):
         logging = self._logging_step()  # an argmax over every counted logit is not free: only when it is logged
         out, n = self._loss(batch, accuracy=logging)
         self._check_finite(out.loss)
-        self.log("train/loss", out.loss, on_step=True, prog_bar=True)
+        # not prog_bar: Lightning converts progress-bar metrics to floats after every micro-batch (a GPU sync);
+        # StepProgressBar shows train/loss instead, read once per refresh
+        self.log("train/loss", out.loss, on_step=True)
         if logging:
             self.train_acc.update(out.correct / _at_least_one(n), n)
             self.log("train/acc", self.train_acc, on_step=True, on_epoch=False)
