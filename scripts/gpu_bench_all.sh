@@ -29,7 +29,8 @@ run train_eager 200 python scripts/bench_train.py --device cuda --compile off --
 run lora 150 python scripts/bench_lora.py --preset stories110m --device cuda --batch 16 --seq 350 --steps 20 \
     --warmup 5 --json "$OUT/bench_lora.json"
 run qlora 240 python scripts/bench_qlora.py --json "$OUT/bench_qlora.json"
-run sync 200 bash -c "python scripts/check_sync.py && python scripts/check_sync.py --packed --compile"
+run sync 240 bash -c "python scripts/check_sync.py && python scripts/check_sync.py --packed --compile && \
+    python scripts/check_sync.py --lightning --packed --compile"
 run tests 120 python -m pytest -q -x tests/test_losses.py tests/test_packing_model.py
 # Lightning's FSDP refuses the CPU, so its first real run is here (one GPU; needs hydra-core, omegaconf and
 # wandb, carried as wheels): the demo fully sharded, exported whole from the gathered state dict.
