@@ -73,3 +73,23 @@ def test_train_cli_prints_one_line_not_a_traceback(tmp_path: Path) -> None:
     assert proc.returncode == 1
     assert "error: ModelConfig: n_heads=0 must be a positive integer" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_copy_export_replaces_an_earlier_export_whole(tmp_path: Path) -> None:
+    """export_dir (where demo_lora finds the demo model) never mixes two exports: a full model over an
+    adapter leaves no adapter files that would be read instead."""
+    from llamalit.checkpoints import load_checkpoint
+    from llamalit.checkpoints.native import save_model
+    from llamalit.model import Llama
+    from llamalit.training.run import copy_export
+
+    dest = tmp_path / "models" / "demo"
+    dest.mkdir(parents=True)
+    (dest / "adapter.safetensors").write_bytes(b"old")
+    (dest / "adapter_config.json").write_text("{}")
+    run = tmp_path / "run"
+    model = Llama(ModelConfig.preset("tiny"))
+    save_model(model, run)
+    copy_export({"model": str(run / "model.safetensors")}, dest)
+    assert sorted(p.name for p in dest.iterdir()) == ["config.json", "model.safetensors"]
+    torch.testing.assert_close(load_checkpoint(dest).state_dict(), model.state_dict())

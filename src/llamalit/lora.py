@@ -25,7 +25,7 @@ from safetensors.torch import load_file
 from torch import nn
 
 from llamalit.checkpoints.native import save_tensors
-from llamalit.fileio import atomic_write_json, read_tagged_json
+from llamalit.fileio import atomic_checkpoint_dir, atomic_write_json, read_tagged_json
 
 ADAPTER_FORMAT = "llamalit-lora/1"
 ADAPTER_WEIGHTS = "adapter.safetensors"
@@ -319,19 +319,21 @@ def _check_matches(model: nn.Module, cfg: LoraConfig) -> None:
 def save_adapter(model: nn.Module, out_dir: str | Path, base: str | None, lora_cfg: LoraConfig) -> Path:
     """Write ``adapter.safetensors`` and ``adapter_config.json`` (naming the base) into ``out_dir``.
 
-    Each file is written atomically; the config goes last, so a directory with a config is complete.
+    Both appear together (:func:`llamalit.fileio.atomic_checkpoint_dir`): a directory holding only an
+    earlier adapter is replaced whole; in a shared one (a run directory) the config goes in last.
     """
     _check_matches(model, lora_cfg)
     out_dir = Path(out_dir)
     sd = lora_state_dict(model)
     if any(layer.merged for layer in lora_layers(model).values()):
         raise ValueError("adapters are merged in place; unmerge_() them before saving the adapter")
-    save_tensors(sd, out_dir / ADAPTER_WEIGHTS, metadata={"format": ADAPTER_FORMAT})
     meta = {"format": ADAPTER_FORMAT, "base": base, "lora": lora_cfg.to_dict()}
     model_cfg = getattr(model, "cfg", None)
     if model_cfg is not None:
         meta["model"] = model_cfg.to_dict()
-    atomic_write_json(out_dir / ADAPTER_CONFIG, meta)
+    with atomic_checkpoint_dir(out_dir, owned=(ADAPTER_WEIGHTS, ADAPTER_CONFIG), commit=ADAPTER_CONFIG) as tmp:
+        save_tensors(sd, tmp / ADAPTER_WEIGHTS, metadata={"format": ADAPTER_FORMAT})
+        atomic_write_json(tmp / ADAPTER_CONFIG, meta)
     return out_dir
 
 

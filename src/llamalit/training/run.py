@@ -15,7 +15,7 @@ from hydra.utils import instantiate
 from lightning.pytorch.callbacks import LearningRateMonitor, ProgressBar
 from omegaconf import DictConfig, OmegaConf
 
-from llamalit.fileio import atomic_write_json
+from llamalit.fileio import atomic_checkpoint_dir, atomic_write_json
 from llamalit.model import Llama, ModelConfig
 from llamalit.training.loggers import build_logger, finish_wandb
 from llamalit.training.module import LlamaLitModule
@@ -193,14 +193,20 @@ def export_weights(model: Llama, out_dir: Path, tokenizer_path: str | None, cfg:
     return files
 
 
+EXPORT_NAMES = ("model.safetensors", "config.json", "adapter.safetensors", "adapter_config.json", "tokenizer.model")
+
+
 def copy_export(files: dict[str, str], dest: Path) -> None:
-    """Publish a run's exported files to a shared place (e.g. where demo_lora finds the demo model)."""
-    dest.mkdir(parents=True, exist_ok=True)
-    for path in files.values():
-        src = Path(path)
-        for f in [src, src.with_name("config.json"), src.with_name("adapter_config.json")]:
-            if f.is_file():
-                shutil.copyfile(f, dest / f.name)
+    """Publish a run's exported files to a shared place (e.g. where demo_lora finds the demo model), all
+    together: an earlier export there is replaced whole, never mixed with this one."""
+    sources = {f.name: f for path in files.values()
+               for f in (Path(path), Path(path).with_name("config.json"), Path(path).with_name("adapter_config.json"))
+               if f.is_file()}
+    commit = "adapter_config.json" if "adapter_config.json" in sources else "config.json"
+    owned = (*sources, *EXPORT_NAMES)  # a weights-only export before this one (full or adapter) is replaced
+    with atomic_checkpoint_dir(dest, owned=owned, commit=commit) as tmp:
+        for name, src in sources.items():
+            shutil.copyfile(src, tmp / name)
 
 
 def run_adherence(cfg: DictConfig, module: LlamaLitModule, model: Llama, dm) -> dict | None:
