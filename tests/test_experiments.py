@@ -237,6 +237,17 @@ def test_full_tiny_run_validates_checkpoints_and_exports(env, tmp_path):
     assert json.loads((run_dir / "config.json").read_text())["model"]["vocab_size"] == VOCAB
 
 
+def test_summary_counts_the_whole_run_when_the_best_checkpoint_is_earlier(env, tmp_path):
+    """Validating the best checkpoint restores the callbacks' state with it: the token counts must still be
+    the whole run's, not those of the best step (mode=max picks the first validation here)."""
+    cfg = experiment_cfg("demo", env, tmp_path / "run", [
+        "logger=csv", "trainer.max_steps=12", "trainer.val_check_interval=6", "trainer.limit_val_batches=1",
+        "callbacks.model_checkpoint.mode=max", "optim.lr=1e-2", "evaluation.adherence_n=0"])
+    summary = train(cfg)
+    assert "step000006" in Path(summary["best_checkpoint"]).name and summary["step"] == 12
+    assert summary["tokens_seen"] == 12 * 4 * (cfg.data.seq_len - 1)
+
+
 def poison_training_forwards(monkeypatch, bad) -> None:
     """Training forward number n (1, 2, ...) returns NaN hidden states when ``bad(n)``; eval forwards
     (validation, samples) are left alone."""

@@ -272,6 +272,17 @@ def finish_run(cfg: DictConfig, resolved: dict, trainer: L.Trainer, module: Llam
     ckpt_cb = trainer.checkpoint_callback
     best = ckpt_cb.best_model_path if ckpt_cb is not None else ""
     last = ckpt_cb.last_model_path if ckpt_cb is not None else ""
+    # read before validating the best checkpoint: restoring it restores the callbacks' state too, which
+    # would report the token counts of the best step instead of the whole run
+    speed = next((c for c in trainer.callbacks if c.__class__.__name__ == "SpeedMonitor"), None)
+    throughput = {
+        "tokens_seen": speed.tokens_seen if speed else None,
+        "tokens_per_s": (speed.tokens_seen / speed.train_time_s) if speed and speed.train_time_s else None,
+        "useful_tokens_seen": speed.useful_tokens_seen if speed else None,
+        "useful_tokens_per_s": (speed.useful_tokens_seen / speed.train_time_s)
+        if speed and speed.train_time_s else None,
+        "mfu": speed.mfu if speed else None,
+    }
     metrics = {}
     if not trainer.fast_dev_run:
         ckpt = best or last or None
@@ -296,7 +307,6 @@ def finish_run(cfg: DictConfig, resolved: dict, trainer: L.Trainer, module: Llam
     adherence = None
     if trainer.is_global_zero:
         adherence = run_adherence(cfg, module, model, dm)
-    speed = next((c for c in trainer.callbacks if c.__class__.__name__ == "SpeedMonitor"), None)
     summary = {
         "experiment": cfg.get("experiment_name"),
         "val/loss": float(metrics["val/loss"]) if "val/loss" in metrics else None,
@@ -305,12 +315,7 @@ def finish_run(cfg: DictConfig, resolved: dict, trainer: L.Trainer, module: Llam
         "uniform_loss": float(torch.log(torch.tensor(float(module.model.cfg.vocab_size)))),
         "vocab_size": module.model.cfg.vocab_size,
         "step": trainer.global_step,
-        "tokens_seen": speed.tokens_seen if speed else None,
-        "tokens_per_s": (speed.tokens_seen / speed.train_time_s) if speed and speed.train_time_s else None,
-        "useful_tokens_seen": speed.useful_tokens_seen if speed else None,
-        "useful_tokens_per_s": (speed.useful_tokens_seen / speed.train_time_s)
-        if speed and speed.train_time_s else None,
-        "mfu": speed.mfu if speed else None,
+        **throughput,
         "params": (model or module.model).num_params(),  # the whole model (FSDP ranks hold shards)
         "trainable_params": (model or module.model).num_params(trainable_only=True),
         "lora": resolved.get("lora"),
