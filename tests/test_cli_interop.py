@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from llamalit.checkpoints import load_checkpoint, load_hf, read_llama2c_bin, save_model
+from llamalit.checkpoints import find_tokenizer, load_checkpoint, load_hf, read_llama2c_bin, save_model
 from llamalit.cli.export import run_export
 from llamalit.cli.generate import StreamDecoder, run_generate
 from llamalit.data.tokenizer import Tokenizer, read_llama2c_tokenizer_bin, train_tokenizer
@@ -110,6 +110,9 @@ def test_export_cli_llama2c_writes_bin_and_tokenizer(tmp_path, tokenizer_path):
     assert info["version"] == 0 and same_weights(back, model)
     max_len, entries = read_llama2c_tokenizer_bin(out.with_name("tokenizer.bin"), VOCAB)
     assert len(entries) == VOCAB and entries[1][1] == b"\n<s>\n"
+    # and the SentencePiece model beside it, so generate.py/evaluate.py run on the .bin with no tokenizer=
+    assert find_tokenizer(out) == out.with_name("tokenizer.model")
+    assert out.with_name("tokenizer.model").read_bytes() == tokenizer_path.read_bytes()
 
 
 def test_export_every_format(tmp_path, tokenizer_path):
@@ -145,5 +148,7 @@ def test_export_every_format(tmp_path, tokenizer_path):
         torch.testing.assert_close(merged(tokens), want, atol=1e-5, rtol=1e-5)
         torch.testing.assert_close(from_peft(tokens), want, atol=1e-5, rtol=1e-5)
     assert (tmp_path / "merged" / "tokenizer.model").is_file()
+    assert find_tokenizer(peft_dir) == peft_dir / "base" / "tokenizer.model"  # an adapter finds its base's
+    assert find_tokenizer(tmp_path / "adapter") == tokenizer_path  # ours too: base/config.json names it
     with pytest.raises(ValueError, match="format='onnx'"):
         run_export({"ckpt": str(tmp_path / "base"), "format": "onnx", "out": str(tmp_path / "x")})

@@ -141,6 +141,7 @@ def test_merged_equals_unmerged_after_training(targets):
     assert not lora_layers(merged) and all(type(m) is nn.Linear for n, m in merged.named_modules()
                                            if n.rpartition(".")[2] in ALL)
     assert not lora_state_dict(merged)
+    assert all(p.requires_grad for p in merged.parameters())  # a plain model again, not a frozen one
     torch.testing.assert_close(merged(x), unmerged, rtol=1e-12, atol=1e-12)
 
 

@@ -240,6 +240,7 @@ def merge_lora(model: nn.Module) -> nn.Module:
 
     A tied output head gets its own merged weight: the embedding is left unchanged and
     ``model.cfg.tie_embeddings`` becomes False, so the merged model saves and loads as an untied one.
+    The result is a plain model: every parameter trainable again, as :func:`apply_lora` froze them.
     """
     layers = lora_layers(model)
     quantized = [name for name, layer in layers.items() if isinstance(layer, QLoRALinear)]
@@ -258,6 +259,9 @@ def merge_lora(model: nn.Module) -> nn.Module:
     cfg = getattr(model, "cfg", None)
     if untied and getattr(cfg, "tie_embeddings", False):
         model.cfg = replace(cfg, tie_embeddings=False)
+    if layers:
+        for p in model.parameters():
+            p.requires_grad_(True)
     return model
 
 

@@ -180,13 +180,35 @@ def _load(path: Path, merge: bool) -> Llama:
     return llama2c.read_llama2c_bin(path)[0]
 
 
-def find_tokenizer(ckpt: str | Path) -> Path | None:
-    """The tokenizer a checkpoint names (``config.json`` "tokenizer") or a ``tokenizer.model`` beside it.
+def find_tokenizer(ckpt: str | Path, _follow_base: bool = True) -> Path | None:
+    """The tokenizer a checkpoint names (``config.json`` "tokenizer") or a ``tokenizer.model`` beside it;
+    for an adapter, else its base's (the local directory its adapter config names).
 
     For a file (e.g. ``RUN/checkpoints/last.ckpt``) its folder is searched, then the folder above.
     """
     path = Path(ckpt)
     folders = [path] if path.is_dir() else [path.parent, path.parent.parent]
+    found = _tokenizer_in(folders)
+    if found is None and _follow_base and path.is_dir():
+        base = _adapter_base(path)
+        found = find_tokenizer(base, _follow_base=False) if base is not None else None
+    return found
+
+
+def _adapter_base(folder: Path) -> Path | None:
+    """The local base directory an adapter config names (PEFT "base_model_name_or_path", ours "base")."""
+    try:
+        meta = json.loads((folder / "adapter_config.json").read_text())
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError):
+        return None
+    for key in ("base_model_name_or_path", "base"):
+        ref = meta.get(key) if isinstance(meta, dict) else None
+        if isinstance(ref, str) and ref and (base := Path(resolve_relative(ref, folder))).is_dir():
+            return base
+    return None
+
+
+def _tokenizer_in(folders: list[Path]) -> Path | None:
     for folder in folders:
         for cfg_name in ("config.json", "adapter_config.json"):
             cfg = folder / cfg_name

@@ -1,6 +1,6 @@
 """``python scripts/export.py ckpt=PATH format=FORMAT out=PATH`` / ``llamalit-export``.
 
-FORMAT: ``llama2c`` (v0 ``.bin`` for llama2.c ``run.c`` + ``tokenizer.bin`` beside it),
+FORMAT: ``llama2c`` (v0 ``.bin`` for llama2.c ``run.c``, with ``tokenizer.bin`` and ``tokenizer.model`` beside it),
 ``llama2c_v1``, ``llama2c_q8`` (v2 for ``runq.c``), ``hf``, ``peft`` (a LoRA checkpoint's adapter,
 with its base as an HF dir in ``OUT/base``), ``merged`` (LoRA folded in, our own format).
 For the ``.bin`` formats ``out`` is the file (``OUT/model.bin`` when ``out`` is a directory).
@@ -75,7 +75,14 @@ def _occupied(path: Path) -> str | None:
     return "already exists" if path.exists() or path.is_symlink() else None
 
 
-def _check_out(fmt: str, out: Path, source: Path, tokenizer_bin: bool, overwrite: bool) -> None:
+def _tokenizer_files(bin_path: Path, tok: Path) -> list[Path]:
+    """Written beside a llama2.c ``.bin``: ``tokenizer.bin`` for run.c, and ``tokenizer.model`` so that
+    generate.py and evaluate.py find the tokenizer beside the weights (unless it is already that file)."""
+    model = bin_path.with_name("tokenizer.model")
+    return [bin_path.with_name("tokenizer.bin")] + ([] if model.resolve() == tok.resolve() else [model])
+
+
+def _check_out(fmt: str, out: Path, source: Path, tok: Path | None, overwrite: bool) -> None:
     """Refuse to write over or into the source checkpoint, and over anything at ``out`` unless ``overwrite``."""
     if fmt in DIR_FORMATS:
         if out.exists() and not out.is_dir():
@@ -87,7 +94,7 @@ def _check_out(fmt: str, out: Path, source: Path, tokenizer_bin: bool, overwrite
                              "there would replace; pick a new path for out= (overwrite=true does not allow this)")
     else:
         path = _bin_path(out)
-        targets = [path, path.with_name("tokenizer.bin")] if tokenizer_bin else [path]
+        targets = [path, *_tokenizer_files(path, tok)] if fmt == "llama2c" and tok is not None else [path]
     for target in targets:
         if _inside(target, source):
             raise ValueError(f"out={out}: the export would write {target}, which is or lies inside the source "
@@ -144,7 +151,7 @@ def run_export(cfg: Mapping) -> list[Path]:
     tok = _tokenizer(cfg, local)
     # a model.safetensors / config.json path stands for the directory it is in (as load_checkpoint reads it)
     source = local.parent if local.is_file() and local.suffix in (".safetensors", ".json") else local
-    _check_out(fmt, out, source, fmt == "llama2c" and tok is not None, overwrite)
+    _check_out(fmt, out, source, tok, overwrite)
     model = load_checkpoint(local, merge=fmt != "peft")
     if tok is not None:
         _check_vocab(tok, fmt, model.cfg.vocab_size)
@@ -183,7 +190,11 @@ def _write(fmt: str, model, out: Path, local: Path, tok: Path | None, group_size
         if fmt == "llama2c" and tok is not None:
             from llamalit.data.tokenizer import write_llama2c_tokenizer_bin
 
-            written.append(write_llama2c_tokenizer_bin(tok, path.with_name("tokenizer.bin")))
+            tok_bin, *tok_model = _tokenizer_files(path, tok)
+            written.append(write_llama2c_tokenizer_bin(tok, tok_bin))
+            for dest in tok_model:
+                _copy(tok, dest)
+                written.append(dest)
     elif fmt == "hf":
         written.append(save_hf(model, out, tokenizer=tok))
     else:  # merged; the tokenizer goes in after the weights, as the writer may replace OUT as a whole
