@@ -9,7 +9,7 @@ set -uo pipefail
 OUT=${OUT:-gpu_results}
 L2C=${1:-}
 mkdir -p "$OUT"
-export PYTHONPATH="src${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
+export PYTHONPATH="src${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 HYDRA_FULL_ERROR=1  # full tracebacks in the logs
 ONLY=${ONLY:-generate loss train train_eager lora qlora sync tests fsdp}
 run() {  # name, seconds, command...: a failing or slow step never stops the others
   local name=$1 limit=$2; shift 2

@@ -22,8 +22,6 @@ from llamalit.data.pretokenize import (
     LABEL_DTYPE,
     TOKEN_DTYPE,
     ShardJob,
-    existing_result,
-    meta_path,
     run_jobs,
 )
 from llamalit.data.synthetic import make_corpus
@@ -272,9 +270,6 @@ def run_prepare(data_cfg: Mapping, cache_dir: str | Path, progress: bool = True)
     check_vocab_fits(tok.vocab_size, TOKEN_DTYPE, source=str(tok_path))
     write_llama2c_tokenizer_bin(tok_path, out_dir / "tokenizer.bin")
     jobs = [replace(j, tokenizer_path=str(tok_path), tokenizer_sha256=tok.sha256) for j in jobs]
-    for job in jobs:
-        if existing_result(job) is None:  # to be redone: its files change before its meta does
-            meta_path(job).unlink(missing_ok=True)
     workers = cfg["num_workers"] or os.cpu_count() or 1
     results = run_jobs(jobs, int(workers), progress=progress)
     manifest = {

@@ -150,6 +150,9 @@ def pretokenize_shard(job: ShardJob) -> dict:
         tokens = pretrain_tokens(tok, [text for _, text in items])
     else:
         tokens, labels, dropped = instruct_rows(tok, items, job.seq_len, job.format, job.train_on_inputs)
+    # an earlier run's meta must not vouch for files this one is about to replace (if it stops half way)
+    meta_path(job).unlink(missing_ok=True)
+    if job.kind != "pretrain":
         with atomic_path(labels_path) as tmp:
             labels.tofile(tmp)
         entry.update(rows=int(tokens.shape[0]), dropped=dropped)
