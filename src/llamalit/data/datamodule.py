@@ -38,8 +38,9 @@ from llamalit.data.datasets import (
     read_manifest,
     shard_files,
 )
+from llamalit.data.manifest import ManifestMissing, check_tokenizer
 from llamalit.data.packing import PackedInstructRows, cached_split_lengths
-from llamalit.data.prepare import ManifestMissing, check_data_dir, check_tokenizer, stale_settings
+from llamalit.data.prepare import check_data_dir, stale_settings
 
 log = logging.getLogger(__name__)
 

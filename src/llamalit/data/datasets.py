@@ -1,6 +1,6 @@
 """Read prepared shards through ``manifest.json`` alone: the shard files of a split and the map-style datasets.
 
-The manifest reader itself is :func:`llamalit.data.prepare.read_manifest` (re-exported here).
+The manifest reader itself is :func:`llamalit.data.manifest.read_manifest` (re-exported here).
 
 ``PretrainWindows`` serves windows of ``seq_len + 1`` tokens from flat token shards (x = w[:-1], y = w[1:]);
 ``InstructRows`` serves the ``rows x seq_len`` rows of instruct shards (x = tokens[:-1], y = labels[1:]).
@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from llamalit.data.prepare import MANIFEST, ManifestError, manifest_path, read_manifest
+from llamalit.data.manifest import MANIFEST, ManifestError, manifest_path, read_manifest
 from llamalit.model import IGNORE_INDEX
 
 MANIFEST_NAME = MANIFEST  # the old name of the file name constant
