@@ -287,14 +287,14 @@ def main(argv: list[str] | None = None) -> list[dict]:
                 data = RandomTokens(n_rows, bc.seq, ModelConfig.preset(bc.preset).vocab_size)
                 useful = bc.batch * bc.seq * bc.accum
             rows.append(bench_one(bc, data, layout, useful, padded_useful, args, precision, compile_))
+            if args.json:  # after every row: a run stopped by a time limit keeps what it measured
+                benchutil.write_json(args.json, args, rows)
             if args.profile:
                 warm = max(1, min(3, args.steps // 2))  # the data holds steps + 1 steps of rows
                 print(profile_plain(bc, data, args.device, precision, compile_,
                                     args.run_dir / f"profile_{key}_{layout}.txt",
                                     warmup=warm, active=max(1, min(3, args.steps - warm))))
     print_table(rows)
-    if args.json:
-        benchutil.write_json(args.json, args, rows)
     return rows
 
 
