@@ -153,3 +153,17 @@ def test_compiled_blocks_run_flex_without_recompiling_per_batch() -> None:
             got = compiled.hidden(tokens, positions=positions, segments=segments)
             torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
     assert counters["frames"]["ok"] == 1 and not counters["recompiles"], dict(counters["recompiles"])
+
+
+def test_compiled_block_mask_builder_matches_eager() -> None:
+    """On CUDA the packed batches' BlockMask is built by the compiled builder: the same blocks as eager."""
+    from llamalit.model import _block_mask_builder
+
+    g = torch.Generator().manual_seed(6)
+    for cuts in (torch.randint(20, 300, (4,), generator=g), torch.randint(5, 60, (4,), generator=g)):
+        segments = (torch.arange(349)[None] >= cuts[:, None]).long()
+        eager, compiled = (_block_mask_builder(c)(segments) for c in (False, True))
+        for name in ("kv_num_blocks", "kv_indices", "full_kv_num_blocks", "full_kv_indices", "q_num_blocks"):
+            assert torch.equal(getattr(compiled, name), getattr(eager, name)), name
+        q, kv = torch.arange(349)[:, None], torch.arange(349)[None]
+        assert torch.equal(compiled.mask_mod(torch.tensor(1), 0, q, kv), (segments[1][q] == segments[1][kv]) & (q >= kv))

@@ -123,11 +123,23 @@ def document_mask(segments: torch.Tensor, backend: str = "auto") -> torch.Tensor
     if not segments.is_cuda and torch.is_grad_enabled():
         raise ValueError("attention=flex trains on CUDA only (flex attention has no backward on the CPU); "
                          "use attention=dense or auto here")
+    return _block_mask_builder(compiled=segments.is_cuda)(segments)
+
+
+def _document_block_mask(segments: torch.Tensor) -> BlockMask:
+    b, t = segments.shape
 
     def same_doc_causal(b_i, h_i, q_i, kv_i):  # noqa: ARG001 - flex's mask_mod signature
         return (segments[b_i, q_i] == segments[b_i, kv_i]) & (q_i >= kv_i)
 
     return create_block_mask(same_doc_causal, b, None, t, t, device=segments.device)
+
+
+@functools.cache
+def _block_mask_builder(compiled: bool):
+    """The BlockMask builder, compiled on CUDA: eager ``create_block_mask`` evaluates the mask through vmap
+    with many small ops (64 rows x 349 on the CPU: 34 ms eager, 3.6 ms compiled), once per packed batch."""
+    return torch.compile(_document_block_mask, dynamic=False) if compiled else _document_block_mask
 
 
 @functools.cache
