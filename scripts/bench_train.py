@@ -271,7 +271,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         torch.set_num_threads(args.threads)
     precision = "bf16-mixed" if args.device == "cuda" else "32-true"
     compile_ = resolve_compile(None if args.compile == "auto" else args.compile == "on", torch.device(args.device))
-    rows = []
+    rows, profiles = [], []
     for key in args.configs.split(","):
         bc = CONFIGS[key]
         n_rows = bc.batch * bc.accum * (args.steps + 1)
@@ -290,11 +290,13 @@ def main(argv: list[str] | None = None) -> list[dict]:
             if args.json:  # after every row: a run stopped by a time limit keeps what it measured
                 benchutil.write_json(args.json, args, rows)
             if args.profile:
-                warm = max(1, min(3, args.steps // 2))  # the data holds steps + 1 steps of rows
-                print(profile_plain(bc, data, args.device, precision, compile_,
-                                    args.run_dir / f"profile_{key}_{layout}.txt",
-                                    warmup=warm, active=max(1, min(3, args.steps - warm))))
+                profiles.append((bc, data, args.run_dir / f"profile_{key}_{layout}.txt"))
     print_table(rows)
+    warm = max(1, min(3, args.steps // 2))  # the data holds steps + 1 steps of rows
+    for bc, data, out in profiles:  # after every row is measured: a time limit costs profiles first
+        print(f"== {out.name}")
+        print(profile_plain(bc, data, args.device, precision, compile_, out, warmup=warm,
+                            active=max(1, min(3, args.steps - warm))))
     return rows
 
 
