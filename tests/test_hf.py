@@ -6,6 +6,7 @@ import json
 
 import pytest
 import torch
+from hf_models import random_hf_llama
 
 from llamalit.checkpoints import load_hf, save_hf
 from llamalit.checkpoints.llama2c import CheckpointError
@@ -68,16 +69,10 @@ def test_rope_theta_matters(tmp_path):
 
 
 def test_sharded_untied_gqa_checkpoint_from_transformers(tmp_path):
-    config = transformers.LlamaConfig(
-        vocab_size=300, hidden_size=48, intermediate_size=72, num_hidden_layers=3, num_attention_heads=6,
+    hf = random_hf_llama(
+        3, vocab_size=300, hidden_size=48, intermediate_size=72, num_hidden_layers=3, num_attention_heads=6,
         num_key_value_heads=2, max_position_embeddings=64, rms_norm_eps=1e-6, rope_theta=20000.0,
         tie_word_embeddings=False)
-    torch.manual_seed(3)
-    hf = transformers.LlamaForCausalLM(config).eval()
-    with torch.no_grad():
-        for name, p in hf.named_parameters():
-            if "norm" in name:
-                p.uniform_(0.5, 1.5)
     hf.save_pretrained(tmp_path, max_shard_size="40KB")
     assert (tmp_path / "model.safetensors.index.json").is_file()
     assert len(list(tmp_path.glob("model-*.safetensors"))) > 1

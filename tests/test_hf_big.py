@@ -9,6 +9,7 @@ import textwrap
 
 import pytest
 import torch
+from hf_models import random_hf_llama
 
 from llamalit.checkpoints import find_tokenizer, load_checkpoint, load_hf
 from llamalit.checkpoints.llama2c import CheckpointError
@@ -18,19 +19,10 @@ transformers = pytest.importorskip("transformers")
 
 def hf_model(tie: bool = False, seed: int = 0, **kw):
     """A tiny transformers Llama: GQA 4/2, vocab 1000, rope_theta 500000, untied unless asked."""
-    config = transformers.LlamaConfig(**{
+    return random_hf_llama(seed, lm_head_std=0.05, **{
         "vocab_size": 1000, "hidden_size": 64, "intermediate_size": 96, "num_hidden_layers": 2,
         "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 96,
         "rms_norm_eps": 1e-5, "rope_theta": 500000.0, "tie_word_embeddings": tie, **kw})
-    torch.manual_seed(seed)
-    model = transformers.LlamaForCausalLM(config).eval()
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "norm" in name:
-                p.uniform_(0.5, 1.5)
-            elif "lm_head" in name:
-                p.normal_(0, 0.05)
-    return model
 
 
 def spm_tokenizer(path):

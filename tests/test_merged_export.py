@@ -6,6 +6,7 @@ import json
 
 import pytest
 import torch
+from hf_models import random_hf_llama
 
 from llamalit.checkpoints import load_hf
 from llamalit.checkpoints.llama2c import CheckpointError
@@ -21,16 +22,10 @@ BLOCK = ("wq", "wk", "wv", "wo", "w1", "w2", "w3")
 @pytest.fixture(scope="module")
 def base_dir(tmp_path_factory):
     """A tiny transformers Llama (GQA 4/2, untied, rope_theta 500000; widths multiples of 64 for 4-bit on CPU)."""
-    config = transformers.LlamaConfig(
-        vocab_size=300, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+    model = random_hf_llama(
+        0, vocab_size=300, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
         num_key_value_heads=2, max_position_embeddings=64, rms_norm_eps=1e-5, rope_theta=500000.0,
         tie_word_embeddings=False)
-    torch.manual_seed(0)
-    model = transformers.LlamaForCausalLM(config).eval()
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "norm" in name:
-                p.uniform_(0.5, 1.5)
     d = tmp_path_factory.mktemp("base") / "llama"
     model.save_pretrained(d, max_shard_size="100KB")
     (d / "tokenizer.model").write_bytes(b"not a real sentencepiece model, copied as is")

@@ -58,6 +58,15 @@ def qlora_model(rank: int = 4, alpha: float = 8.0) -> Llama:
     return apply_lora(model, LoraConfig(rank, alpha, targets=tuple(sorted(BLOCK_NAMES))))
 
 
+def trained_qlora_model() -> Llama:
+    """:func:`qlora_model` with non-zero B (as after training), so the adapters' gradients are not trivial."""
+    model = qlora_model()
+    with torch.no_grad():
+        for layer in lora_layers(model).values():
+            layer.lora_B.normal_(0, 0.1, generator=torch.Generator().manual_seed(7))
+    return model
+
+
 def batch(seed: int = 1, b: int = 2, t: int = 13) -> torch.Tensor:
     return torch.randint(0, 256, (b, t), generator=torch.Generator().manual_seed(seed))
 
@@ -185,11 +194,9 @@ def test_lora_wraps_a_quantized_base(bnb):
 def test_eval_forward_on_the_cpu_then_training_keeps_true_gradients(bnb):
     """bitsandbytes' CPU inference repacking is off: an eval pass (validation) leaves training's gradients intact."""
     def grads(eval_first: bool) -> dict[str, torch.Tensor]:
-        model = qlora_model()
-        with torch.no_grad():
-            for layer in lora_layers(model).values():
-                layer.lora_B.normal_(0, 0.1, generator=torch.Generator().manual_seed(7))
-            if eval_first:
+        model = trained_qlora_model()
+        if eval_first:
+            with torch.no_grad():
                 model.eval()(batch())
         model.train().loss(batch(2)[:, :-1], batch(2)[:, 1:]).backward()
         return {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
@@ -204,10 +211,7 @@ def test_gradient_checkpointing_gives_the_same_gradients(bnb):
     from llamalit.training.module import enable_gradient_checkpointing
 
     def grads(checkpointing: bool) -> dict[str, torch.Tensor]:
-        model = qlora_model()
-        with torch.no_grad():
-            for layer in lora_layers(model).values():
-                layer.lora_B.normal_(0, 0.1, generator=torch.Generator().manual_seed(7))
+        model = trained_qlora_model()
         if checkpointing:
             enable_gradient_checkpointing(model)
         model.train().loss(batch(3)[:, :-1], batch(3)[:, 1:]).backward()

@@ -8,16 +8,13 @@ result written as a Hugging Face directory that ``transformers`` (and ``load_che
 
 from __future__ import annotations
 
-import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 
 from llamalit.checkpoints import hf
 from llamalit.checkpoints.llama2c import CheckpointError
-from llamalit.fileio import _UMASK
+from llamalit.fileio import atomic_dir
 from llamalit.model import Llama
 
 
@@ -30,17 +27,6 @@ def load_base(base: str | Path, dtype: torch.dtype = torch.bfloat16) -> Llama:
     if hf.is_hf_dir(path):
         return hf.load_hf(path, dtype=dtype).eval()
     return load_checkpoint(path).to(dtype).eval()
-
-
-def _replace_dir(tmp: Path, out_dir: Path) -> None:
-    """Rename ``tmp`` onto ``out_dir``; an earlier export there is replaced only once the new one is complete."""
-    if not out_dir.exists():
-        os.replace(tmp, out_dir)
-        return
-    old = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.old-"))
-    os.replace(out_dir, old / out_dir.name)
-    os.replace(tmp, out_dir)
-    shutil.rmtree(old, ignore_errors=True)
 
 
 def export_merged_hf(base: str | Path, adapter_sd: dict[str, torch.Tensor], lora_cfg, out_dir: str | Path,
@@ -70,13 +56,6 @@ def export_merged_hf(base: str | Path, adapter_sd: dict[str, torch.Tensor], lora
     merge_lora(model)
     if tokenizer is None and Path(str(base)).expanduser().is_dir():
         tokenizer = find_tokenizer(Path(str(base)).expanduser())
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.tmp-"))
-    try:
+    with atomic_dir(out_dir) as tmp:  # an earlier export there is replaced whole, once the new one is complete
         hf.save_hf(model, tmp, tokenizer=tokenizer, dtype=dtype)
-        os.chmod(tmp, 0o777 & ~_UMASK)  # mkdtemp makes 0700; an export is shared like any directory
-        _replace_dir(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out_dir

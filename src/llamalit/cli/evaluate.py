@@ -98,7 +98,10 @@ def run_evaluate(cfg: Mapping, out: TextIO | None = None) -> dict:
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="evaluate")
 def main(cfg: DictConfig) -> float | None:
     """Evaluate; return the mean adherence."""
-    return run_evaluate(OmegaConf.to_container(cfg, resolve=True))["adherence"]
+    from llamalit.cli import user_errors
+
+    with user_errors():
+        return run_evaluate(OmegaConf.to_container(cfg, resolve=True))["adherence"]
 
 
 if __name__ == "__main__":

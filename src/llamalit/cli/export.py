@@ -19,7 +19,6 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
-from llamalit.data.download import DownloadError
 from llamalit.fileio import atomic_path
 
 CONF_DIR = str(Path(__file__).resolve().parents[3] / "conf")
@@ -206,11 +205,10 @@ def _write(fmt: str, model, out: Path, local: Path, tok: Path | None, group_size
 
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="export")
 def main(cfg: DictConfig) -> None:
-    try:
+    from llamalit.cli import user_errors
+
+    with user_errors():
         written = run_export(OmegaConf.to_container(cfg, resolve=True))
-    except (OSError, ValueError, DownloadError) as e:  # bad path, format or checkpoint: the message says which
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(1)
     for path in written:
         print(f"wrote {path}")
 

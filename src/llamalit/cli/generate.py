@@ -16,8 +16,6 @@ import hydra
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from llamalit.data.download import DownloadError
-
 CONF_DIR = str(Path(__file__).resolve().parents[3] / "conf")
 LLAMA2_TOKENIZER_URL = "https://raw.githubusercontent.com/karpathy/llama2.c/master/tokenizer.model"
 LLAMA2_TOKENIZER_SHA256 = "9e556afd44213b6bd1be2b850ebbbd98f5481437a8021afaf58ee7fb1818d347"
@@ -159,11 +157,10 @@ def run_generate(cfg: Mapping, out: TextIO | None = None) -> list[int]:
 
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="generate")
 def main(cfg: DictConfig) -> None:
-    try:
+    from llamalit.cli import user_errors
+
+    with user_errors():
         run_generate(OmegaConf.to_container(cfg, resolve=True))
-    except (OSError, ValueError, DownloadError) as e:  # bad path, format, tokenizer or setting: the message says which
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(1)
 
 
 if __name__ == "__main__":
