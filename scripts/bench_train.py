@@ -15,6 +15,7 @@ Useful tokens/s counts the positions that carry loss. Prints a table; --json wri
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import statistics
 import sys
 import time
@@ -64,6 +65,15 @@ CONFIGS = {
     "110m": BenchConfig("110M 16x1024x8", "stories110m", 16, 1024, 8, llama2c_tokens_per_s=0.49e6),
     "110m_lora": BenchConfig("110M LoRA 64x350x8", "stories110m", 64, 349, 8, lora=True, instruct=True),
 }
+
+
+def resize(bc: BenchConfig, batch: int | None, accum: int | None) -> BenchConfig:
+    """``bc`` at another micro-batch and/or accumulation; its llama2.c reference was measured at its own shape."""
+    if batch is None and accum is None:
+        return bc
+    batch, accum = batch or bc.batch, accum or bc.accum
+    name = f"{bc.name.rsplit(' ', 1)[0]} {batch}x{bc.seq + bc.instruct}x{accum}"
+    return dataclasses.replace(bc, name=name, batch=batch, accum=accum, llama2c_tokens_per_s=None)
 
 
 def instruct_data(bc: BenchConfig, rows: int, root: Path, packed: bool) -> Dataset:
@@ -257,6 +267,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
     p.add_argument("--layouts", default="padded,packed", help="instruct configs: padded and/or packed rows")
     p.add_argument("--profile", action="store_true",
                    help="also profile the plain loop of each config (top operators; run-dir/profile_*.txt)")
+    p.add_argument("--batch", type=int, default=None, help="micro-batch for every config (a smaller GPU; a CPU "
+                   "rehearsal of the GPU configs); default: each config's own")
+    p.add_argument("--accum", type=int, default=None, help="gradient accumulation for every config")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--loader-workers", type=int, default=None,
                    help="loader processes for every path (default: 2 on CUDA as conf/data, 0 on the CPU)")
@@ -267,13 +280,18 @@ def main(argv: list[str] | None = None) -> list[dict]:
         args.loader_workers = 2 if args.device == "cuda" else 0
     if args.steps <= args.warmup:
         p.error(f"--steps {args.steps} must exceed --warmup {args.warmup}: the timed steps come after warm-up")
+    unknown = [k for k in args.configs.split(",") if k not in CONFIGS]
+    if unknown:
+        p.error(f"--configs: unknown {unknown}; choose from {sorted(CONFIGS)}")
+    if any(n is not None and n < 1 for n in (args.batch, args.accum)):
+        p.error("--batch and --accum must be at least 1")
     if args.threads:
         torch.set_num_threads(args.threads)
     precision = "bf16-mixed" if args.device == "cuda" else "32-true"
     compile_ = resolve_compile(None if args.compile == "auto" else args.compile == "on", torch.device(args.device))
     rows, profiles = [], []
     for key in args.configs.split(","):
-        bc = CONFIGS[key]
+        bc = resize(CONFIGS[key], args.batch, args.accum)
         n_rows = bc.batch * bc.accum * (args.steps + 1)
         layouts = args.layouts.split(",") if bc.instruct else ["dense"]
         padded_useful = None

@@ -330,7 +330,7 @@ def test_alpaca_qlora_trains_a_4bit_base_and_exports_a_merged_hf_model(env, tmp_
     assert ckpt["hyper_parameters"]["cfg"]["model"]["quantize"] == "nf4"  # a resume quantizes the base again
     merged = Path(summary["files"]["merged_hf"])
     assert merged == run_dir / "merged_hf" and (merged / "config.json").is_file()
-    hf = transformers.LlamaForCausalLM.from_pretrained(merged)
+    hf = transformers.LlamaForCausalLM.from_pretrained(merged, dtype="auto")  # as stored
     assert hf.dtype == torch.bfloat16
     ours = load_checkpoint(merged)
     wq = ours.layers[0].attention.wq.weight

@@ -1,0 +1,55 @@
+"""scripts/bench_train.py runs end to end (issue 8's table): a CPU rehearsal of a GPU config at a tiny batch.
+
+No timing is asserted here; the figures come from the script on a GPU (docs/BENCHMARKS.md).
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def bench_train(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(ROOT / "scripts" / "bench_train.py"), *args],
+                          capture_output=True, text=True, cwd=ROOT, timeout=300)
+
+
+def test_instruct_config_rehearsed_on_the_cpu_reports_padded_and_packed_rows(tmp_path: Path) -> None:
+    out = tmp_path / "bench.json"
+    run = bench_train("--configs", "15m_instruct", "--device", "cpu", "--batch", "2", "--accum", "2",
+                      "--steps", "3", "--warmup", "1", "--repeats", "1", "--profile",
+                      "--run-dir", str(tmp_path / "runs"), "--json", str(out))
+    assert run.returncode == 0, run.stderr[-3000:]
+    rows = json.loads(out.read_text())["rows"]
+    padded, packed = rows
+    assert (padded["layout"], packed["layout"]) == ("padded", "packed")
+    assert padded["config"] == "15M instruct 2x350x2" and padded["llama2c_tokens_per_s"] is None  # not its shape
+    for r in rows:
+        assert r["plain_tokens_per_s"] > 0 and r["lightning_tokens_per_s"] > 0 and r["mfu"] is None  # CPU: no peak
+        assert 0 < r["useful_fraction"] < 1  # prompts (and padding) carry no loss
+        assert r["useful_tokens_per_s"] < r["lightning_tokens_per_s"]
+    assert "15M instruct 2x350x2" in run.stdout and "useful/s" in run.stdout  # the printed table
+    assert (tmp_path / "runs" / "profile_15m_instruct_packed.txt").stat().st_size > 0
+
+
+@pytest.mark.parametrize("args, reason", [
+    (["--configs", "15m_pretrain,nope"], "unknown ['nope']"),
+    (["--configs", "260k_cpu", "--steps", "3", "--warmup", "3"], "must exceed --warmup"),
+    (["--configs", "260k_cpu", "--batch", "0"], "at least 1"),
+])
+def test_bad_arguments_are_refused_with_the_reason(args: list[str], reason: str, capsys) -> None:
+    sys.path.insert(0, str(ROOT / "scripts"))
+    try:
+        bench = importlib.import_module("bench_train")
+    finally:
+        sys.path.remove(str(ROOT / "scripts"))
+    with pytest.raises(SystemExit) as exit_:
+        bench.main([*args, "--device", "cpu"])
+    assert exit_.value.code == 2 and reason in capsys.readouterr().err
