@@ -129,6 +129,9 @@ def test_auto_picks_flex_only_where_its_kernel_runs() -> None:
     assert build_model({**cfg, "model": ModelConfig.preset("tiny", dim=64).to_dict()}).attention_backend == "flex"
 
 
+@pytest.mark.skipif(tuple(int(v) for v in torch.__version__.split(".")[:2]) < (2, 8),
+                    reason="torch 2.7's inductor writes C++ that does not compile for flex attention on the CPU "
+                           "(bash .ci/min-versions); the CUDA path it stands in for uses Triton")
 def test_compiled_blocks_run_flex_without_recompiling_per_batch() -> None:
     """Every packed batch brings a new BlockMask (a new mask_mod closure): the compiled blocks must not
     recompile for it. Forward only (flex attention has no backward on the CPU); on CUDA the same graph trains."""
