@@ -20,6 +20,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, open_dict
 
+import llamalit.cli
 from llamalit.checkpoints import load_checkpoint, save_hf
 from llamalit.checkpoints.native import save_model
 from llamalit.data.datamodule import LlamaDataModule
@@ -29,7 +30,7 @@ from llamalit.model import Llama, ModelConfig
 from llamalit.training.module import LlamaLitModule
 from llamalit.training.run import run_name, sweep_group, train
 
-CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
+CONF_DIR = Path(llamalit.cli.CONF_DIR)
 EXPERIMENTS = sorted(p.stem for p in (CONF_DIR / "experiment").glob("*.yaml"))
 VOCAB = 384  # train:N pieces; the small corpus needs more than the 256 byte pieces + specials
 

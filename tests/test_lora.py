@@ -10,6 +10,7 @@ import torch
 from omegaconf import OmegaConf
 from torch import nn
 
+import llamalit.cli
 from llamalit.checkpoints.native import load_model, save_model
 from llamalit.lora import (
     LoraConfig,
@@ -26,7 +27,7 @@ from llamalit.lora import (
 )
 from llamalit.model import Llama, ModelConfig
 
-CONF = Path(__file__).resolve().parents[1] / "conf" / "lora"
+CONF = Path(llamalit.cli.CONF_DIR) / "lora"
 ALL = ("wq", "wk", "wv", "wo", "w1", "w2", "w3", "output")
 
 

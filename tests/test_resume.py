@@ -16,13 +16,14 @@ import torch
 from hydra import compose, initialize_config_dir
 from safetensors.torch import load_file
 
+import llamalit.cli
 from llamalit.checkpoints.native import save_model
 from llamalit.data.datamodule import LlamaDataModule
 from llamalit.model import Llama, ModelConfig
 from llamalit.training import run
 
 BUILD_CALLBACKS = run.build_callbacks
-CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
+CONF_DIR = Path(llamalit.cli.CONF_DIR)
 STEPS = 8  # optimizer steps; 2 micro-batches each; 15 micro-batches per epoch (120 rows / 8)
 COMMON = ["logger=none", "trainer.accelerator=cpu", "trainer.enable_model_summary=false",
           "trainer.enable_progress_bar=false", "callbacks.progress_bar=null",

@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 from hydra import compose, initialize_config_dir
 
+import llamalit.cli
 from llamalit.checkpoints.native import save_model
 from llamalit.data.datamodule import LlamaDataModule
 from llamalit.model import Llama, ModelConfig
@@ -39,7 +40,7 @@ def wandb_run_files(run_dir: Path) -> list[Path]:
 def test_two_by_two_lora_sweep(tmp_path):
     cache, sweep_dir = tmp_path / "cache", tmp_path / "multirun" / "sweep-2x2"
     tiny = [f"{k}={v}" for k, v in TINY.items()] + [f"paths.cache_dir={cache}"]
-    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
+    with initialize_config_dir(config_dir=llamalit.cli.CONF_DIR, version_base="1.3"):
         cfg = compose("train", overrides=["experiment=demo_lora", *tiny, f"run_dir={tmp_path}"],
                       return_hydra_config=True)
     dm = LlamaDataModule(cfg.data, cache_dir=cache, seed=cfg.seed)
