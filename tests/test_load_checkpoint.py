@@ -155,10 +155,10 @@ def test_bad_input_errors(tmp_path):
     with pytest.raises(FileNotFoundError, match="nope"):
         load_checkpoint(tmp_path / "nope")
     save_model(model, tmp_path / "native")
-    meta = json.loads((tmp_path / "native" / "config.json").read_text())
+    meta = json.loads((tmp_path / "native" / "llamalit.json").read_text())
     meta["model"]["n_kv_heads"] = 4
-    (tmp_path / "native" / "config.json").write_text(json.dumps(meta))
-    with pytest.raises(CheckpointError, match=r"model\.safetensors: shape mismatch for layers\.0\.attention\.wk\.weight"):
+    (tmp_path / "native" / "llamalit.json").write_text(json.dumps(meta))
+    with pytest.raises(CheckpointError, match=r"llamalit\.json: shape mismatch for layers\.0\.attention\.wk\.weight"):
         load_checkpoint(tmp_path / "native")
     (tmp_path / "bad.bin").write_bytes(b"\x42" * 64)
     with pytest.raises(CheckpointError, match=r"bad\.bin: not a llama2\.c \.bin"):
