@@ -142,15 +142,16 @@ def check_summary(summary: dict, run_dir: Path, steps: int) -> None:
 
 def check_exports(summary: dict, run_dir: Path, lora: bool) -> None:
     if lora:
-        adapter = run_dir / "adapter.safetensors"
+        adapter = run_dir / "adapter_model.safetensors"
         assert adapter.is_file() and (run_dir / "adapter_config.json").is_file()
+        assert (run_dir / "llamalit_adapter.json").is_file()
         assert not (run_dir / "model.safetensors").exists()
         full_bytes = 4 * summary["params"]
         assert adapter.stat().st_size < full_bytes / 10  # the adapter alone, not the model
         assert summary["trainable_params"] < summary["params"] / 10
     else:
         assert (run_dir / "model.safetensors").is_file() and (run_dir / "config.json").is_file()
-        assert not (run_dir / "adapter.safetensors").exists()
+        assert (run_dir / "llamalit.json").is_file() and not (run_dir / "adapter_model.safetensors").exists()
         assert summary["trainable_params"] == summary["params"]
 
 

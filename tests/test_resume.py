@@ -140,8 +140,8 @@ def test_lora_run_resumes_exactly(monkeypatch, tmp_path):
     straight, first, second, s_sum, r_sum = straight_vs_resumed(monkeypatch, tmp_path, overrides, True)
     check_same(straight, first, second, s_sum, r_sum)
     assert s_sum["trainable_params"] < s_sum["params"] / 10
-    a = load_file(str(tmp_path / "a" / "straight" / "adapter.safetensors"))
-    b = load_file(str(tmp_path / "b" / "second" / "adapter.safetensors"))
+    a = load_file(str(tmp_path / "a" / "straight" / "adapter_model.safetensors"))
+    b = load_file(str(tmp_path / "b" / "second" / "adapter_model.safetensors"))
     assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], rtol=1e-5, atol=1e-7) for k in a)
     assert any(k.endswith("lora_B") and a[k].abs().sum() > 0 for k in a)  # the adapters did train
     assert json.loads((tmp_path / "b" / "second" / "summary.json").read_text())["step"] == STEPS

@@ -62,7 +62,7 @@ def test_two_by_two_lora_sweep(tmp_path):
     summaries = [json.loads((p / "summary.json").read_text()) for p in run_dirs]
     assert [(s["lora"]["rank"], s["lora"]["alpha"]) for s in summaries] == GRID
     assert all(s["step"] == 4 and s["val/loss"] is not None for s in summaries)
-    assert all((p / "adapter.safetensors").is_file() and not (p / "model.safetensors").exists() for p in run_dirs)
+    assert all((p / "adapter_model.safetensors").is_file() and not (p / "model.safetensors").exists() for p in run_dirs)
     assert summaries[0]["trainable_params"] * 2 == summaries[2]["trainable_params"]  # rank 4 = twice rank 2
 
     with open(sweep_dir / "sweep_summary.csv", newline="") as f:

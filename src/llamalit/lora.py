@@ -330,7 +330,7 @@ def save_adapter(model: nn.Module, out_dir: str | Path, base: str | None, lora_c
     ``llamalit_adapter.json`` (the base, ``lora_cfg``, the model shape and ``extra``) into ``out_dir``.
 
     All appear together (:func:`llamalit.fileio.atomic_checkpoint_dir`): a directory holding only an
-    earlier adapter is replaced whole; in a shared one (a run directory) our config goes in last.
+    earlier adapter is replaced whole; in a shared one (a run directory) PEFT's config goes in last.
     """
     from llamalit.checkpoints.peft import PEFT_FILES, write_peft_files
 
@@ -344,7 +344,8 @@ def save_adapter(model: nn.Module, out_dir: str | Path, base: str | None, lora_c
         meta["model"] = model_cfg.to_dict()
     meta.update(extra or {})
     owned = (*PEFT_FILES, ADAPTER_META, ADAPTER_WEIGHTS)
-    with atomic_checkpoint_dir(out_dir, owned=owned, commit=ADAPTER_META) as tmp:
+    # adapter_config.json goes in last: until it is there the directory loads neither as ours nor as PEFT's
+    with atomic_checkpoint_dir(out_dir, owned=owned, commit=ADAPTER_CONFIG) as tmp:
         write_peft_files(model, tmp, base)
         atomic_write_json(tmp / ADAPTER_META, meta)
     return out_dir
@@ -366,7 +367,8 @@ def is_adapter_dir(path: str | Path) -> bool:
     if not path.is_dir():
         return False
     if (path / ADAPTER_META).is_file():
-        return _format_of(path / ADAPTER_META) == ADAPTER_FORMAT and (path / PEFT_WEIGHTS).is_file()
+        return (_format_of(path / ADAPTER_META) == ADAPTER_FORMAT and (path / PEFT_WEIGHTS).is_file()
+                and (path / ADAPTER_CONFIG).is_file())
     return (path / ADAPTER_WEIGHTS).is_file() and _format_of(path / ADAPTER_CONFIG) == LEGACY_ADAPTER_FORMAT
 
 

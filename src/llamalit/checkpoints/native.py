@@ -25,6 +25,7 @@ META = "llamalit.json"
 WEIGHTS = "model.safetensors"
 CONFIG = "config.json"
 LEGACY_FORMAT = "llamalit/1"  # config.json of earlier versions, with model.safetensors in our names
+_TOKENIZER_FILES = ("tokenizer", "special_tokens_map", "added_tokens")
 
 
 def save_tensors(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str] | None = None) -> None:
@@ -60,7 +61,10 @@ def save_model(model: Llama, out_dir: str | Path, extra: dict | None = None,
                          f"{WEIGHTS}/{CONFIG}/{META}")
     tokenizer = files.pop("tokenizer.model", None)
     dtype = next(iter(model.parameters())).dtype
-    with atomic_checkpoint_dir(out_dir, owned=(*HF_FILES, META, *files), commit=META) as tmp:
+    # config.json goes in last: until it is there the directory loads neither as ours nor as Hugging Face's
+    # the tokenizer files are ours to replace only when a tokenizer comes with the model
+    owned = [n for n in HF_FILES if tokenizer or not n.startswith(_TOKENIZER_FILES)] + [META, *files]
+    with atomic_checkpoint_dir(out_dir, owned=owned, commit=CONFIG) as tmp:
         write_hf_files(model, tmp, tokenizer=tokenizer, dtype=dtype if dtype.is_floating_point else None)
         for name, src in files.items():
             shutil.copyfile(src, tmp / name)

@@ -185,6 +185,7 @@ def export_weights(model: Llama, out_dir: Path, tokenizer_path: str | None, cfg:
         from llamalit.lora import LoraConfig, save_adapter
 
         if tok and tok.resolve() != (out_dir / "tokenizer.model").resolve():
+            out_dir.mkdir(parents=True, exist_ok=True)
             shutil.copyfile(tok, out_dir / "tokenizer.model")
         base = cfg.get("init_from")
         if base:
@@ -213,7 +214,7 @@ def copy_export(files: dict[str, str], dest: Path) -> None:
     together: an earlier export there is replaced whole, never mixed with this one."""
     folders = {Path(path).parent for path in files.values()}
     sources = {name: folder / name for folder in folders for name in EXPORT_NAMES if (folder / name).is_file()}
-    commit = "llamalit_adapter.json" if "llamalit_adapter.json" in sources else "llamalit.json"
+    commit = "adapter_config.json" if "adapter_config.json" in sources else "config.json"
     owned = (*sources, *EXPORT_NAMES)  # a weights-only export before this one (full or adapter) is replaced
     with atomic_checkpoint_dir(dest, owned=owned, commit=commit) as tmp:
         for name, src in sources.items():
