@@ -164,7 +164,7 @@ def test_experiment_composes_and_runs_fast_dev_run(name, env):
     check_summary(summary, run_dir, steps=1)
     check_exports(summary, run_dir, lora=bool(cfg.lora.enabled))
     if cfg.lora.enabled:
-        meta = json.loads((run_dir / "adapter_config.json").read_text())
+        meta = json.loads((run_dir / "llamalit_adapter.json").read_text())
         assert meta["base"] == str(cfg.init_from)
         assert meta["lora"]["rank"] == cfg.lora.rank and meta["lora"]["alpha"] == cfg.lora.alpha
         check_adapter_checkpoint(Path(summary["last_checkpoint"]), run_dir)
@@ -195,7 +195,7 @@ def test_instruct_lora_base_from_a_url(env, http_server, tmp_path, monkeypatch):
     summary = train(cfg)
     check_summary(summary, run_dir, steps=1)
     check_exports(summary, run_dir, lora=True)
-    assert json.loads((run_dir / "adapter_config.json").read_text())["base"] == url
+    assert json.loads((run_dir / "llamalit_adapter.json").read_text())["base"] == url
     assert [p for p, _ in http_server.requests].count("/tinyllamas/stories_tiny.pt") >= 1
     check_adapter_checkpoint(Path(summary["last_checkpoint"]), run_dir)  # the base from the URL's cache
     assert list((tmp_path / "download_cache").rglob("*stories_tiny*"))
@@ -236,7 +236,7 @@ def test_full_tiny_run_validates_checkpoints_and_exports(env, tmp_path):
         ref = module.model.eval()(x)
         for model in (exported, published, from_ckpt):
             assert torch.equal(model.eval()(x), ref)
-    assert json.loads((run_dir / "config.json").read_text())["model"]["vocab_size"] == VOCAB
+    assert json.loads((run_dir / "llamalit.json").read_text())["model"]["vocab_size"] == VOCAB
 
 
 def test_summary_counts_the_whole_run_when_the_best_checkpoint_is_earlier(env, tmp_path):

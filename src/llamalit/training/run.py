@@ -113,11 +113,13 @@ def check_resume(ckpt_path: str, module: LlamaLitModule) -> None:
 def preflight(cfg: DictConfig) -> None:
     """Checks that need no data, before data preparation (which may download gigabytes)."""
     from llamalit.data.download import is_url
+    from llamalit.hub import parse_hub_id
 
     init_from = cfg.get("init_from")
-    if init_from and not is_url(str(init_from)) and not Path(str(init_from)).exists():
-        raise FileNotFoundError(f"init_from={init_from}: no such file or directory; give a checkpoint path or "
-                                "URL, or leave it empty to train from random weights")
+    if init_from and not is_url(str(init_from)) and not Path(str(init_from)).exists() \
+            and parse_hub_id(str(init_from)) is None:
+        raise FileNotFoundError(f"init_from={init_from}: no such file or directory; give a checkpoint path, "
+                                "URL or Hugging Face Hub id (org/name), or leave it empty to train from random weights")
     if not init_from:
         ModelConfig.from_dict(OmegaConf.to_container(cfg.model, resolve=True))  # the shape errors, now
 
