@@ -10,6 +10,7 @@ only what is cached.
 
 from __future__ import annotations
 
+import fnmatch
 import os
 import re
 from collections.abc import Sequence
@@ -125,7 +126,9 @@ def hub_dataset_file(ref: HubRef, key: str, patterns: Sequence[str]) -> Path:
     path = hub_download(ref, key, repo_type="dataset", allow_patterns=patterns)
     if path.is_file():
         return path
-    files = sorted(p for p in path.rglob("*") if p.is_file() and not p.name.startswith("."))
+    # the snapshot folder may hold more files cached before: keep those the patterns match, as the download did
+    files = sorted(p for p in path.rglob("*") if p.is_file() and
+                   any(fnmatch.fnmatch(p.relative_to(path).as_posix(), pattern) for pattern in patterns))
     if len(files) == 1:
         return files[0]
     if files and all(re.fullmatch(r"data\d*\.json", p.name) for p in files):
