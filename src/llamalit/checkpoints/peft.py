@@ -77,12 +77,12 @@ def write_peft_files(model: Llama, folder: Path, base: str | None = None) -> Non
     if any(m.merged for m in layers.values()):
         raise CheckpointError("save_peft: adapters are merged in place; unmerge_() them first")
     rank, alpha, dropout = settings.pop()
-    tensors: dict[str, torch.Tensor] = {}
+    tensors: dict[str, torch.Tensor] = {}  # in the adapters' own dtype (a QLoRA run's are bf16)
     for name, m in layers.items():
         key = _PREFIX + _hf_module(name)
-        b = m.lora_B.detach().float()
+        b = m.lora_B.detach()
         heads = _row_heads(model, name)
-        tensors[f"{key}.lora_A.weight"] = m.lora_A.detach().float()
+        tensors[f"{key}.lora_A.weight"] = m.lora_A.detach()
         tensors[f"{key}.lora_B.weight"] = permute_to_hf(b, heads) if heads else b
     targets = sorted({_TO_HF[name.rpartition(".")[2]] for name in layers})
     save_tensors(tensors, folder / PEFT_WEIGHTS, metadata={"format": "pt"})
@@ -111,7 +111,7 @@ def from_peft_tensors(theirs: dict[str, torch.Tensor], cfg: ModelConfig, source:
         if name is None or part not in ("lora_A", "lora_B"):
             raise CheckpointError(f"{source}: {key} is not a LoRA tensor of a Llama linear layer")
         n = heads.get(name.rpartition(".")[2])
-        sd[f"{name}.{part}"] = permute_from_hf(t.float(), n) if part == "lora_B" and n else t.float()
+        sd[f"{name}.{part}"] = permute_from_hf(t, n) if part == "lora_B" and n else t
     return sd
 
 
