@@ -113,3 +113,31 @@ def test_same_base_rewritten_unchanged_still_loads(demo, tmp_path):
     tokens = torch.randint(0, lora_model.cfg.vocab_size, (1, 12))
     with torch.no_grad():
         torch.testing.assert_close(load_checkpoint(lora_run)(tokens), lora_model(tokens), atol=1e-5, rtol=1e-5)
+
+
+def test_demo_then_demo_lora_then_demo_again_refuses_the_old_adapter(tmp_path, tiny_tokenizer):
+    """The README's order through train(): the adapter of demo_lora loads until demo runs again."""
+    from hydra import compose, initialize_config_dir
+
+    import llamalit.cli
+    from llamalit.training.run import train
+
+    tiny_run = ["logger=none", f"paths.cache_dir={tmp_path / 'cache'}", f"data.tokenizer={tiny_tokenizer.path}",
+                "data.n_shards=2", "data.stories_per_shard=40", "data.batch_size=4", "data.num_workers=1",
+                "trainer.max_steps=2", "trainer.val_check_interval=2", "trainer.limit_val_batches=1",
+                "trainer.enable_progress_bar=false", "trainer.enable_model_summary=false",
+                "evaluation.adherence_n=0", "callbacks.samples.max_new_tokens=2", "trainer.accelerator=cpu"]
+
+    def run(experiment: str, name: str, *extra: str) -> Path:
+        with initialize_config_dir(config_dir=llamalit.cli.CONF_DIR, version_base="1.3"):
+            cfg = compose("train", overrides=[f"experiment={experiment}", f"run_dir={tmp_path / name}",
+                                              *tiny_run, *extra])
+        train(cfg)
+        return tmp_path / name
+
+    run("demo", "demo1", "model=tiny", "seed=1")
+    lora_run = run("demo_lora", "lora")
+    load_checkpoint(lora_run)  # on the base it was trained on
+    run("demo", "demo2", "model=tiny", "seed=2")  # replaces cache/models/demo
+    with pytest.raises(CheckpointError, match=r"trained on base .*models/demo with weights sha256 .* now holds"):
+        load_checkpoint(lora_run)
