@@ -71,7 +71,7 @@ def _cache_dir() -> str | None:
 
 
 def hub_download(ref: HubRef, key: str, repo_type: str = "model",
-                 allow_patterns: Sequence[str] = MODEL_FILES) -> Path:
+                 allow_patterns: Sequence[str] = MODEL_FILES, ignore_patterns: Sequence[str] = ()) -> Path:
     """The local path of ``ref``: its one file, or a snapshot folder of the files matching ``allow_patterns``."""
     from huggingface_hub import hf_hub_download, snapshot_download
     from huggingface_hub.utils import (
@@ -90,7 +90,8 @@ def hub_download(ref: HubRef, key: str, repo_type: str = "model",
     try:
         if ref.filename:
             return Path(hf_hub_download(ref.repo_id, ref.filename, **common))
-        return Path(snapshot_download(ref.repo_id, allow_patterns=list(allow_patterns), **common))
+        return Path(snapshot_download(ref.repo_id, allow_patterns=list(allow_patterns),
+                                      ignore_patterns=list(ignore_patterns) or None, **common))
     except GatedRepoError as e:
         raise HubError(f"{what}: the Hugging Face {kind} {ref.repo_id} is gated; accept its terms on the Hub and "
                        "set HF_TOKEN (or run `hf auth login`)") from e
@@ -112,7 +113,7 @@ def hub_download(ref: HubRef, key: str, repo_type: str = "model",
 
 def hub_checkpoint(ref: HubRef, key: str) -> Path:
     """A model repository's checkpoint files (safetensors, else torch ``.bin`` weights) in the Hub cache."""
-    path = hub_download(ref, key)
+    path = hub_download(ref, key, ignore_patterns=("pytorch_model*",))  # not a .bin index beside safetensors
     if path.is_dir() and not any(path.glob("*.safetensors")):
         path = hub_download(ref, key, allow_patterns=(*MODEL_FILES, *MODEL_FALLBACK_FILES))
         if not any(path.glob("*.bin")):
