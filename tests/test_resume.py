@@ -143,7 +143,7 @@ def test_lora_run_resumes_exactly(monkeypatch, tmp_path):
     a = load_file(str(tmp_path / "a" / "straight" / "adapter_model.safetensors"))
     b = load_file(str(tmp_path / "b" / "second" / "adapter_model.safetensors"))
     assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], rtol=1e-5, atol=1e-7) for k in a)
-    assert any(k.endswith("lora_B") and a[k].abs().sum() > 0 for k in a)  # the adapters did train
+    assert any(k.endswith("lora_B.weight") and a[k].abs().sum() > 0 for k in a)  # the adapters did train
     assert json.loads((tmp_path / "b" / "second" / "summary.json").read_text())["step"] == STEPS
     # The checkpoint holds the adapters only; resuming on another base is refused, naming init_from.
     last = tmp_path / "b" / "first" / "checkpoints" / "last.ckpt"
