@@ -13,7 +13,6 @@ from llamalit.checkpoints import (
     hf,
     load_checkpoint,
     load_llama2c,
-    native,
     peft,
     save_hf,
     save_model,
@@ -87,14 +86,15 @@ def test_save_model_interrupted_keeps_old_or_replaces(tmp_path, monkeypatch, fai
     a, b = tiny(1), tiny(2)
     save_model(a, tmp_path / "m")
     if fail:
-        fail_on(monkeypatch, native, fail)
+        fail_on(monkeypatch, hf, fail)
         with pytest.raises(KeyboardInterrupt):
             save_model(b, tmp_path / "m")
         assert same_weights(load_checkpoint(tmp_path / "m"), a)
     else:
         save_model(b, tmp_path / "m")
         assert same_weights(load_checkpoint(tmp_path / "m"), b)
-    assert names(tmp_path) == ["m"] and names(tmp_path / "m") == ["config.json", "model.safetensors"]
+    assert names(tmp_path) == ["m"] and names(tmp_path / "m") == [
+        "config.json", "generation_config.json", "llamalit.json", "model.safetensors"]
 
 
 def test_save_hf_interrupted_keeps_old_model_and_tokenizer(tmp_path, monkeypatch):
@@ -140,9 +140,9 @@ def test_shared_directory_keeps_other_files(tmp_path, monkeypatch):
     (run / "tokenizer.model").write_text("tok")
     a, b = tiny(1), tiny(2)
     save_model(a, run, extra={"tokenizer": "tokenizer.model"})
-    keep = ["config.json", "logs", "model.safetensors", "tokenizer.model"]
+    keep = ["config.json", "generation_config.json", "llamalit.json", "logs", "model.safetensors", "tokenizer.model"]
     assert names(run) == keep
-    fail_on(monkeypatch, native, "config.json")
+    fail_on(monkeypatch, hf, "config.json")
     with pytest.raises(KeyboardInterrupt):  # an error while writing: nothing in run/ changes
         save_model(b, run)
     monkeypatch.undo()
@@ -162,7 +162,8 @@ def test_shared_directory_keeps_other_files(tmp_path, monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         save_model(a, run)
     monkeypatch.undo()
-    assert names(run) == ["logs", "model.safetensors", "tokenizer.model"]  # no config: not loadable ...
+    assert names(run) == ["generation_config.json", "llamalit.json", "logs", "model.safetensors",
+                          "tokenizer.model"]  # no config: not loadable ...
     with pytest.raises(CheckpointError, match="unknown checkpoint directory"):  # ... and it says so
         load_checkpoint(run)
 
@@ -171,11 +172,11 @@ def test_save_model_files_are_published_with_the_weights(tmp_path, monkeypatch):
     (tmp_path / "tok.model").write_bytes(b"new tokenizer")
     out = tmp_path / "m"
     save_model(tiny(1), out)
-    fail_on(monkeypatch, native, "config.json")
+    fail_on(monkeypatch, hf, "config.json")
     with pytest.raises(KeyboardInterrupt):
         save_model(tiny(2), out, files={"tokenizer.model": tmp_path / "tok.model"})
     monkeypatch.undo()
-    assert names(out) == ["config.json", "model.safetensors"]
+    assert names(out) == ["config.json", "generation_config.json", "llamalit.json", "model.safetensors"]
     save_model(tiny(2), out, extra={"tokenizer": "tokenizer.model"}, files={"tokenizer.model": tmp_path / "tok.model"})
     assert (out / "tokenizer.model").read_bytes() == b"new tokenizer"
     with pytest.raises(ValueError, match="plain file names"):

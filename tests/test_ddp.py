@@ -19,6 +19,7 @@ import lightning as L
 import pytest
 import torch
 
+import llamalit.cli
 from llamalit.fileio import atomic_write_json
 
 REPO = Path(__file__).resolve().parents[1]
@@ -74,7 +75,7 @@ def test_two_process_ddp_run_splits_the_data(tmp_path):
 
     from llamalit.data.datamodule import LlamaDataModule
 
-    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
+    with initialize_config_dir(config_dir=llamalit.cli.CONF_DIR, version_base="1.3"):
         cfg = compose("train", overrides=[o for o in overrides if not o.startswith(("hydra.", "+callbacks"))])
     dm = LlamaDataModule({**cfg.data, "batch_size": 2 * BATCH}, cache_dir=cache, seed=cfg.seed)
     dm.setup("fit")

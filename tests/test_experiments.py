@@ -20,6 +20,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, open_dict
 
+import llamalit.cli
 from llamalit.checkpoints import load_checkpoint, save_hf
 from llamalit.checkpoints.native import save_model
 from llamalit.data.datamodule import LlamaDataModule
@@ -29,7 +30,7 @@ from llamalit.model import Llama, ModelConfig
 from llamalit.training.module import LlamaLitModule
 from llamalit.training.run import run_name, sweep_group, train
 
-CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
+CONF_DIR = Path(llamalit.cli.CONF_DIR)
 EXPERIMENTS = sorted(p.stem for p in (CONF_DIR / "experiment").glob("*.yaml"))
 VOCAB = 384  # train:N pieces; the small corpus needs more than the 256 byte pieces + specials
 
@@ -141,15 +142,16 @@ def check_summary(summary: dict, run_dir: Path, steps: int) -> None:
 
 def check_exports(summary: dict, run_dir: Path, lora: bool) -> None:
     if lora:
-        adapter = run_dir / "adapter.safetensors"
+        adapter = run_dir / "adapter_model.safetensors"
         assert adapter.is_file() and (run_dir / "adapter_config.json").is_file()
+        assert (run_dir / "llamalit_adapter.json").is_file()
         assert not (run_dir / "model.safetensors").exists()
         full_bytes = 4 * summary["params"]
         assert adapter.stat().st_size < full_bytes / 10  # the adapter alone, not the model
         assert summary["trainable_params"] < summary["params"] / 10
     else:
         assert (run_dir / "model.safetensors").is_file() and (run_dir / "config.json").is_file()
-        assert not (run_dir / "adapter.safetensors").exists()
+        assert (run_dir / "llamalit.json").is_file() and not (run_dir / "adapter_model.safetensors").exists()
         assert summary["trainable_params"] == summary["params"]
 
 
@@ -162,7 +164,7 @@ def test_experiment_composes_and_runs_fast_dev_run(name, env):
     check_summary(summary, run_dir, steps=1)
     check_exports(summary, run_dir, lora=bool(cfg.lora.enabled))
     if cfg.lora.enabled:
-        meta = json.loads((run_dir / "adapter_config.json").read_text())
+        meta = json.loads((run_dir / "llamalit_adapter.json").read_text())
         assert meta["base"] == str(cfg.init_from)
         assert meta["lora"]["rank"] == cfg.lora.rank and meta["lora"]["alpha"] == cfg.lora.alpha
         check_adapter_checkpoint(Path(summary["last_checkpoint"]), run_dir)
@@ -193,7 +195,7 @@ def test_instruct_lora_base_from_a_url(env, http_server, tmp_path, monkeypatch):
     summary = train(cfg)
     check_summary(summary, run_dir, steps=1)
     check_exports(summary, run_dir, lora=True)
-    assert json.loads((run_dir / "adapter_config.json").read_text())["base"] == url
+    assert json.loads((run_dir / "llamalit_adapter.json").read_text())["base"] == url
     assert [p for p, _ in http_server.requests].count("/tinyllamas/stories_tiny.pt") >= 1
     check_adapter_checkpoint(Path(summary["last_checkpoint"]), run_dir)  # the base from the URL's cache
     assert list((tmp_path / "download_cache").rglob("*stories_tiny*"))
@@ -234,7 +236,7 @@ def test_full_tiny_run_validates_checkpoints_and_exports(env, tmp_path):
         ref = module.model.eval()(x)
         for model in (exported, published, from_ckpt):
             assert torch.equal(model.eval()(x), ref)
-    assert json.loads((run_dir / "config.json").read_text())["model"]["vocab_size"] == VOCAB
+    assert json.loads((run_dir / "llamalit.json").read_text())["model"]["vocab_size"] == VOCAB
 
 
 def test_summary_counts_the_whole_run_when_the_best_checkpoint_is_earlier(env, tmp_path):

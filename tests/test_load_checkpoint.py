@@ -155,10 +155,10 @@ def test_bad_input_errors(tmp_path):
     with pytest.raises(FileNotFoundError, match="nope"):
         load_checkpoint(tmp_path / "nope")
     save_model(model, tmp_path / "native")
-    meta = json.loads((tmp_path / "native" / "config.json").read_text())
+    meta = json.loads((tmp_path / "native" / "llamalit.json").read_text())
     meta["model"]["n_kv_heads"] = 4
-    (tmp_path / "native" / "config.json").write_text(json.dumps(meta))
-    with pytest.raises(CheckpointError, match=r"model\.safetensors: shape mismatch for layers\.0\.attention\.wk\.weight"):
+    (tmp_path / "native" / "llamalit.json").write_text(json.dumps(meta))
+    with pytest.raises(CheckpointError, match=r"llamalit\.json: shape mismatch for layers\.0\.attention\.wk\.weight"):
         load_checkpoint(tmp_path / "native")
     (tmp_path / "bad.bin").write_bytes(b"\x42" * 64)
     with pytest.raises(CheckpointError, match=r"bad\.bin: not a llama2\.c \.bin"):
@@ -176,3 +176,38 @@ def test_find_tokenizer_beside_or_above_or_named(tmp_path):
     (tmp_path / "tok.model").write_bytes(b"y")
     save_model(tiny(), tmp_path / "native", extra={"tokenizer": "../tok.model"})
     assert find_tokenizer(tmp_path / "native") == tmp_path / "native" / "../tok.model"
+
+
+def test_directories_of_earlier_versions_still_load(tmp_path):
+    """llamalit/1 (our names in model.safetensors, our config.json) and llamalit-lora/1 (adapter.safetensors,
+    our adapter_config.json), built here from that schema as earlier versions wrote them."""
+    from safetensors.torch import save_file
+
+    from llamalit.checkpoints import find_tokenizer
+    from llamalit.lora import lora_state_dict
+
+    base = tiny(5)
+    old = tmp_path / "old_base"
+    old.mkdir()
+    sd = {k: v.contiguous() for k, v in base.state_dict().items() if k != "output.weight"}  # tied: not saved
+    save_file(sd, str(old / "model.safetensors"), metadata={"format": "llamalit/1"})
+    (old / "tokenizer.model").write_bytes(b"tok")
+    (old / "config.json").write_text(json.dumps({"format": "llamalit/1", "model": base.cfg.to_dict(),
+                                                 "tokenizer": str(old / "tokenizer.model"), "experiment": "demo"}))
+    tokens = torch.randint(0, base.cfg.vocab_size, (1, 12))
+    with torch.no_grad():
+        torch.testing.assert_close(load_checkpoint(old)(tokens), base(tokens), atol=0, rtol=0)
+    assert find_tokenizer(old) == old / "tokenizer.model"
+
+    lmodel = trained_lora(tiny(5), LoraConfig(rank=2, alpha=2.0, targets=("wq", "wv")))
+    adapter = tmp_path / "old_run"
+    adapter.mkdir()
+    save_file({k: v.contiguous() for k, v in lora_state_dict(lmodel).items()}, str(adapter / "adapter.safetensors"),
+              metadata={"format": "llamalit-lora/1"})
+    (adapter / "adapter_config.json").write_text(json.dumps({
+        "format": "llamalit-lora/1", "base": "../old_base", "model": lmodel.cfg.to_dict(),
+        "lora": {"rank": 2, "alpha": 2.0, "dropout": 0.0, "targets": ["wq", "wv"]}}))
+    with torch.no_grad():
+        torch.testing.assert_close(load_checkpoint(adapter)(tokens), lmodel(tokens), atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(load_checkpoint(adapter, merge=False)(tokens), lmodel(tokens), atol=0, rtol=0)
+    assert find_tokenizer(adapter) == old / "tokenizer.model"  # through the base it names

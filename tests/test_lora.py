@@ -10,6 +10,7 @@ import torch
 from omegaconf import OmegaConf
 from torch import nn
 
+import llamalit.cli
 from llamalit.checkpoints.native import load_model, save_model
 from llamalit.lora import (
     LoraConfig,
@@ -26,7 +27,7 @@ from llamalit.lora import (
 )
 from llamalit.model import Llama, ModelConfig
 
-CONF = Path(__file__).resolve().parents[1] / "conf" / "lora"
+CONF = Path(llamalit.cli.CONF_DIR) / "lora"
 ALL = ("wq", "wk", "wv", "wo", "w1", "w2", "w3", "output")
 
 
@@ -264,10 +265,11 @@ def test_adapter_files_roundtrip(tmp_path):
     model = apply_lora(tiny(dtype=torch.float32), cfg)
     randomise_b(model)
     out_dir = save_adapter(model, tmp_path / "adapter", base="https://example.org/stories15M.pt", lora_cfg=cfg)
-    assert sorted(p.name for p in out_dir.iterdir()) == ["adapter.safetensors", "adapter_config.json"]
+    assert sorted(p.name for p in out_dir.iterdir()) == ["adapter_config.json", "adapter_model.safetensors",
+                                                         "llamalit_adapter.json"]
     assert is_adapter_dir(out_dir) and not is_adapter_dir(tmp_path)
-    meta_json = json.loads((out_dir / "adapter_config.json").read_text())
-    assert meta_json["format"] == "llamalit-lora/1" and meta_json["model"]["dim"] == 32
+    meta_json = json.loads((out_dir / "llamalit_adapter.json").read_text())
+    assert meta_json["format"] == "llamalit-lora/2" and meta_json["model"]["dim"] == 32
     loaded_cfg, sd, meta = load_adapter(out_dir)
     assert loaded_cfg == cfg and meta == meta_json
     assert meta["base"] == "https://example.org/stories15M.pt"
@@ -281,7 +283,7 @@ def test_adapter_files_roundtrip(tmp_path):
     with pytest.raises(ValueError, match="targets"):
         save_adapter(model, tmp_path / "bad", base=None, lora_cfg=LoraConfig(2, 1, 0.1, targets=("wq",)))
     assert not (tmp_path / "bad").exists() or not any((tmp_path / "bad").iterdir())
-    (out_dir / "adapter_config.json").write_text('{"format": "llamalit/1"}')
+    (out_dir / "llamalit_adapter.json").write_text('{"format": "llamalit/1"}')
     assert not is_adapter_dir(out_dir)
     with pytest.raises(ValueError, match="not a llamalit adapter config"):
         load_adapter(out_dir)

@@ -15,7 +15,7 @@ import pytest
 from hydra import compose, initialize_config_dir
 
 import llamalit.data.prepare as prep
-from llamalit.cli.prepare import config_dir
+from llamalit.cli import CONF_DIR
 from llamalit.data.prepare import ManifestError, data_settings, load_manifest, run_prepare, verify_tokenizer
 from llamalit.data.tokenizer import Tokenizer, TokenizerError
 
@@ -31,8 +31,8 @@ def _cli(*overrides: str, cache: Path) -> subprocess.CompletedProcess:
 
 
 def test_every_data_config_composes_with_the_training_keys(tmp_path):
-    assert sorted(p.stem for p in (Path(config_dir()) / "data").glob("*.yaml")) == NAMES
-    with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
+    assert sorted(p.stem for p in (Path(CONF_DIR) / "data").glob("*.yaml")) == NAMES
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
         for name in NAMES:
             cfg = compose("prepare", overrides=[f"data={name}", f"paths.cache_dir={tmp_path}"])
             d = cfg.data
@@ -44,7 +44,7 @@ def test_every_data_config_composes_with_the_training_keys(tmp_path):
             settings = data_settings(d)
             assert settings["kind"] in ("pretrain", "instruct")
     assert (cfg.data.kind, cfg.data.seq_len) == ("instruct", 350)  # tinystories_instruct, last
-    with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
         syn = compose("prepare", overrides=["data=synthetic"]).data
         assert (syn.tokenizer, syn.kind, syn.source) == ("train:512", "instruct", "synthetic")
 

@@ -10,6 +10,7 @@ import pytest
 import torch
 from torch import nn
 
+import llamalit.cli
 from llamalit.lora import (
     LoraConfig,
     LoRALinear,
@@ -26,7 +27,7 @@ from llamalit.model import Llama, ModelConfig
 from llamalit.quantize import default_device, quantize_linears, quantized_linears, require_bitsandbytes
 
 BLOCK_NAMES = {"wq", "wk", "wv", "wo", "w1", "w2", "w3"}
-CONF = Path(__file__).resolve().parents[1] / "conf"
+CONF = Path(llamalit.cli.CONF_DIR)
 
 
 @pytest.fixture

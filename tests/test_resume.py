@@ -16,13 +16,14 @@ import torch
 from hydra import compose, initialize_config_dir
 from safetensors.torch import load_file
 
+import llamalit.cli
 from llamalit.checkpoints.native import save_model
 from llamalit.data.datamodule import LlamaDataModule
 from llamalit.model import Llama, ModelConfig
 from llamalit.training import run
 
 BUILD_CALLBACKS = run.build_callbacks
-CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
+CONF_DIR = Path(llamalit.cli.CONF_DIR)
 STEPS = 8  # optimizer steps; 2 micro-batches each; 15 micro-batches per epoch (120 rows / 8)
 COMMON = ["logger=none", "trainer.accelerator=cpu", "trainer.enable_model_summary=false",
           "trainer.enable_progress_bar=false", "callbacks.progress_bar=null",
@@ -139,10 +140,10 @@ def test_lora_run_resumes_exactly(monkeypatch, tmp_path):
     straight, first, second, s_sum, r_sum = straight_vs_resumed(monkeypatch, tmp_path, overrides, True)
     check_same(straight, first, second, s_sum, r_sum)
     assert s_sum["trainable_params"] < s_sum["params"] / 10
-    a = load_file(str(tmp_path / "a" / "straight" / "adapter.safetensors"))
-    b = load_file(str(tmp_path / "b" / "second" / "adapter.safetensors"))
+    a = load_file(str(tmp_path / "a" / "straight" / "adapter_model.safetensors"))
+    b = load_file(str(tmp_path / "b" / "second" / "adapter_model.safetensors"))
     assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], rtol=1e-5, atol=1e-7) for k in a)
-    assert any(k.endswith("lora_B") and a[k].abs().sum() > 0 for k in a)  # the adapters did train
+    assert any(k.endswith("lora_B.weight") and a[k].abs().sum() > 0 for k in a)  # the adapters did train
     assert json.loads((tmp_path / "b" / "second" / "summary.json").read_text())["step"] == STEPS
     # The checkpoint holds the adapters only; resuming on another base is refused, naming init_from.
     last = tmp_path / "b" / "first" / "checkpoints" / "last.ckpt"

@@ -16,10 +16,11 @@ from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
+import llamalit.cli
 from llamalit.lora import LoraConfig
 
 ROOT = Path(__file__).resolve().parents[1]
-CONF = ROOT / "conf"
+CONF = Path(llamalit.cli.CONF_DIR)
 EXPERIMENT = "demo_lora" if (CONF / "experiment" / "demo_lora.yaml").is_file() else "instruct_lora"
 
 optuna_plugin = pytest.importorskip(

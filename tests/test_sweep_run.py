@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 from hydra import compose, initialize_config_dir
 
+import llamalit.cli
 from llamalit.checkpoints.native import save_model
 from llamalit.data.datamodule import LlamaDataModule
 from llamalit.model import Llama, ModelConfig
@@ -39,7 +40,7 @@ def wandb_run_files(run_dir: Path) -> list[Path]:
 def test_two_by_two_lora_sweep(tmp_path):
     cache, sweep_dir = tmp_path / "cache", tmp_path / "multirun" / "sweep-2x2"
     tiny = [f"{k}={v}" for k, v in TINY.items()] + [f"paths.cache_dir={cache}"]
-    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
+    with initialize_config_dir(config_dir=llamalit.cli.CONF_DIR, version_base="1.3"):
         cfg = compose("train", overrides=["experiment=demo_lora", *tiny, f"run_dir={tmp_path}"],
                       return_hydra_config=True)
     dm = LlamaDataModule(cfg.data, cache_dir=cache, seed=cfg.seed)
@@ -61,7 +62,7 @@ def test_two_by_two_lora_sweep(tmp_path):
     summaries = [json.loads((p / "summary.json").read_text()) for p in run_dirs]
     assert [(s["lora"]["rank"], s["lora"]["alpha"]) for s in summaries] == GRID
     assert all(s["step"] == 4 and s["val/loss"] is not None for s in summaries)
-    assert all((p / "adapter.safetensors").is_file() and not (p / "model.safetensors").exists() for p in run_dirs)
+    assert all((p / "adapter_model.safetensors").is_file() and not (p / "model.safetensors").exists() for p in run_dirs)
     assert summaries[0]["trainable_params"] * 2 == summaries[2]["trainable_params"]  # rank 4 = twice rank 2
 
     with open(sweep_dir / "sweep_summary.csv", newline="") as f:

@@ -91,5 +91,6 @@ def test_copy_export_replaces_an_earlier_export_whole(tmp_path: Path) -> None:
     model = Llama(ModelConfig.preset("tiny"))
     save_model(model, run)
     copy_export({"model": str(run / "model.safetensors")}, dest)
-    assert sorted(p.name for p in dest.iterdir()) == ["config.json", "model.safetensors"]
+    assert sorted(p.name for p in dest.iterdir()) == ["config.json", "generation_config.json", "llamalit.json",
+                                                      "model.safetensors"]
     torch.testing.assert_close(load_checkpoint(dest).state_dict(), model.state_dict())

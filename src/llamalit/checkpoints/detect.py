@@ -1,8 +1,10 @@
 """``load_checkpoint(path_or_url)``: detect which supported format a path holds and load it.
 
-Directories: ours (``model.safetensors`` + ``config.json`` with ``format: llamalit/1``), a
-llamalit LoRA adapter (``adapter.safetensors`` + ``adapter_config.json`` naming its base), a
-PEFT adapter (``adapter_model.safetensors``), a Hugging Face Llama (``config.json`` + weights).
+Directories: ours (a Hugging Face Llama directory + ``llamalit.json``; earlier versions:
+``model.safetensors`` + ``config.json`` with ``format: llamalit/1``), a llamalit LoRA adapter (PEFT
+files + ``llamalit_adapter.json`` naming its base; earlier versions: ``adapter.safetensors`` +
+``adapter_config.json``), a PEFT adapter (``adapter_model.safetensors``), a Hugging Face Llama
+(``config.json`` + weights).
 Files: a torch pickle (Lightning ``.ckpt`` or llama2.c ``.pt``, read with ``weights_only=True``),
 a llama2.c ``.bin`` (v1/v2 by magic, v0 by a plausible header and exact size), or a
 ``.safetensors`` file inside one of the directories above. URLs are downloaded into the cache
@@ -23,8 +25,10 @@ from llamalit.model import Llama, ModelConfig
 
 _PICKLE_HEADS = (b"PK\x03\x04", b"\x80")  # torch zip archive, legacy pickle protocol 2+
 # The weights file of each directory format: a .safetensors path given for the directory must be it.
-_DIR_WEIGHTS = {"native": native.WEIGHTS, "adapter": "adapter.safetensors", "peft": peft.PEFT_WEIGHTS,
+_DIR_WEIGHTS = {"native": native.WEIGHTS, "adapter": "adapter*.safetensors", "peft": peft.PEFT_WEIGHTS,
                 "hf": "model*.safetensors"}
+# JSON files that stand for the checkpoint directory they are in
+_CONFIG_NAMES = ("config.json", "adapter_config.json", native.META, "llamalit_adapter.json")
 _ACCEPTED = ("accepted: a llamalit, adapter, PEFT or Hugging Face checkpoint directory (or a file in one), "
              "a Lightning .ckpt, a llama2.c .pt or .bin")
 
@@ -40,13 +44,17 @@ def resolve_relative(ref: str, base_dir: Path) -> str:
 
 
 def fetch(path_or_url: str | Path) -> Path:
-    """A local path for ``path_or_url``: URLs are downloaded into the cache (once)."""
+    """A local path for ``path_or_url``: URLs are downloaded into the cache (once); a Hugging Face Hub id
+    (``org/name[@revision]``, see :mod:`llamalit.hub`) comes from the Hub cache; a local path wins."""
     from llamalit.data.download import cached_download, default_cache_dir, is_url
+    from llamalit.hub import hub_checkpoint, parse_hub_id
 
     if is_url(str(path_or_url)):
         return cached_download(str(path_or_url), default_cache_dir())
     path = Path(path_or_url).expanduser()
     if not path.exists():
+        if (ref := parse_hub_id(str(path_or_url))) is not None:
+            return hub_checkpoint(ref, "checkpoint")
         raise FileNotFoundError(f"checkpoint {path}: no such file or directory")
     return path
 
@@ -67,10 +75,10 @@ def detect_format(path: Path) -> str:
         listing = sorted(p.name for p in path.iterdir())[:12]
         raise CheckpointError(
             f"{path}: unknown checkpoint directory (found {listing}); expected model.safetensors + "
-            "config.json (llamalit or Hugging Face), adapter.safetensors + adapter_config.json, "
-            "or adapter_model.safetensors (PEFT)"
+            "config.json (Hugging Face, with llamalit.json: llamalit), adapter_model.safetensors + "
+            "adapter_config.json (PEFT, with llamalit_adapter.json: llamalit)"
         )
-    if path.suffix == ".safetensors" or path.name in ("config.json", "adapter_config.json"):
+    if path.suffix == ".safetensors" or path.name in _CONFIG_NAMES:
         try:
             fmt = detect_format(path.parent)
         except CheckpointError as e:
@@ -121,28 +129,21 @@ def _load_torch(path: Path, merge: bool) -> Llama:
 
 def _load_native(path: Path) -> Llama:
     """Our directory, through the shape-checked loader (errors name the tensor and both shapes)."""
-    from safetensors.torch import load_file
-
-    try:
-        cfg = ModelConfig.from_dict(native.read_config(path)["model"])
-    except (TypeError, ValueError) as e:
-        raise CheckpointError(f"{path / native.CONFIG}: {e}") from e
-    try:
-        sd = load_file(str(path / native.WEIGHTS))
-    except Exception as e:  # safetensors raises its own error types
-        raise CheckpointError(f"{path / native.WEIGHTS}: unreadable safetensors file ({e})") from e
-    return llama2c.model_from_state_dict(cfg, sd, path / native.WEIGHTS)
+    return native.load_model(path)
 
 
 def _load_adapter_dir(path: Path, merge: bool) -> Llama:
+    from llamalit.checkpoints.fingerprint import check_base
     from llamalit.lora import apply_lora, load_adapter, load_lora_state_dict, merge_lora
 
     lora_cfg, sd, meta = load_adapter(path)
     base_ref = meta.get("base")
     if not base_ref:
-        raise CheckpointError(f"{path / 'adapter_config.json'}: no 'base' recorded; load the base model and "
+        raise CheckpointError(f"{path}: its adapter config records no 'base'; load the base model and "
                               "apply the adapter yourself (llamalit.lora.load_adapter)")
-    base = load_checkpoint(resolve_relative(str(base_ref), path))
+    base_local = fetch(resolve_relative(str(base_ref), path))
+    check_base(path, meta, str(base_ref), base_local)
+    base = load_checkpoint(base_local)
     if isinstance(meta.get("model"), dict):  # the shape trained with (e.g. a longer context)
         want = ModelConfig.from_dict(meta["model"])
         if want != base.cfg:
@@ -197,20 +198,21 @@ def find_tokenizer(ckpt: str | Path, _follow_base: bool = True) -> Path | None:
 
 def _adapter_base(folder: Path) -> Path | None:
     """The local base directory an adapter config names (PEFT "base_model_name_or_path", ours "base")."""
-    try:
-        meta = json.loads((folder / "adapter_config.json").read_text())
-    except (OSError, json.JSONDecodeError, UnicodeDecodeError):
-        return None
-    for key in ("base_model_name_or_path", "base"):
-        ref = meta.get(key) if isinstance(meta, dict) else None
-        if isinstance(ref, str) and ref and (base := Path(resolve_relative(ref, folder))).is_dir():
-            return base
+    for name in ("llamalit_adapter.json", "adapter_config.json"):
+        try:
+            meta = json.loads((folder / name).read_text())
+        except (OSError, json.JSONDecodeError, UnicodeDecodeError):
+            continue
+        for key in ("base_model_name_or_path", "base"):
+            ref = meta.get(key) if isinstance(meta, dict) else None
+            if isinstance(ref, str) and ref and (base := Path(resolve_relative(ref, folder))).is_dir():
+                return base
     return None
 
 
 def _tokenizer_in(folders: list[Path]) -> Path | None:
     for folder in folders:
-        for cfg_name in ("config.json", "adapter_config.json"):
+        for cfg_name in (native.META, "llamalit_adapter.json", "config.json", "adapter_config.json"):
             cfg = folder / cfg_name
             if cfg.is_file():
                 try:

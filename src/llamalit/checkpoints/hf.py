@@ -229,8 +229,16 @@ def save_hf(model: Llama, out_dir: str | Path, tokenizer: str | Path | None = No
     only Hugging Face model files (an earlier export) is replaced whole; other files are kept, and
     stale model files there (shards, index, ``tokenizer.json`` of another model) removed.
     """
-    dtype = dtype or torch.float32
     out_dir = Path(out_dir)
+    with atomic_checkpoint_dir(out_dir, owned=HF_FILES, commit=CONFIG) as tmp:
+        write_hf_files(model, tmp, tokenizer, dtype)
+    return out_dir
+
+
+def write_hf_files(model: Llama, folder: Path, tokenizer: str | Path | None = None,
+                   dtype: torch.dtype | None = None) -> None:
+    """The files of :func:`save_hf`, written straight into ``folder`` (the caller publishes it atomically)."""
+    dtype = dtype or torch.float32
     sd = model.state_dict()
     lora = [k for k in sd if "lora_" in k]
     if lora:
@@ -239,17 +247,15 @@ def save_hf(model: Llama, out_dir: str | Path, tokenizer: str | Path | None = No
     cfg = model.cfg
     tensors = to_hf_state_dict({k: v.detach().to(dtype) for k, v in sd.items()}, cfg)
     bos, eos = _tokenizer_ids(Path(tokenizer)) if tokenizer else (1, 2)
-    with atomic_checkpoint_dir(out_dir, owned=HF_FILES, commit=CONFIG) as tmp:
-        save_tensors(tensors, tmp / "model.safetensors", metadata={"format": "pt"})
-        atomic_write_json(tmp / "generation_config.json",
-                          {"_from_model_config": True, "bos_token_id": bos, "eos_token_id": eos})
-        if tokenizer:
-            shutil.copyfile(tokenizer, tmp / "tokenizer.model")
-            atomic_write_json(tmp / "tokenizer_config.json", {
-                "tokenizer_class": "LlamaTokenizer", "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>",
-                "add_bos_token": True, "add_eos_token": False, "legacy": True,
-                "model_max_length": cfg.max_seq_len, "clean_up_tokenization_spaces": False,
-            })
-        atomic_write_json(tmp / CONFIG, {**hf_config_dict(cfg), "bos_token_id": bos, "eos_token_id": eos,
-                                         "torch_dtype": str(dtype).removeprefix("torch.")})
-    return out_dir
+    save_tensors(tensors, folder / "model.safetensors", metadata={"format": "pt"})
+    atomic_write_json(folder / "generation_config.json",
+                      {"_from_model_config": True, "bos_token_id": bos, "eos_token_id": eos})
+    if tokenizer:
+        shutil.copyfile(tokenizer, folder / "tokenizer.model")
+        atomic_write_json(folder / "tokenizer_config.json", {
+            "tokenizer_class": "LlamaTokenizer", "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>",
+            "add_bos_token": True, "add_eos_token": False, "legacy": True,
+            "model_max_length": cfg.max_seq_len, "clean_up_tokenization_spaces": False,
+        })
+    atomic_write_json(folder / CONFIG, {**hf_config_dict(cfg), "bos_token_id": bos, "eos_token_id": eos,
+                                        "torch_dtype": str(dtype).removeprefix("torch.")})

@@ -18,7 +18,7 @@ from llamalit.checkpoints.hf_layout import hf_name, permute_from_hf, permute_to_
 from llamalit.checkpoints.llama2c import CheckpointError
 from llamalit.checkpoints.native import save_tensors
 from llamalit.fileio import atomic_checkpoint_dir, atomic_write_json
-from llamalit.model import Llama
+from llamalit.model import Llama, ModelConfig
 
 PEFT_CONFIG = "adapter_config.json"
 PEFT_WEIGHTS = "adapter_model.safetensors"
@@ -57,6 +57,14 @@ def save_peft(model: Llama, out_dir: str | Path, base: str | None = None) -> Pat
     Both files appear together (:func:`llamalit.fileio.atomic_checkpoint_dir`); other files in
     ``out_dir`` (e.g. the base export in ``out_dir/base``) are kept.
     """
+    out_dir = Path(out_dir)
+    with atomic_checkpoint_dir(out_dir, owned=PEFT_FILES, commit=PEFT_CONFIG) as tmp:
+        write_peft_files(model, tmp, base)
+    return out_dir
+
+
+def write_peft_files(model: Llama, folder: Path, base: str | None = None) -> None:
+    """The files of :func:`save_peft`, written straight into ``folder`` (the caller publishes it atomically)."""
     from llamalit.lora import lora_layers
 
     layers = lora_layers(model)
@@ -69,26 +77,42 @@ def save_peft(model: Llama, out_dir: str | Path, base: str | None = None) -> Pat
     if any(m.merged for m in layers.values()):
         raise CheckpointError("save_peft: adapters are merged in place; unmerge_() them first")
     rank, alpha, dropout = settings.pop()
-    tensors: dict[str, torch.Tensor] = {}
+    tensors: dict[str, torch.Tensor] = {}  # in the adapters' own dtype (a QLoRA run's are bf16)
     for name, m in layers.items():
         key = _PREFIX + _hf_module(name)
-        b = m.lora_B.detach().float()
+        b = m.lora_B.detach()
         heads = _row_heads(model, name)
-        tensors[f"{key}.lora_A.weight"] = m.lora_A.detach().float()
+        tensors[f"{key}.lora_A.weight"] = m.lora_A.detach()
         tensors[f"{key}.lora_B.weight"] = permute_to_hf(b, heads) if heads else b
     targets = sorted({_TO_HF[name.rpartition(".")[2]] for name in layers})
-    out_dir = Path(out_dir)
-    with atomic_checkpoint_dir(out_dir, owned=PEFT_FILES, commit=PEFT_CONFIG) as tmp:
-        save_tensors(tensors, tmp / PEFT_WEIGHTS, metadata={"format": "pt"})
-        atomic_write_json(tmp / PEFT_CONFIG, {
-            "peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base,
-            "r": rank, "lora_alpha": int(alpha) if float(alpha).is_integer() else alpha,
-            "lora_dropout": dropout, "target_modules": targets, "bias": "none", "fan_in_fan_out": False,
-            "inference_mode": True, "modules_to_save": None, "init_lora_weights": True,
-            "use_rslora": False, "use_dora": False, "layers_to_transform": None, "layers_pattern": None,
-            "rank_pattern": {}, "alpha_pattern": {}, "revision": None,
-        })
-    return out_dir
+    save_tensors(tensors, folder / PEFT_WEIGHTS, metadata={"format": "pt"})
+    atomic_write_json(folder / PEFT_CONFIG, {
+        "peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base,
+        "r": rank, "lora_alpha": int(alpha) if float(alpha).is_integer() else alpha,
+        "lora_dropout": dropout, "target_modules": targets, "bias": "none", "fan_in_fan_out": False,
+        "inference_mode": True, "modules_to_save": None, "init_lora_weights": True,
+        "use_rslora": False, "use_dora": False, "layers_to_transform": None, "layers_pattern": None,
+        "rank_pattern": {}, "alpha_pattern": {}, "revision": None,
+    })
+
+
+def from_peft_tensors(theirs: dict[str, torch.Tensor], cfg: ModelConfig, source: str | Path
+                      ) -> dict[str, torch.Tensor]:
+    """PEFT adapter tensors (HF names and RoPE layout) as our LoRA state dict (``layers.0.attention.wq.lora_A``)."""
+    modules = [f"layers.{i}.{m}" for i in range(cfg.n_layers)
+               for m in ("attention.wq", "attention.wk", "attention.wv", "attention.wo",
+                         "feed_forward.w1", "feed_forward.w2", "feed_forward.w3")] + ["output"]
+    ours_by_key = {_PREFIX + _hf_module(m): m for m in modules}
+    heads = {"wq": cfg.n_heads, "wk": cfg.n_kv_heads}
+    sd: dict[str, torch.Tensor] = {}
+    for key, t in theirs.items():
+        module, _, part = key.removesuffix(".weight").rpartition(".")
+        name = ours_by_key.get(module)
+        if name is None or part not in ("lora_A", "lora_B"):
+            raise CheckpointError(f"{source}: {key} is not a LoRA tensor of a Llama linear layer")
+        n = heads.get(name.rpartition(".")[2])
+        sd[f"{name}.{part}"] = permute_from_hf(t, n) if part == "lora_B" and n else t
+    return sd
 
 
 def _read_peft_config(path: Path) -> dict:

@@ -17,7 +17,7 @@ from typing import TextIO
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
-CONF_DIR = str(Path(__file__).resolve().parents[3] / "conf")
+from llamalit.cli import CONFIG_PATH
 
 
 def pick_tokenizer(cfg: Mapping, ckpt_local: Path, vocab_size: int) -> Path:
@@ -95,7 +95,7 @@ def run_evaluate(cfg: Mapping, out: TextIO | None = None) -> dict:
     return result
 
 
-@hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="evaluate")
+@hydra.main(version_base="1.3", config_path=CONFIG_PATH, config_name="evaluate")
 def main(cfg: DictConfig) -> float | None:
     """Evaluate; return the mean adherence."""
     from llamalit.cli import user_errors

@@ -19,9 +19,9 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
+from llamalit.cli import CONFIG_PATH
 from llamalit.fileio import atomic_path
 
-CONF_DIR = str(Path(__file__).resolve().parents[3] / "conf")
 BIN_VERSIONS = {"llama2c": 0, "llama2c_v1": 1, "llama2c_q8": 2}
 DIR_FORMATS = ("hf", "peft", "merged")
 FORMATS = (*BIN_VERSIONS, *DIR_FORMATS)
@@ -203,7 +203,7 @@ def _write(fmt: str, model, out: Path, local: Path, tok: Path | None, group_size
     return written
 
 
-@hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="export")
+@hydra.main(version_base="1.3", config_path=CONFIG_PATH, config_name="export")
 def main(cfg: DictConfig) -> None:
     from llamalit.cli import user_errors
 

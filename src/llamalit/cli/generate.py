@@ -16,7 +16,8 @@ import hydra
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-CONF_DIR = str(Path(__file__).resolve().parents[3] / "conf")
+from llamalit.cli import CONFIG_PATH
+
 LLAMA2_TOKENIZER_URL = "https://raw.githubusercontent.com/karpathy/llama2.c/master/tokenizer.model"
 LLAMA2_TOKENIZER_SHA256 = "9e556afd44213b6bd1be2b850ebbbd98f5481437a8021afaf58ee7fb1818d347"
 LLAMA2_VOCAB = 32000
@@ -155,7 +156,7 @@ def run_generate(cfg: Mapping, out: TextIO | None = None) -> list[int]:
     return new_ids
 
 
-@hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="generate")
+@hydra.main(version_base="1.3", config_path=CONFIG_PATH, config_name="generate")
 def main(cfg: DictConfig) -> None:
     from llamalit.cli import user_errors
 

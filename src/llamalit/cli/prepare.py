@@ -2,21 +2,13 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import hydra
 from omegaconf import DictConfig
 
-import llamalit
+from llamalit.cli import CONFIG_PATH
 
 
-def config_dir() -> str:
-    """The Hydra config tree: packaged ``llamalit/conf`` when installed so, else the repository's ``conf/``."""
-    packaged = Path(llamalit.__file__).parent / "conf"
-    return str(packaged if packaged.is_dir() else Path(__file__).resolve().parents[3] / "conf")
-
-
-@hydra.main(version_base="1.3", config_path=config_dir(), config_name="prepare")
+@hydra.main(version_base="1.3", config_path=CONFIG_PATH, config_name="prepare")
 def main(cfg: DictConfig) -> None:
     """Prepare ``cfg.data`` under ``cfg.data.dir`` and print a one-line summary."""
     from llamalit.cli import user_errors

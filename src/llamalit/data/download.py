@@ -115,6 +115,32 @@ def cached_download(url: str, cache_dir: str | Path, sha256: str | None = None, 
     return download(url, Path(cache_dir) / "downloads" / name, sha256=sha256, progress=progress)
 
 
+# What data.source=org/name fetches of a Hub dataset when the data config names no hub_files
+DATA_FILES = ("*.json", "*.jsonl", "*.parquet", "*.tar.gz")
+
+
+def source_path(cfg: dict, cache_dir: str | Path) -> Path:
+    """The local file or directory of ``data.source``: a URL downloaded into ``cache_dir``, a Hugging Face
+    Hub dataset id (``org/name[@revision]``; ``hub`` for the config's ``hub_id``) from the Hub cache, the
+    files ``hub_files`` names, or a local path (which wins over a Hub id of the same name)."""
+    from llamalit.hub import hub_dataset_file, parse_hub_id
+
+    source = str(cfg["source"])
+    if is_url(source):
+        return cached_download(source, cache_dir, sha256=cfg.get("sha256"))
+    path = Path(source).expanduser()
+    if path.exists():
+        return path
+    if source == "hub":
+        if not cfg.get("hub_id"):
+            raise ValueError("data.source=hub: this data config has no hub_id; give data.source=org/name")
+        source = str(cfg["hub_id"])
+    ref = parse_hub_id(source)
+    if ref is None:
+        return path
+    return hub_dataset_file(ref, "data.source", list(cfg.get("hub_files") or DATA_FILES))
+
+
 def _reject_unsafe(member: tarfile.TarInfo, archive: Path) -> None:
     name = member.name
     if member.issym() or member.islnk():

@@ -15,7 +15,7 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from llamalit.data.download import DownloadError, cached_download, extract_tar, is_url, sha256_file
+from llamalit.data.download import DownloadError, extract_tar, is_url, sha256_file, source_path
 from llamalit.data.manifest import (  # re-exported: prepare is where callers have imported them from
     MANIFEST,
     MANIFEST_FORMAT,
@@ -147,7 +147,7 @@ def source_files(cfg: dict, cache_dir: Path) -> tuple[list[Path], bool]:
         if not all(f.is_file() for f in files):
             files = make_corpus(out, cfg["n_shards"], cfg["stories_per_shard"], cfg["seed"])
         return files, False
-    path = cached_download(source, cache_dir, sha256=cfg["sha256"]) if is_url(source) else Path(source).expanduser()
+    path = source_path(cfg, cache_dir)  # a URL, a Hugging Face Hub dataset id or a local path
     if not path.exists():
         raise FileNotFoundError(f"data.source={source!r}: no such file or directory; give a URL, a .tar.gz, "
                                 f"a directory of data*.json, or a .json/.jsonl file")

@@ -48,8 +48,11 @@ def alpaca_prompt(instruction: str, input_text: str = "") -> str:
 
 
 def read_records(path: str | Path) -> list:
-    """All records of a JSON array file or a JSONL file (``.jsonl``), with clear errors."""
+    """All records of a JSON array file, a JSONL file (``.jsonl``) or a Parquet table (``.parquet``, as
+    Hugging Face Hub datasets ship; needs pyarrow), with clear errors."""
     path = Path(path)
+    if path.suffix == ".parquet":
+        return _read_parquet(path)
     try:
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError as e:
@@ -76,6 +79,17 @@ def read_records(path: str | Path) -> list:
     if not isinstance(records, list):
         raise DataFormatError(f"{path}: expected a JSON array of records, found {type(records).__name__}")
     return records
+
+
+def _read_parquet(path: Path) -> list:
+    try:
+        import pyarrow.parquet as pq
+    except ImportError as e:
+        raise DataFormatError(f"{path}: a Parquet file, and reading it needs pyarrow: pip install pyarrow") from e
+    try:
+        return pq.read_table(path).to_pylist()
+    except (OSError, ValueError) as e:  # pyarrow's errors derive from these
+        raise DataFormatError(f"{path}: not a readable Parquet file ({e}); fix or re-download it") from e
 
 
 def _record_index_at(text: str, pos: int) -> int:

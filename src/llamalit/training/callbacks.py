@@ -8,20 +8,39 @@ from typing import Any
 
 import lightning as L
 import torch
+from lightning.fabric.utilities.throughput import get_available_flops
 from lightning.pytorch.callbacks import TQDMProgressBar
 
 from llamalit.model import IGNORE_INDEX, Llama
 
 
-def peak_flops(device: torch.device, configured: float | None = None) -> float | None:
-    """Peak bf16 dense FLOP/s of the device for MFU, or None when unknown (CPU) and not configured."""
+def peak_flops(device: torch.device, configured: float | None = None,
+               dtype: torch.dtype = torch.bfloat16) -> float | None:
+    """Peak dense FLOP/s of the device for ``dtype`` matmuls (MFU's denominator), or None when unknown (CPU)
+    and not configured. Lightning's :func:`get_available_flops` knows the GPUs, except the H200: it matches
+    only device names with "SXM1"/"NVL1" (the driver says "NVIDIA H200") and lists its sparse peak, so an
+    H200 gets the H100 SXM's dense figures from the same table (the same tensor cores)."""
     if configured:
         return float(configured)
     if device.type != "cuda":
         return None
-    name = torch.cuda.get_device_name(device).lower()
-    table = {"h200": 989e12, "h100": 989e12, "a100": 312e12, "l4": 121e12, "4090": 165e12, "a10": 125e12}
-    return next((v for k, v in table.items() if k in name), None)
+    if "h200" not in torch.cuda.get_device_name(device).lower():
+        return get_available_flops(device, dtype)
+    from lightning.fabric.utilities.throughput import _CUDA_FLOPS
+
+    if dtype is torch.float32 and torch.get_float32_matmul_precision() != "highest":
+        dtype = "tfloat32"  # as get_available_flops does on Ampere and later
+    return _CUDA_FLOPS.get("h100 sxm", {}).get(dtype)
+
+
+def compute_dtype(precision: str | int | None) -> torch.dtype:
+    """The matmul dtype of a Trainer ``precision`` setting (``bf16-mixed`` -> bfloat16, ...)."""
+    text = str(precision)
+    if text.startswith("bf16"):
+        return torch.bfloat16
+    if text.startswith("16"):
+        return torch.float16
+    return torch.float64 if text.startswith("64") else torch.float32
 
 
 class SpeedMonitor(L.Callback):
@@ -29,7 +48,9 @@ class SpeedMonitor(L.Callback):
     ``log_every`` optimizer steps.
 
     Wall time over a window of steps needs no GPU sync: queued kernels finish within the window. The
-    useful-token count stays on the device and is read once per window.
+    useful-token count stays on the device and is read once per window. (Lightning's ``ThroughputMonitor``
+    synchronizes CUDA after every micro-batch and counts every token alike; its peak-FLOPs table,
+    :func:`peak_flops`, is what MFU is measured against here.)
     """
 
     def __init__(self, log_every: int = 10, peak_flops_per_s: float | None = None):
@@ -47,6 +68,11 @@ class SpeedMonitor(L.Callback):
         self._pause = 0.0
         self.tokens_per_s: float | None = None
         self.mfu: float | None = None
+        self._peak: float | None = None
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        # once per fit: the device and precision do not change within it (and an unknown GPU warns once)
+        self._peak = peak_flops(pl_module.device, self.configured_peak, compute_dtype(trainer.precision))
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         if self._window_start is None:
@@ -73,7 +99,7 @@ class SpeedMonitor(L.Callback):
         metrics = {"perf/tokens_per_s": self.tokens_per_s, "perf/tokens_seen": float(self.tokens_seen),
                    "perf/useful_tokens_per_s": useful / max(elapsed, 1e-9)}
         model: Llama = pl_module.model
-        peak = peak_flops(pl_module.device, self.configured_peak)
+        peak = self._peak
         if peak:
             seq = batch["input_ids"].shape[1]
             flops = model.flops_per_token(seq) * self.tokens_per_s / trainer.world_size

@@ -113,11 +113,13 @@ def check_resume(ckpt_path: str, module: LlamaLitModule) -> None:
 def preflight(cfg: DictConfig) -> None:
     """Checks that need no data, before data preparation (which may download gigabytes)."""
     from llamalit.data.download import is_url
+    from llamalit.hub import parse_hub_id
 
     init_from = cfg.get("init_from")
-    if init_from and not is_url(str(init_from)) and not Path(str(init_from)).exists():
-        raise FileNotFoundError(f"init_from={init_from}: no such file or directory; give a checkpoint path or "
-                                "URL, or leave it empty to train from random weights")
+    if init_from and not is_url(str(init_from)) and not Path(str(init_from)).exists() \
+            and parse_hub_id(str(init_from)) is None:
+        raise FileNotFoundError(f"init_from={init_from}: no such file or directory; give a checkpoint path, "
+                                "URL or Hugging Face Hub id (org/name), or leave it empty to train from random weights")
     if not init_from:
         ModelConfig.from_dict(OmegaConf.to_container(cfg.model, resolve=True))  # the shape errors, now
 
@@ -170,38 +172,50 @@ def exportable_model(trainer: L.Trainer, module: LlamaLitModule) -> Llama | None
 
 
 def export_weights(model: Llama, out_dir: Path, tokenizer_path: str | None, cfg: dict) -> dict:
-    """Weights only, loadable without Lightning: a full model, or for a LoRA run the adapter alone."""
+    """Weights only, loadable without Lightning: a full model as a Hugging Face directory plus
+    ``llamalit.json``, or for a LoRA run the adapter alone (PEFT files plus ``llamalit_adapter.json``,
+    which records the base and its fingerprint)."""
     files: dict[str, str] = {}
-    tok_copy = None
-    if tokenizer_path and Path(tokenizer_path).is_file():
-        tok_copy = out_dir / "tokenizer.model"
-        if Path(tokenizer_path).resolve() != tok_copy.resolve():
-            shutil.copyfile(tokenizer_path, tok_copy)
-        files["tokenizer"] = str(tok_copy)
-    extra = {"tokenizer": str(tok_copy) if tok_copy else tokenizer_path,
-             "experiment": cfg.get("experiment_name")}
+    tok = Path(tokenizer_path) if tokenizer_path and Path(tokenizer_path).is_file() else None
+    extra = {"tokenizer": "tokenizer.model" if tok else tokenizer_path, "experiment": cfg.get("experiment_name")}
+    if tok:
+        from llamalit.checkpoints.fingerprint import file_sha256
+
+        extra["tokenizer_sha256"] = file_sha256(tok)
+        files["tokenizer"] = str(out_dir / "tokenizer.model")
     if (cfg.get("lora") or {}).get("enabled"):
         from llamalit.lora import LoraConfig, save_adapter
 
-        save_adapter(model, out_dir, base=cfg.get("init_from"), lora_cfg=LoraConfig.from_dict(cfg["lora"]))
-        files["adapter"] = str(out_dir / "adapter.safetensors")
+        if tok and tok.resolve() != (out_dir / "tokenizer.model").resolve():
+            out_dir.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(tok, out_dir / "tokenizer.model")
+        base = cfg.get("init_from")
+        if base:
+            from llamalit.checkpoints.detect import fetch
+            from llamalit.checkpoints.fingerprint import base_fingerprint
+
+            extra.update(base_fingerprint(fetch(str(base))))
+        save_adapter(model, out_dir, base=base, lora_cfg=LoraConfig.from_dict(cfg["lora"]), extra=extra)
+        files["adapter"] = str(out_dir / "adapter_model.safetensors")
     else:
         from llamalit.checkpoints.native import save_model
 
-        save_model(model, out_dir, extra=extra)
+        save_model(model, out_dir, extra=extra, files={"tokenizer.model": tok} if tok else None)
         files["model"] = str(out_dir / "model.safetensors")
     return files
 
 
-EXPORT_NAMES = ("model.safetensors", "config.json", "adapter.safetensors", "adapter_config.json", "tokenizer.model")
+# What export_weights writes (and, last in the list, what earlier versions wrote)
+EXPORT_NAMES = ("model.safetensors", "config.json", "generation_config.json", "tokenizer_config.json",
+                "llamalit.json", "adapter_model.safetensors", "adapter_config.json", "llamalit_adapter.json",
+                "tokenizer.model", "adapter.safetensors")
 
 
 def copy_export(files: dict[str, str], dest: Path) -> None:
     """Publish a run's exported files to a shared place (e.g. where demo_lora finds the demo model), all
     together: an earlier export there is replaced whole, never mixed with this one."""
-    sources = {f.name: f for path in files.values()
-               for f in (Path(path), Path(path).with_name("config.json"), Path(path).with_name("adapter_config.json"))
-               if f.is_file()}
+    folders = {Path(path).parent for path in files.values()}
+    sources = {name: folder / name for folder in folders for name in EXPORT_NAMES if (folder / name).is_file()}
     commit = "adapter_config.json" if "adapter_config.json" in sources else "config.json"
     owned = (*sources, *EXPORT_NAMES)  # a weights-only export before this one (full or adapter) is replaced
     with atomic_checkpoint_dir(dest, owned=owned, commit=commit) as tmp:
