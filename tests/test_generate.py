@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from llamalit.decode import decode_weights
 from llamalit.generate import filter_logits, generate, generate_stream, sample_next
 from llamalit.kernels import load_decode_kernel
 from llamalit.model import Llama, ModelConfig
@@ -39,7 +40,7 @@ def test_kv_cache_greedy_equals_recompute(n_heads: int, n_kv_heads: int, tie: bo
     monkeypatch.setenv("LLAMALIT_DECODE_KERNEL", kernel)  # "1": the compiled CPU step when it builds
     model = _model(n_heads, n_kv_heads, tie)
     built = load_decode_kernel() is not None
-    assert (model.decode_weights().kernel is not None) == (kernel == "1" and built)
+    assert (decode_weights(model).kernel is not None) == (kernel == "1" and built)
     prompt = [5, 17, 3, 60]
     got = generate(model, prompt, 40, temperature=0.0)
     expected = _greedy_by_recompute(model, prompt, 40)

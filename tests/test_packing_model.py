@@ -160,7 +160,7 @@ def test_compiled_blocks_run_flex_without_recompiling_per_batch() -> None:
 
 def test_compiled_block_mask_builder_matches_eager() -> None:
     """On CUDA the packed batches' BlockMask is built by the compiled builder: the same blocks as eager."""
-    from llamalit.model import _block_mask_builder
+    from llamalit.masks import _block_mask_builder
 
     g = torch.Generator().manual_seed(6)
     for cuts in (torch.randint(20, 300, (4,), generator=g), torch.randint(5, 60, (4,), generator=g)):
