@@ -87,9 +87,10 @@ def _require(impl: str, hidden: torch.Tensor) -> None:
 
 
 def resolve_loss_impl(setting: str, device_type: str, compiled: bool) -> str:
-    """The concrete ``loss_impl`` of a run: ``setting`` as given (checked), or for ``auto``: on CUDA the
-    plain loss traced into the compiled training step (``compiled``) when the step is compiled, ``plain``
-    when it is not; chunked elsewhere (the CPU: as fast as plain and it never holds the N x V logits).
+    """The concrete ``loss_impl`` of a run: ``setting`` as given (checked), or for ``auto``: the plain loss
+    traced into the one compiled training step (``compiled``) when the step is compiled, on any device
+    (llama2.c's approach); uncompiled, ``plain`` on CUDA and ``chunked`` elsewhere (on the CPU as fast as
+    plain, and it never holds the N x V logits).
 
     ``scripts/bench_loss.py --device cuda`` measures compiled vs chunked vs liger vs cce and prints what
     ``auto`` should pick on that GPU.
@@ -104,9 +105,9 @@ def resolve_loss_impl(setting: str, device_type: str, compiled: bool) -> str:
                              "use loss_impl=auto or chunked")
     if setting != "auto":
         return setting
-    if device_type == "cuda":
-        return "compiled" if compiled else "plain"
-    return "chunked"
+    if compiled:
+        return "compiled"
+    return "plain" if device_type == "cuda" else "chunked"
 
 
 def _compute_dtype(hidden: torch.Tensor, weight: torch.Tensor) -> torch.dtype:
