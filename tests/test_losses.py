@@ -288,7 +288,7 @@ def _masked_reference(h, w, t):
 @pytest.mark.parametrize("impl", ["plain", "compiled", "chunked"])
 def test_every_cpu_impl_matches_a_float64_reference(impl):
     """Loss and grads of each impl that runs on the CPU (float32) against float64; plain and compiled also take
-    IGNORE_INDEX rows (what the one-graph step hands them: every position), and compiled traced by inductor."""
+    IGNORE_INDEX rows (what the one-graph step hands them: every position); compiled traced by dynamo."""
     h, w, t = make(40, dtype=torch.float32, seed=3)
     if impl != "chunked":
         t[::4] = IGNORE_INDEX

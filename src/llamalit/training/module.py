@@ -101,7 +101,7 @@ COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-
 TRACEABLE_LOSSES = ("compiled", "plain")  # loss impls the one-graph step can trace (the others are kernels)
 
 
-def compile_step(mode: str | None = None):
+def compile_step(mode: str | None = None, backend: str = "inductor"):
     """:func:`batch_loss` compiled as one graph: embedding, blocks, head and loss (``loss_impl`` compiled or
     plain), ``fullgraph=True`` so a graph break is an error rather than a silent slowdown, static shapes.
 
@@ -111,6 +111,8 @@ def compile_step(mode: str | None = None):
     mode = mode or "default"
     if mode not in COMPILE_MODES:
         raise ValueError(f"compile_mode={mode!r}: choose one of {', '.join(COMPILE_MODES)}")
+    if backend != "inductor":  # tests: another backend (e.g. aot_eager) takes no mode
+        return torch.compile(batch_loss, fullgraph=True, dynamic=False, backend=backend)
     return torch.compile(batch_loss, fullgraph=True, dynamic=False, mode=mode)
 
 
