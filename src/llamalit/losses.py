@@ -21,7 +21,7 @@ Only ``plain`` and ``compiled`` accept IGNORE_INDEX targets (the mean is over th
 Mixed precision follows the plain path under ``torch.autocast``: the matmuls run in the autocast dtype,
 log-softmax and the loss in float32, grads come back in hidden's / weight's dtypes. The loss dtype is
 float32 (float64 when the matmul runs in float64). Nothing here syncs with the host (no ``.item()``)
-except inside liger-kernel itself (0.8.5: ``.item()`` in its forward, ``torch.equal`` in its backward).
+except inside liger-kernel itself (an ``.item()`` in its forward, a ``torch.equal`` in its backward).
 """
 
 from __future__ import annotations
@@ -240,8 +240,8 @@ def _count_correct(hidden, weight, targets, chunk):
 
 def _liger(hidden, weight, targets, chunk_size, accuracy):
     _require("liger", hidden)
-    # liger's mean over zero rows is 0/0, and it computes no weight grad when hidden needs none
-    # (liger-kernel 0.8.5): both cases go to the chunked path, which handles them.
+    # liger's mean over zero rows is 0/0, and it computes no weight grad when hidden needs none:
+    # both cases go to the chunked path, which handles them.
     if hidden.shape[0] == 0 or (weight.requires_grad and not hidden.requires_grad):
         return _chunked(hidden, weight, targets, chunk_size, accuracy)
     return _liger_call(hidden, weight, targets, chunk_size, accuracy)
