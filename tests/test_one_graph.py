@@ -32,10 +32,10 @@ def _batches() -> dict[str, dict]:
             "packed": {"input_ids": x, "labels": packed_y, "positions": positions, "segments": segments}}
 
 
-def _module_step() -> LlamaLitModule:
+def _module_step(**cfg) -> LlamaLitModule:
     """A module with compile on, as ``on_fit_start`` sets it up on this device."""
     cfg = {"model": ModelConfig.preset("tiny", max_seq_len=32).to_dict(), "optim": {}, "lora": {"enabled": False},
-           "init_from": None, "trainer": {"max_steps": 2}, "compile": True}
+           "init_from": None, "trainer": {"max_steps": 2}, "compile": True, **cfg}
     module = LlamaLitModule(cfg)
     module.on_fit_start()
     return module
@@ -45,6 +45,16 @@ def test_the_module_compiles_batch_loss_as_one_graph() -> None:
     module = _module_step()
     assert module._train_impl == "compiled"  # what loss_impl=auto resolves to with compile on
     assert module._step._torchdynamo_orig_callable is batch_loss  # the function traced below
+    assert module._eval_impl == "chunked"  # validation stays eager on the CPU
+
+
+def test_a_loss_the_graph_cannot_hold_falls_back_to_compiled_blocks() -> None:
+    module = _module_step(loss_impl="chunked")
+    assert getattr(module, "_step", None) is None
+    assert all(hasattr(layer, "_compiled_call_impl") and layer._compiled_call_impl is not None
+               for layer in module.model.layers)
+    with pytest.raises(ValueError, match="compile_mode='fast'"):
+        _module_step(compile_mode="fast")
 
 
 @pytest.mark.parametrize("kind", ["padded", "packed"])

@@ -98,12 +98,12 @@ def resolve_compile(setting: bool | None, device: torch.device) -> bool:
 
 
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
-TRACEABLE_LOSSES = ("compiled", "plain")  # loss impls the one-graph step can trace (the others are kernels)
+TRACEABLE_LOSSES = ("compiled",)  # the others gather counted positions (data-dependent shapes) or are kernels
 
 
 def compile_step(mode: str | None = None, backend: str = "inductor"):
-    """:func:`batch_loss` compiled as one graph: embedding, blocks, head and loss (``loss_impl`` compiled or
-    plain), ``fullgraph=True`` so a graph break is an error rather than a silent slowdown, static shapes.
+    """:func:`batch_loss` compiled as one graph: embedding, blocks, head and loss (``loss_impl="compiled"``),
+    ``fullgraph=True`` so a graph break is an error rather than a silent slowdown, static shapes.
 
     ``mode`` (``compile_mode``): torch.compile's mode, default ``default``; ``reduce-overhead`` replays the
     step from CUDA graphs (for launch-bound small models; :func:`run_compiled_step` handles its buffers).
@@ -131,7 +131,7 @@ def run_compiled_step(step, model: Llama, batch: Mapping, accuracy: bool, loss_i
 
 def compile_blocks(model: Llama) -> None:
     """``torch.compile`` each transformer block in place (regional compilation): the fallback when the
-    loss is a kernel the one-graph step cannot trace (chunked, liger, cce); the head and loss stay eager.
+    loss is not ``compiled`` (plain, chunked, liger, cce); the head and loss stay eager.
     """
     for layer in model.layers:
         layer.compile()
@@ -205,7 +205,9 @@ class LlamaLitModule(L.LightningModule):
         n = batch["counted"].numel() if "counted" in batch else (batch["labels"] != IGNORE_INDEX).sum()
         step = getattr(self, "_step", None)
         if self.training and step is not None:
-            out = run_compiled_step(step, self.model, batch, accuracy, self._train_impl,
+            # always with the correct count: one graph, not a second compile at the first logging step (the
+            # argmax is one more reduction over the logits the loss reads anyway)
+            out = run_compiled_step(step, self.model, batch, True, self._train_impl,
                                     cudagraphs=getattr(self, "_step_cudagraphs", False))
             return out, n
         impl = getattr(self, "_train_impl" if self.training else "_eval_impl", None) or self.loss_impl
