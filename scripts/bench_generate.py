@@ -2,7 +2,9 @@
 
 Variants (tokens/s of new tokens, prompt = [BOS]):
   kv          ours: ``llamalit.generate.generate`` (KV cache + the one-token decode path; on CPU
-              fp32 the compiled kernel of ``llamalit.kernels`` when it builds)
+              fp32 the compiled kernel of ``llamalit.kernels`` when it builds; on CUDA the static step
+              replayed from a CUDA graph, ``llamalit.decode.StaticDecoder``)
+  kv_step     CUDA only: ``generate(..., static_decode=False)``: the KV path without CUDA graphs
   kv_torch    ``kv`` with the kernel switched off (LLAMALIT_DECODE_KERNEL=0): the PyTorch decode step
   kv_generic  ours: KV cache through the ordinary ``Llama.hidden`` forward (what decode_step replaces)
   recompute   ours: the whole prefix through the model for every new token, no cache
@@ -10,9 +12,10 @@ Variants (tokens/s of new tokens, prompt = [BOS]):
   run_c       with ``--run-c PATH``: llama2.c's ``run.c`` compiled here like ``make runfast``
               (``gcc -Ofast -march=native``), on the same weights exported as a llama2.c ``.bin``,
               1 thread, greedy; its own "achieved tok/s" (timed from its second token) is reported
-  static      CUDA only: one-token step with static shapes (full-cache masked attention)
-  cudagraph   CUDA only: ``static`` captured once in a CUDA graph and replayed per token
-  compile     CUDA only: ``torch.compile(static, mode="reduce-overhead")``
+  static      CUDA only: ``DecodeWeights.static_step`` (static shapes, full-cache masked attention), eager
+  cudagraph   CUDA only: ``StaticDecoder`` (``static`` replayed from a CUDA graph) in a loop that keeps the
+              ids on the device: what ``kv`` does less its per-token host read
+  compile     CUDA only: ``torch.compile(static_step, mode="reduce-overhead", fullgraph=True, dynamic=False)``
 
 Random weights, vocab 32000, fp32. ``match`` says whether a variant's ids equal ``kv``'s. Each
 variant runs ``--repeats`` times after a warm-up and the fastest run is reported (shared machines).
@@ -39,15 +42,15 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 import torch
-import torch.nn.functional as F
 
+from llamalit.decode import DecodeWeights, StaticDecoder, decode_weights
 from llamalit.fileio import atomic_write_json
 from llamalit.generate import generate
 from llamalit.kernels import ENV_SWITCH
-from llamalit.model import DecodeWeights, KVCache, Llama, ModelConfig
+from llamalit.model import Llama, ModelConfig
 
 CPU_VARIANTS = ("kv", "kv_torch", "kv_generic", "recompute", "hf")
-CUDA_VARIANTS = ("kv", "kv_generic", "recompute", "hf", "static", "cudagraph", "compile")
+CUDA_VARIANTS = ("kv", "kv_step", "kv_generic", "recompute", "hf", "static", "cudagraph", "compile")
 
 
 def build_model(shape: str, tokens: int, device: str) -> Llama:
@@ -119,60 +122,27 @@ def run_hf(hf, tokens: int) -> list[int]:
     return out[0, 1:].tolist()
 
 
-def static_step(w: DecodeWeights, tok: torch.Tensor, pos: torch.Tensor, caches: list[KVCache],
-                positions: torch.Tensor) -> torch.Tensor:
-    """DecodeWeights.step with static shapes (``pos`` a 1-element tensor), for CUDA graphs / compile."""
-    cfg = w.cfg
-    b, hd, nh, nkv = tok.shape[0], cfg.head_dim, cfg.n_heads, cfg.n_kv_heads
-    k_end = (nh + nkv) * hd
-    rot = w.rot.index_select(0, pos)
-    visible = (positions <= pos)[None]  # (1, max_seq_len): keys up to pos
-    x = w.embedding[tok]
-    for (attn_norm, wqkv, wo, ffn_norm, w13, w2), cache in zip(w.layers, caches):
-        qkv = w._norm(x, attn_norm) @ wqkv
-        qk = torch.view_as_complex(qkv[:, :k_end].unflatten(-1, (nh + nkv, hd // 2, 2)))
-        qk = torch.view_as_real(qk * rot).flatten(-2)
-        cache.k.index_copy_(2, pos, qk[:, nh:, None])
-        cache.v.index_copy_(2, pos, qkv[:, k_end:].view(b, nkv, 1, hd))
-        out = F.scaled_dot_product_attention(qk[:, :nh, None], cache.k, cache.v, attn_mask=visible,
-                                             enable_gqa=nh != nkv)
-        x = x + out.view(b, nh * hd) @ wo
-        h1, h3 = (w._norm(x, ffn_norm) @ w13).chunk(2, dim=-1)
-        x = x + F.linear(F.silu(h1) * h3, w2)
-    return w._norm(x, w.norm) @ w.output_t
-
-
 @torch.inference_mode()
 def run_static(model: Llama, tokens: int, mode: str) -> list[int]:
-    """Greedy loop on device: ``mode`` is eager, cudagraph or compile."""
+    """Greedy loop on device, ids never read back until the end: ``mode`` is eager, cudagraph or compile."""
     dev = model.output.weight.device
-    w, caches = model.decode_weights(), model.new_caches(1)
-    positions = torch.arange(model.cfg.max_seq_len, device=dev)
-    tok, pos = torch.ones(1, dtype=torch.long, device=dev), torch.zeros(1, dtype=torch.long, device=dev)
+    w, caches = decode_weights(model, kernel=False), model.new_caches(1)
+    tok = torch.ones(1, dtype=torch.long, device=dev)
     ids = torch.empty(tokens, dtype=torch.long, device=dev)
-    step: Callable[[], torch.Tensor] = lambda: static_step(w, tok, pos, caches, positions)  # noqa: E731
+    decoder = StaticDecoder(w, caches, 1, dev, graph=mode == "cudagraph")
+    step: Callable[[int], torch.Tensor] = lambda pos: decoder.step(tok, pos)  # noqa: E731
     if mode == "compile":
-        fn = torch.compile(static_step, mode="reduce-overhead", fullgraph=True)
-        step = lambda: fn(w, tok, pos, caches, positions)  # noqa: E731
-    elif mode == "cudagraph":
-        stream = torch.cuda.Stream()
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):
-            for _ in range(3):
-                static_step(w, tok, pos, caches, positions)
-        torch.cuda.current_stream().wait_stream(stream)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            logits_out = static_step(w, tok, pos, caches, positions)
+        # dynamic=False: a second model's shapes would otherwise turn its config ints symbolic (and SDPA's
+        # enable_gqa a SymBool, which it refuses)
+        fn = torch.compile(DecodeWeights.static_step, mode="reduce-overhead", fullgraph=True, dynamic=False)
 
-        def step() -> torch.Tensor:
-            graph.replay()
-            return logits_out
-    for i in range(tokens):  # the warm-up writes are overwritten: every position is rewritten in order
-        nxt = step().argmax(-1)
+        def step(pos: int) -> torch.Tensor:
+            decoder.pos.fill_(pos)
+            return fn(w, tok, decoder.pos, caches, decoder.positions)
+    for i in range(tokens):
+        nxt = step(i).argmax(-1)
         ids[i] = nxt[0]
         tok.copy_(nxt)
-        pos.add_(1)
     return ids.tolist()
 
 
@@ -232,6 +202,7 @@ def bench_one(shape: str, device: str, threads: int, tokens: int, variants: list
     runner = RunC(run_c, model) if "run_c" in variants else None
     fns: dict[str, Callable[[int], list[int]]] = {
         "kv": lambda n: generate(model, [1], n, temperature=0.0),
+        "kv_step": lambda n: generate(model, [1], n, temperature=0.0, static_decode=False),
         "kv_torch": lambda n: run_kv_torch(torch_model, n),
         "kv_generic": lambda n: run_kv_generic(model, n),
         "recompute": lambda n: run_recompute(model, n),
@@ -270,7 +241,7 @@ def bench_one(shape: str, device: str, threads: int, tokens: int, variants: list
             seconds, ids = min(runs[name], key=lambda run: run[0])
             if name == "kv":
                 ref = ids
-                weights = model.decode_weights()
+                weights = decode_weights(model)
                 row.update(kernel=weights is not None and weights.kernel is not None)
             row.update(seconds=round(seconds, 4), tok_s=round(tokens / seconds, 1), repeats=repeats,
                        all_tok_s=[round(tokens / run[0], 1) for run in runs[name]],

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from llamalit.decode import decode_weights
 from llamalit.generate import filter_logits, generate, generate_stream, sample_next
 from llamalit.kernels import load_decode_kernel
 from llamalit.model import Llama, ModelConfig
@@ -39,7 +40,7 @@ def test_kv_cache_greedy_equals_recompute(n_heads: int, n_kv_heads: int, tie: bo
     monkeypatch.setenv("LLAMALIT_DECODE_KERNEL", kernel)  # "1": the compiled CPU step when it builds
     model = _model(n_heads, n_kv_heads, tie)
     built = load_decode_kernel() is not None
-    assert (model.decode_weights().kernel is not None) == (kernel == "1" and built)
+    assert (decode_weights(model).kernel is not None) == (kernel == "1" and built)
     prompt = [5, 17, 3, 60]
     got = generate(model, prompt, 40, temperature=0.0)
     expected = _greedy_by_recompute(model, prompt, 40)
@@ -149,3 +150,38 @@ def test_generate_restores_training_mode() -> None:
     model = _model().train()
     generate(model, [1], 3, temperature=0.0)
     assert model.training
+
+
+@pytest.mark.parametrize("n_heads, n_kv_heads, tie", [(4, 4, True), (4, 2, False)], ids=["mha", "gqa"])
+def test_static_decode_gives_the_kv_path_tokens(n_heads: int, n_kv_heads: int, tie: bool) -> None:
+    """The path generate takes on CUDA (static-shape step; its CUDA graph capture only on CUDA) == the KV path,
+    greedy and seeded sampling, one prompt and a batch; a wrapped layer falls back to the ordinary step."""
+    model = _model(n_heads, n_kv_heads, tie)
+    prompt, batch = [5, 17, 3, 60], [[5, 17, 3], [8, 1, 40]]
+    for kw in (dict(temperature=0.0), dict(temperature=0.9, top_k=20, seed=3)):
+        kv = generate(model, prompt, 40, static_decode=False, **kw)
+        assert generate(model, prompt, 40, static_decode=True, **kw) == kv
+        assert generate(model, batch, 30, static_decode=True, eos_id=7, **kw) == generate(
+            model, batch, 30, static_decode=False, eos_id=7, **kw)
+    assert generate(model, prompt, 40, temperature=0.0) == _greedy_by_recompute(model, prompt, 40)  # CPU default
+
+    from llamalit.lora import LoraConfig, apply_lora
+
+    apply_lora(model, LoraConfig(rank=2, alpha=4.0, targets=["wq"]))
+    assert decode_weights(model) is None
+    assert generate(model, prompt, 10, temperature=0.0, static_decode=True) == _greedy_by_recompute(model, prompt, 10)
+
+
+def test_static_decoder_captures_a_cuda_graph_only_on_cuda() -> None:
+    from llamalit.decode import StaticDecoder
+
+    model = _model()
+    weights = decode_weights(model, kernel=False)
+    decoder = StaticDecoder(weights, model.new_caches(1), 1, torch.device("cpu"), graph=True)
+    assert not decoder.want_graph
+    with torch.inference_mode():
+        model.hidden(torch.tensor([[5]]), 0, decoder.caches)
+        decoder.step(torch.tensor([17]), 1)
+    assert decoder.graph is None
+    with pytest.raises(ValueError, match="past max_seq_len"):
+        decoder.step(torch.tensor([1]), model.cfg.max_seq_len)

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from llamalit import kernels
+from llamalit.decode import decode_step, decode_weights
 from llamalit.generate import generate
 from llamalit.kernels import build_decode_kernel, gemv, load_decode_kernel, pack_rows
 from llamalit.model import Llama, ModelConfig
@@ -87,16 +88,16 @@ def test_kernel_step_matches_forward_and_torch_path(lib, n_heads: int, n_kv_head
     tokens = torch.randint(0, 97, (2, length), generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
         full, exact = model(tokens), copy.deepcopy(model).double()(tokens)
-    torch_path = model.decode_weights(kernel=False)
+    torch_path = decode_weights(model, kernel=False)
     assert torch_path.kernel is None
-    fast = model.decode_weights(kernel=True)
+    fast = decode_weights(model, kernel=True)
     assert fast.kernel is not None and fast.layers == []  # no PyTorch copies next to the packed ones
     outs = {}
     for name, weights in (("kernel", fast), ("torch", torch_path)):
         caches = model.new_caches(2)
         with torch.no_grad():
             model.hidden(tokens[:, :4], 0, caches)
-            outs[name] = torch.stack([model.decode_step(tokens[:, p:p + 1], p, caches, weights)
+            outs[name] = torch.stack([decode_step(model, tokens[:, p:p + 1], p, caches, weights)
                                       for p in range(4, length)], dim=1)
         if name == "kernel":  # the kernel wrote the same keys and values the forward would
             ref = model.new_caches(2)
@@ -129,7 +130,7 @@ def test_vector_exp_matches_float64(lib) -> None:
 
 def test_packed_weights_sit_in_one_aligned_arena(lib) -> None:
     model = _model(dim=64)
-    kern = model.decode_weights().kernel
+    kern = decode_weights(model).kernel
     assert kern.arena.data_ptr() % kernels.HUGE_PAGE == 0
     first = model.layers[0].attention
     wqkv = torch.cat([first.wq.weight, first.wk.weight, first.wv.weight])
@@ -162,7 +163,7 @@ def test_streamed_output_head_gives_the_same_logits(lib) -> None:
 def test_kernel_follows_new_caches(lib) -> None:
     """The pointers bound for one set of caches must not be reused for another."""
     model = _model()
-    weights = model.decode_weights()
+    weights = decode_weights(model)
     first, second = model.new_caches(1), model.new_caches(1)
     tok = torch.tensor([3])
     a = weights.kernel.step(tok, 0, first)
@@ -179,18 +180,18 @@ def test_kernel_follows_new_caches(lib) -> None:
 
 def test_env_switch_turns_the_kernel_off(lib, monkeypatch: pytest.MonkeyPatch) -> None:
     model = _model()
-    assert model.decode_weights().kernel is not None  # on by default
+    assert decode_weights(model).kernel is not None  # on by default
     monkeypatch.setenv("LLAMALIT_DECODE_KERNEL", "0")
-    off = model.decode_weights()
+    off = decode_weights(model)
     assert off.kernel is None and off.layers  # rebuilt with the PyTorch layout
-    assert model.decode_weights(kernel=True).kernel is not None  # the argument wins over the env
+    assert decode_weights(model, kernel=True).kernel is not None  # the argument wins over the env
     monkeypatch.setenv("LLAMALIT_DECODE_KERNEL", "1")
-    assert model.decode_weights().kernel is not None
+    assert decode_weights(model).kernel is not None
 
 
 def test_kernel_rejects_bad_tokens_and_unfit_caches(lib) -> None:
     model = _model()
-    weights = model.decode_weights()
+    weights = decode_weights(model)
     caches = model.new_caches(1)
     with pytest.raises(ValueError, match=r"token ids must be in 0\.\.96"):
         weights.kernel.step(torch.tensor([97]), 0, caches)
@@ -216,7 +217,7 @@ def test_no_compiler_falls_back_with_one_warning(fresh_loader, tmp_path, monkeyp
     monkeypatch.setenv("LLAMALIT_KERNEL_DIR", str(tmp_path / "kernels"))
     model = _model()
     with caplog.at_level(logging.WARNING, logger="llamalit.kernels"):
-        weights = model.decode_weights()
+        weights = decode_weights(model)
         assert load_decode_kernel() is None
     assert weights.kernel is None and weights.layers  # the PyTorch decode path
     warnings = [r for r in caplog.records if "decode kernel unavailable" in r.getMessage()]

@@ -1,5 +1,5 @@
 """linear_cross_entropy: chunked == plain (float64), accuracy, N == 0, non-leaf / frozen weights, bf16 autocast,
-and that the chunked path never creates an (N, V) tensor."""
+that the chunked path never creates an (N, V) tensor, the masked (compiled) loss, optional packages, auto."""
 
 from __future__ import annotations
 
@@ -11,10 +11,13 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from llamalit.losses import (
     AUTO_CHUNK_ELEMENTS,
+    IGNORE_INDEX,
     LossOutput,
     default_chunk_size,
+    impl_available,
     liger_available,
     linear_cross_entropy,
+    resolve_loss_impl,
 )
 
 F64 = dict(rtol=1e-12, atol=1e-14)
@@ -274,3 +277,71 @@ def test_liger_call_plumbing(monkeypatch):
         torch.testing.assert_close(out.loss, ref.loss, **F64)
         torch.testing.assert_close(gw, rw, **F64)
         assert (out.correct is None) if not accuracy else out.correct.item() == ref.correct.item()
+
+
+def _masked_reference(h, w, t):
+    """float64 reference: mean cross-entropy over the rows whose target is not IGNORE_INDEX."""
+    keep = t != IGNORE_INDEX
+    return F.cross_entropy(h.double()[keep] @ w.double().T, t[keep], reduction="mean")
+
+
+@pytest.mark.parametrize("impl", ["plain", "compiled", "chunked"])
+def test_every_cpu_impl_matches_a_float64_reference(impl):
+    """Loss and grads of each impl that runs on the CPU (float32) against float64; plain and compiled also take
+    IGNORE_INDEX rows (what the one-graph step hands them: every position); compiled traced by dynamo."""
+    h, w, t = make(40, dtype=torch.float32, seed=3)
+    if impl != "chunked":
+        t[::4] = IGNORE_INDEX
+    ref = _masked_reference(h, w, t)
+    rh, rw = torch.autograd.grad(ref, [h, w])
+    fn = linear_cross_entropy
+    if impl == "compiled":
+        fn = torch.compile(linear_cross_entropy, fullgraph=True, dynamic=False, backend="aot_eager")
+    out = fn(h, w, t, impl=impl, accuracy=True)
+    gh, gw = torch.autograd.grad(out.loss, [h, w])
+    torch.testing.assert_close(out.loss.double(), ref, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(gh, rh, rtol=1e-4, atol=1e-6)  # float32 grads of the float64 reference
+    torch.testing.assert_close(gw, rw, rtol=1e-4, atol=1e-6)
+    keep = t != IGNORE_INDEX
+    assert int(out.correct) == int(((h @ w.T).argmax(1) == t)[keep].sum())
+
+
+def test_all_ignored_rows_give_zero_loss_and_grads():
+    h, w, t = make(6)
+    t[:] = IGNORE_INDEX
+    out, (gh, gw) = loss_and_grads("compiled", h, w, t)
+    assert out.loss.item() == 0.0 and not gh.any() and not gw.any()
+
+
+@pytest.mark.parametrize("impl, package", [("liger", "liger-kernel"), ("cce", "cut-cross-entropy")])
+def test_missing_optional_package_names_the_pip_command(impl, package, monkeypatch):
+    import sys
+
+    from llamalit import losses
+
+    module = {"liger": "liger_kernel", "cce": "cut_cross_entropy"}[impl]
+    monkeypatch.setitem(sys.modules, module, None)  # import raises ImportError, installed or not
+    losses.impl_available.cache_clear()
+    try:
+        h, w, t = make(5)
+        with pytest.raises(ImportError, match=f"pip install {package}"):
+            linear_cross_entropy(h, w, t, impl=impl)
+        with pytest.raises(ImportError, match=f"pip install {package}"):
+            resolve_loss_impl(impl, "cuda", compiled=True)
+    finally:
+        losses.impl_available.cache_clear()
+
+
+def test_resolve_loss_impl():
+    assert resolve_loss_impl("auto", "cuda", compiled=True) == "compiled"  # llama2.c: the loss in the graph
+    assert resolve_loss_impl("auto", "cpu", compiled=True) == "compiled"
+    assert resolve_loss_impl("auto", "cuda", compiled=False) == "plain"
+    assert resolve_loss_impl("auto", "cpu", compiled=False) == "chunked"
+    for given in ("plain", "chunked", "compiled"):
+        assert resolve_loss_impl(given, "cpu", compiled=False) == given
+    with pytest.raises(ValueError, match="loss_impl='fast'"):
+        resolve_loss_impl("fast", "cuda", compiled=True)
+    for impl in ("liger", "cce"):
+        if impl_available(impl):
+            with pytest.raises(ValueError, match="CUDA only"):
+                resolve_loss_impl(impl, "cpu", compiled=False)

@@ -18,6 +18,7 @@ from llamalit.checkpoints.hf_layout import (
     permute_to_hf,
     to_hf_state_dict,
 )
+from llamalit.decode import decode_step, decode_weights
 from llamalit.kernels import load_decode_kernel
 from llamalit.model import IGNORE_INDEX, Llama, ModelConfig, RMSNorm
 
@@ -126,9 +127,12 @@ def test_loss_equals_cross_entropy_and_its_gradient() -> None:
     for g, r in zip(grads, ref_grads):
         torch.testing.assert_close(g, r, atol=1e-12, rtol=1e-10)
 
-    logits, targets = model.counted_logits(tokens, labels)
-    assert logits.shape == (int((labels != IGNORE_INDEX).sum()), cfg.vocab_size)
-    assert torch.equal(targets, labels[labels != IGNORE_INDEX])
+    # every position through the head with IGNORE_INDEX masked (the one-graph path): the same loss and grads
+    masked = model.loss(tokens, labels, loss_impl="compiled")
+    masked_grads = torch.autograd.grad(masked, list(model.parameters()))
+    torch.testing.assert_close(masked, ref, atol=1e-12, rtol=0)
+    for g, r in zip(masked_grads, ref_grads):
+        torch.testing.assert_close(g, r, atol=1e-12, rtol=1e-10)
 
 
 def test_init_std() -> None:
@@ -189,8 +193,8 @@ def _decode_all(model: Llama, tokens: torch.Tensor, prefill: int, kernel: bool |
     caches = model.new_caches(tokens.shape[0])
     with torch.no_grad():
         model.hidden(tokens[:, :prefill], 0, caches)
-        weights = model.decode_weights(kernel)
-        steps = [model.decode_step(tokens[:, p:p + 1], p, caches, weights)
+        weights = decode_weights(model, kernel)
+        steps = [decode_step(model, tokens[:, p:p + 1], p, caches, weights)
                  for p in range(prefill, tokens.shape[1])]
     return torch.stack(steps, dim=1)
 
@@ -216,7 +220,7 @@ def test_decode_step_matches_forward(n_heads: int, n_kv_heads: int, tie: bool, k
     tokens = torch.randint(0, cfg.vocab_size, (2, 20), generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
         full = model(tokens)
-    weights = model.decode_weights(kernel)
+    weights = decode_weights(model, kernel)
     assert weights is not None and (weights.kernel is not None) == kernel  # the path under test
     torch.testing.assert_close(_decode_all(model, tokens, 5, kernel), full[:, 5:], atol=2e-5, rtol=1e-5)
 
@@ -226,18 +230,18 @@ def test_decode_weights_follow_weight_changes(kernel: bool) -> None:
     kernel = _kernel_param(kernel)
     model = Llama(_small(4, 2, tie=True)).eval()
     tokens = torch.randint(0, 61, (1, 10), generator=torch.Generator().manual_seed(4))
-    first = model.decode_weights(kernel)
-    assert model.decode_weights(kernel) is first  # cached while nothing changes
+    first = decode_weights(model, kernel)
+    assert decode_weights(model, kernel) is first  # cached while nothing changes
     _randomize(model, seed=7)  # in-place copy_, as load_state_dict and merge_lora do
-    assert model.decode_weights(kernel) is not first
+    assert decode_weights(model, kernel) is not first
     with torch.no_grad():
         full = model(tokens)
     torch.testing.assert_close(_decode_all(model, tokens, 3, kernel), full[:, 3:], atol=2e-5, rtol=1e-5)
     assert "_decode_weights" not in "".join(model.state_dict())
     # new tensors (load_state_dict(assign=True), .to(dtype)) also invalidate the copies
-    current = model.decode_weights(kernel)
+    current = decode_weights(model, kernel)
     model.load_state_dict({k: v.clone() for k, v in model.state_dict().items()}, assign=True)
-    assert model.decode_weights(kernel) is not current
+    assert decode_weights(model, kernel) is not current
 
 
 def test_decode_step_falls_back_for_wrapped_layers() -> None:
@@ -249,7 +253,7 @@ def test_decode_step_falls_back_for_wrapped_layers() -> None:
     old = model.layers[1].attention.wv
     model.layers[1].attention.wv = Scaled(old.in_features, old.out_features, bias=False)
     model.layers[1].attention.wv.weight = old.weight
-    assert model.decode_weights() is None
+    assert decode_weights(model) is None
     tokens = torch.randint(0, 61, (1, 10), generator=torch.Generator().manual_seed(5))
     with torch.no_grad():
         full = model(tokens)

@@ -129,6 +129,18 @@ def test_auto_picks_flex_only_where_its_kernel_runs() -> None:
     assert build_model({**cfg, "model": ModelConfig.preset("tiny", dim=64).to_dict()}).attention_backend == "flex"
 
 
+def test_attention_backend_is_a_constructor_argument() -> None:
+    wide, narrow = ModelConfig.preset("tiny", dim=64), ModelConfig.preset("tiny")  # head_dim 16, 8
+    cpu = torch.device("cpu")
+    assert Llama(wide).attention_backend == "auto" and Llama(wide).mask_backend(cpu) == "dense"
+    assert Llama(wide, attention="flex").mask_backend(cpu) == "flex"
+    assert Llama(narrow, attention="dense").mask_backend(torch.device("cuda")) == "dense"
+    with pytest.raises(ValueError, match="head_dim 8"):
+        Llama(narrow, attention="flex")
+    with pytest.raises(ValueError, match="attention='sparse'"):
+        Llama(wide, attention="sparse")
+
+
 @pytest.mark.skipif(tuple(int(v) for v in torch.__version__.split(".")[:2]) < (2, 8),
                     reason="torch 2.7's inductor writes C++ that does not compile for flex attention on the CPU "
                            "(bash .ci/min-versions); the CUDA path it stands in for uses Triton")
@@ -160,7 +172,7 @@ def test_compiled_blocks_run_flex_without_recompiling_per_batch() -> None:
 
 def test_compiled_block_mask_builder_matches_eager() -> None:
     """On CUDA the packed batches' BlockMask is built by the compiled builder: the same blocks as eager."""
-    from llamalit.model import _block_mask_builder
+    from llamalit.masks import _block_mask_builder
 
     g = torch.Generator().manual_seed(6)
     for cuts in (torch.randint(20, 300, (4,), generator=g), torch.randint(5, 60, (4,), generator=g)):
@@ -173,10 +185,11 @@ def test_compiled_block_mask_builder_matches_eager() -> None:
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="flex attention trains on CUDA only")
-@pytest.mark.parametrize("compiled", [False, True])
-def test_flex_training_on_cuda_matches_the_dense_mask(compiled: bool) -> None:
-    """The packed training path on a GPU: flex attention (block mask) gives the dense-mask loss and gradients."""
-    from llamalit.training.module import compile_blocks
+@pytest.mark.parametrize("compiled", [False, True, "step"])
+def test_flex_training_on_cuda_matches_the_dense_mask(compiled: bool | str) -> None:
+    """The packed training path on a GPU: flex attention (block mask) gives the dense-mask loss and gradients,
+    eager, with compiled blocks, and inside the one-graph compiled step (BlockMask built in the graph)."""
+    from llamalit.training.module import compile_blocks, compile_step, run_compiled_step
 
     torch.manual_seed(7)
     cfg = ModelConfig.preset("tiny", dim=64, max_seq_len=160)  # head_dim 16: flex's kernel minimum
@@ -188,9 +201,13 @@ def test_flex_training_on_cuda_matches_the_dense_mask(compiled: bool) -> None:
     grads = {}
     for backend, model in models.items():
         model.attention_backend = backend
-        if compiled:
-            compile_blocks(model)
-        loss = model.loss(tokens, labels, positions=positions, segments=segments)
+        if compiled == "step":
+            batch = {"input_ids": tokens, "labels": labels, "positions": positions, "segments": segments}
+            loss = run_compiled_step(compile_step(), model, batch, False, "compiled").loss
+        else:
+            if compiled:
+                compile_blocks(model)
+            loss = model.loss(tokens, labels, positions=positions, segments=segments)
         loss.backward()
         grads[backend] = (loss.detach(), {n: p.grad for n, p in model.named_parameters()})
     torch.testing.assert_close(grads["flex"][0], grads["dense"][0], rtol=1e-4, atol=1e-4)

@@ -1,4 +1,8 @@
-"""Sampling from a Llama with a KV cache: temperature, top-k, top-p, EOS stop, seeded."""
+"""Sampling from a Llama with a KV cache: temperature, top-k, top-p, EOS stop, seeded.
+
+After the prompt's forward, each new token goes through ``llamalit.decode``: on CUDA a static-shape step
+replayed from a CUDA graph, elsewhere :func:`~llamalit.decode.decode_step` (the CPU kernel when it builds).
+"""
 
 from __future__ import annotations
 
@@ -8,6 +12,7 @@ from collections.abc import Iterator
 
 import torch
 
+from llamalit.decode import StaticDecoder, decode_step, decode_weights
 from llamalit.model import Llama
 
 
@@ -81,25 +86,30 @@ def _check_args(model: Llama, prompt_len: int, max_new_tokens: int, temperature:
 
 def generate_stream(model: Llama, prompt_ids: list[int] | list[list[int]], max_new_tokens: int,
                     temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
-                    eos_id: int | None = None, seed: int | None = None) -> Iterator[int | list[int]]:
+                    eos_id: int | None = None, seed: int | None = None,
+                    static_decode: bool | None = None) -> Iterator[int | list[int]]:
     """Yield new token ids as they are produced: an int per step for one prompt, a list for a batch.
 
     A batch is a list of equal-length prompts. Generation stops once every row has sampled
     ``eos_id``; a finished row yields ``eos_id`` again (as padding) until the rest finish.
-    Bad settings raise ValueError here, before the first token is asked for.
+    Bad settings raise ValueError here, before the first token is asked for. ``static_decode``: the
+    static-shape step (:class:`~llamalit.decode.StaticDecoder`, captured in a CUDA graph on CUDA);
+    None: on CUDA only. Both give the same tokens.
     """
     batched = bool(prompt_ids) and isinstance(prompt_ids[0], (list, tuple))
     rows = [list(p) for p in prompt_ids] if batched else [list(prompt_ids)]
     if len({len(r) for r in rows}) > 1:
         raise ValueError("generate: prompts in a batch must have equal length")
     _check_args(model, len(rows[0]), max_new_tokens, temperature, top_k, top_p, seed)
-    return _stream(model, rows, batched, max_new_tokens, temperature, top_k, top_p, eos_id, seed)
+    if static_decode is None:
+        static_decode = model.output.weight.device.type == "cuda"
+    return _stream(model, rows, batched, max_new_tokens, temperature, top_k, top_p, eos_id, seed, static_decode)
 
 
 @torch.inference_mode()
 def _stream(model: Llama, rows: list[list[int]], batched: bool, max_new_tokens: int, temperature: float,
             top_k: int | None, top_p: float | None, eos_id: int | None,
-            seed: int | None) -> Iterator[int | list[int]]:
+            seed: int | None, static_decode: bool) -> Iterator[int | list[int]]:
     device = model.output.weight.device
     generator = None
     if seed is not None:
@@ -109,7 +119,10 @@ def _stream(model: Llama, rows: list[list[int]], batched: bool, max_new_tokens: 
     model.eval()
     try:
         caches = model.new_caches(len(rows))
-        weights = model.decode_weights()
+        weights = decode_weights(model, kernel=False if static_decode else None)
+        static = None
+        if static_decode and weights is not None:  # else (e.g. LoRA-wrapped layers) the ordinary step
+            static = StaticDecoder(weights, caches, len(rows), device, graph=device.type == "cuda")
         tokens = torch.tensor(rows, dtype=torch.long, device=device)
         logits = model.output(model.hidden(tokens, 0, caches)[:, -1])
         pos = tokens.shape[1]
@@ -131,7 +144,10 @@ def _stream(model: Llama, rows: list[list[int]], batched: bool, max_new_tokens: 
                     return
                 yield ids
             if step + 1 < max_new_tokens:
-                logits = model.decode_step(nxt[:, None], pos, caches, weights)
+                if static is not None:
+                    logits = static.step(nxt, pos)
+                else:
+                    logits = decode_step(model, nxt[:, None], pos, caches, weights)
                 pos += 1
     finally:
         model.train(was_training)
@@ -139,9 +155,11 @@ def _stream(model: Llama, rows: list[list[int]], batched: bool, max_new_tokens: 
 
 def generate(model: Llama, prompt_ids: list[int] | list[list[int]], max_new_tokens: int,
              temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
-             eos_id: int | None = None, seed: int | None = None) -> list[int] | list[list[int]]:
+             eos_id: int | None = None, seed: int | None = None,
+             static_decode: bool | None = None) -> list[int] | list[list[int]]:
     """New tokens only (the EOS that stops a row is not included). A batch gives one list per row."""
-    steps = list(generate_stream(model, prompt_ids, max_new_tokens, temperature, top_k, top_p, eos_id, seed))
+    steps = list(generate_stream(model, prompt_ids, max_new_tokens, temperature, top_k, top_p, eos_id, seed,
+                                 static_decode))
     if prompt_ids and isinstance(prompt_ids[0], (list, tuple)):
         return [_until_eos([ids[row] for ids in steps], eos_id) for row in range(len(prompt_ids))]
     return steps

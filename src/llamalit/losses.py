@@ -1,33 +1,43 @@
 """Output head + cross-entropy without materialising the (N, vocab) logits.
 
 ``linear_cross_entropy(hidden, weight, targets)`` is ``F.cross_entropy(hidden @ weight.T, targets)``
-(mean over the N counted rows) computed one of four ways:
+(mean over the N counted rows) computed one of these ways:
 
 * ``"plain"``: ``F.linear`` + ``F.cross_entropy``, the reference; holds N x V logits (and their grad).
+* ``"compiled"``: the plain loss, meant to be traced into the training step's one compiled graph (as
+  llama2.c does): the model hands it every position with IGNORE_INDEX targets masked (static shapes), and
+  inductor fuses the float32 log-softmax into one pass over the logits, so no float32 copy is kept.
 * ``"chunked"``: an autograd Function that walks ``chunk_size`` rows at a time (logits chunk ->
   float32 log-softmax -> loss) and computes that chunk's grads wrt ``hidden`` and ``weight`` right
   away, like liger-kernel's FusedLinearCrossEntropy; backward only scales the stored grads by
   ``grad_output``. Extra memory ~ chunk_size x V (plus one V x D float32 weight-grad accumulator).
 * ``"liger"``: liger-kernel's ``LigerFusedLinearCrossEntropyLoss`` (CUDA only, ``pip install liger-kernel``).
-* ``"auto"``: chunked when N * V > ``AUTO_CHUNK_ELEMENTS``, else plain. (Liger is not chosen automatically:
-  it syncs with the host, and it has not been measured against chunked on a GPU yet: docs/bench_loss.md.)
+* ``"cce"``: Apple's cut-cross-entropy ``linear_cross_entropy`` (CUDA only, ``pip install cut-cross-entropy``).
+* ``"auto"``: chunked when N * V > ``AUTO_CHUNK_ELEMENTS``, else plain. :func:`resolve_loss_impl` picks a
+  concrete impl for a run (device, compiled or not); ``scripts/bench_loss.py`` measures the choice on a GPU.
+
+Only ``plain`` and ``compiled`` accept IGNORE_INDEX targets (the mean is over the others).
 
 Mixed precision follows the plain path under ``torch.autocast``: the matmuls run in the autocast dtype,
 log-softmax and the loss in float32, grads come back in hidden's / weight's dtypes. The loss dtype is
 float32 (float64 when the matmul runs in float64). Nothing here syncs with the host (no ``.item()``)
-except inside liger-kernel itself (0.8.5: ``.item()`` in its forward, ``torch.equal`` in its backward).
+except inside liger-kernel itself (an ``.item()`` in its forward, a ``torch.equal`` in its backward).
 """
 
 from __future__ import annotations
 
 import functools
+import importlib
 import inspect
 from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 
-IMPLS = ("auto", "plain", "chunked", "liger")
+IGNORE_INDEX = -100  # F.cross_entropy's default ignore_index; the label shards use the same value
+IMPLS = ("auto", "plain", "compiled", "chunked", "liger", "cce")
+_PIP = {"liger": "liger-kernel", "cce": "cut-cross-entropy"}
+_MODULE = {"liger": "liger_kernel", "cce": "cut_cross_entropy"}
 # Default chunk: about 2**23 logits (32 MiB in float32), i.e. 262 rows at V = 32000. On the CPU
 # (docs/bench_loss.md) 262..524 rows are fastest; 128 rows pays per-chunk V x D weight-grad traffic,
 # 1024 rows is slower again and holds 4x the memory.
@@ -49,14 +59,55 @@ def default_chunk_size(vocab: int) -> int:
     return max(1, CHUNK_ELEMENTS // max(vocab, 1))
 
 
-@functools.lru_cache(maxsize=1)
-def liger_available() -> bool:
-    """True when ``import liger_kernel`` works."""
+@functools.cache
+def impl_available(impl: str) -> bool:
+    """True when the optional package behind ``impl`` (liger, cce) imports; True for the built-in impls."""
+    if impl not in _MODULE:
+        return True
     try:
-        import liger_kernel  # noqa: F401
+        importlib.import_module(_MODULE[impl])
     except ImportError:
         return False
     return True
+
+
+def liger_available() -> bool:
+    """True when ``import liger_kernel`` works."""
+    return impl_available("liger")
+
+
+def _require(impl: str, hidden: torch.Tensor) -> None:
+    """A clear error when an optional impl's package is missing or the tensors are not on CUDA."""
+    if not impl_available(impl):
+        raise ImportError(f"linear_cross_entropy(impl={impl!r}) / loss_impl={impl} needs the {_PIP[impl]} "
+                          f"package: pip install {_PIP[impl]}")
+    if hidden.device.type != "cuda":
+        raise ValueError(f"linear_cross_entropy(impl={impl!r}) needs CUDA tensors, got {hidden.device}; "
+                         "use impl='chunked' or 'auto'")
+
+
+def resolve_loss_impl(setting: str, device_type: str, compiled: bool) -> str:
+    """The concrete ``loss_impl`` of a run: ``setting`` as given (checked), or for ``auto``: the plain loss
+    traced into the one compiled training step (``compiled``) when the step is compiled, on any device
+    (llama2.c's approach); uncompiled, ``plain`` on CUDA and ``chunked`` elsewhere (on the CPU as fast as
+    plain, and it never holds the N x V logits).
+
+    ``scripts/bench_loss.py --device cuda`` measures compiled vs chunked vs liger vs cce and prints what
+    ``auto`` should pick on that GPU.
+    """
+    if setting not in IMPLS:
+        raise ValueError(f"loss_impl={setting!r}: choose one of {', '.join(IMPLS)}")
+    if setting in _PIP:
+        if not impl_available(setting):
+            raise ImportError(f"loss_impl={setting} needs the {_PIP[setting]} package: pip install {_PIP[setting]}")
+        if device_type != "cuda":
+            raise ValueError(f"loss_impl={setting} runs on CUDA only, this run is on {device_type}; "
+                             "use loss_impl=auto or chunked")
+    if setting != "auto":
+        return setting
+    if compiled:
+        return "compiled"
+    return "plain" if device_type == "cuda" else "chunked"
 
 
 def _compute_dtype(hidden: torch.Tensor, weight: torch.Tensor) -> torch.dtype:
@@ -150,13 +201,18 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
         return gh, gw, None, None, None, None, None, None
 
 
-def _plain(hidden, weight, targets, accuracy):
-    logits = F.linear(hidden, weight)  # autocast (if on) picks the matmul dtype
+def logits_cross_entropy(logits: torch.Tensor, targets: torch.Tensor, accuracy: bool = False) -> LossOutput:
+    """Mean cross-entropy of (N, V) ``logits`` (at least float32) over the targets that are not IGNORE_INDEX
+    (0.0 with zero grads when there are none), and with ``accuracy`` the count of rows whose argmax hits."""
     acc = torch.promote_types(logits.dtype, torch.float32)
-    n = targets.shape[0]
-    loss = F.cross_entropy(logits.to(acc), targets, reduction="sum") / max(n, 1)  # N == 0 -> 0, zero grads
-    correct = (logits.detach().argmax(-1) == targets).sum() if accuracy else None
+    counted = (targets != IGNORE_INDEX).sum().clamp(min=1)  # a tensor: no sync, and traceable
+    loss = F.cross_entropy(logits.to(acc), targets, ignore_index=IGNORE_INDEX, reduction="sum") / counted
+    correct = (logits.detach().argmax(-1) == targets).sum() if accuracy else None  # IGNORE_INDEX never hits
     return LossOutput(loss, correct)
+
+
+def _plain(hidden, weight, targets, accuracy):
+    return logits_cross_entropy(F.linear(hidden, weight), targets, accuracy)  # autocast picks the matmul dtype
 
 
 def _chunked(hidden, weight, targets, chunk_size, accuracy):
@@ -183,13 +239,9 @@ def _count_correct(hidden, weight, targets, chunk):
 
 
 def _liger(hidden, weight, targets, chunk_size, accuracy):
-    if not liger_available():
-        raise ImportError("linear_cross_entropy(impl='liger') needs liger-kernel: pip install liger-kernel")
-    if hidden.device.type != "cuda":
-        raise ValueError(f"linear_cross_entropy(impl='liger') needs CUDA tensors, got {hidden.device}; "
-                         "use impl='chunked' or 'auto'")
-    # liger's mean over zero rows is 0/0, and it computes no weight grad when hidden needs none
-    # (liger-kernel 0.8.5): both cases go to the chunked path, which handles them.
+    _require("liger", hidden)
+    # liger's mean over zero rows is 0/0, and it computes no weight grad when hidden needs none:
+    # both cases go to the chunked path, which handles them.
     if hidden.shape[0] == 0 or (weight.requires_grad and not hidden.requires_grad):
         return _chunked(hidden, weight, targets, chunk_size, accuracy)
     return _liger_call(hidden, weight, targets, chunk_size, accuracy)
@@ -217,6 +269,21 @@ def _liger_call(hidden, weight, targets, chunk_size, accuracy):
     return LossOutput(loss, _count_correct(hidden, weight, targets, chunk_size or default_chunk_size(weight.shape[0])))
 
 
+def _cce(hidden, weight, targets, chunk_size, accuracy):
+    """cut-cross-entropy: logits are computed block by block in SRAM and never stored (bf16/fp16 inputs)."""
+    _require("cce", hidden)
+    if hidden.shape[0] == 0:
+        return _chunked(hidden, weight, targets, chunk_size, accuracy)
+    from cut_cross_entropy import linear_cross_entropy as cce_linear_cross_entropy
+
+    cdtype = _compute_dtype(hidden, weight)
+    loss = cce_linear_cross_entropy(hidden.to(cdtype), weight.to(cdtype), targets, reduction="mean")
+    loss = loss.to(torch.promote_types(cdtype, torch.float32))
+    if not accuracy:
+        return LossOutput(loss, None)
+    return LossOutput(loss, _count_correct(hidden, weight, targets, chunk_size or default_chunk_size(weight.shape[0])))
+
+
 def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, *,
                          impl: str = "auto", chunk_size: int | None = None,
                          accuracy: bool = False) -> LossOutput:
@@ -226,17 +293,19 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: to
     output head (may be a non-leaf, e.g. W + LoRA delta: grads flow back through it); ``targets`` (N,)
     long in [0, V). Returns ``LossOutput(loss, correct)``: the 0-dim float32 mean loss (0.0 with zero
     grads when N == 0) and, with ``accuracy=True``, the 0-dim long count of rows whose argmax is the
-    target (no grad, on device). ``impl``: "auto" | "plain" | "chunked" | "liger" (module docstring);
+    target (no grad, on device). ``impl``: auto | plain | compiled | chunked | liger | cce (module docstring);
     ``chunk_size``: rows per chunk, default ``default_chunk_size(V)`` (~2**23 logits a chunk).
     """
     if impl not in IMPLS:
         raise ValueError(f"linear_cross_entropy: impl must be one of {IMPLS}, got {impl!r}")
     _check_shapes(hidden, weight, targets)
     n, v = hidden.shape[0], weight.shape[0]
-    if impl == "auto":  # liger only when asked for: it syncs with the host, and no GPU measured it yet
+    if impl == "auto":  # per call, by size; resolve_loss_impl makes the per-run choice
         impl = "chunked" if n * v > AUTO_CHUNK_ELEMENTS else "plain"
-    if impl == "plain":
+    if impl in ("plain", "compiled"):
         return _plain(hidden, weight, targets, accuracy)
     if impl == "liger":
         return _liger(hidden, weight, targets, chunk_size, accuracy)
+    if impl == "cce":
+        return _cce(hidden, weight, targets, chunk_size, accuracy)
     return _chunked(hidden, weight, targets, chunk_size, accuracy)

@@ -2,24 +2,22 @@
 
 from __future__ import annotations
 
-import functools
 import math
-import weakref
 from dataclasses import asdict, dataclass, fields
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex_attention
+from torch.nn.attention.flex_attention import BlockMask
 
-from llamalit.kernels import DecodeKernel, kernel_enabled, load_decode_kernel
-from llamalit.losses import LossOutput, linear_cross_entropy
+from llamalit.losses import IGNORE_INDEX, LossOutput, linear_cross_entropy, logits_cross_entropy
+from llamalit.masks import FLEX_MIN_HEAD_DIM, attend, check_backend, document_mask, resolve_backend
 
-IGNORE_INDEX = -100
-FLEX_MIN_HEAD_DIM = 16  # flex attention's CUDA kernel needs head_dim >= 16 (stories260K and tiny have 8)
+__all__ = ["FLEX_MIN_HEAD_DIM", "IGNORE_INDEX", "KVCache", "Llama", "ModelConfig", "RMSNorm", "TransformerBlock",
+           "apply_rope", "counted_positions", "document_mask", "rope_tables"]
 
 _PRESETS: dict[str, dict] = {
-    # Shapes of the llama2.c releases (FORMATS.md); stories260K uses multiple_of=4.
+    # Shapes of the llama2.c releases; stories260K uses multiple_of=4.
     "stories260k": dict(dim=64, n_layers=5, n_heads=8, n_kv_heads=4, vocab_size=512,
                         multiple_of=4, max_seq_len=512),
     "stories15m": dict(dim=288, n_layers=6, n_heads=6, n_kv_heads=6, vocab_size=32000,
@@ -105,51 +103,6 @@ def counted_positions(labels: torch.Tensor) -> torch.Tensor:
     return (labels.flatten() != IGNORE_INDEX).nonzero().squeeze(1)
 
 
-def document_mask(segments: torch.Tensor, backend: str = "auto") -> torch.Tensor | BlockMask:
-    """Causal attention within each document of packed rows; ``segments`` (B, T) numbers the documents.
-
-    ``backend``: ``flex`` (a flex-attention ``BlockMask``: blocks outside the block-diagonal are skipped, the
-    fast path on CUDA), ``dense`` (a (B, 1, T, T) boolean mask for SDPA, any device), ``auto`` (flex on
-    CUDA, dense elsewhere: flex attention without a compiled kernel is a slow reference on the CPU).
-    """
-    if backend == "auto":
-        backend = "flex" if segments.is_cuda else "dense"
-    b, t = segments.shape
-    if backend == "dense":
-        same = segments[:, None, :, None] == segments[:, None, None, :]
-        return same & torch.ones(t, t, dtype=torch.bool, device=segments.device).tril()
-    if backend != "flex":
-        raise ValueError(f"document_mask: backend={backend!r}; choose auto, flex or dense")
-    if not segments.is_cuda and torch.is_grad_enabled():
-        raise ValueError("attention=flex trains on CUDA only (flex attention has no backward on the CPU); "
-                         "use attention=dense or auto here")
-    return _block_mask_builder(compiled=segments.is_cuda)(segments)
-
-
-def _document_block_mask(segments: torch.Tensor) -> BlockMask:
-    b, t = segments.shape
-
-    def same_doc_causal(b_i, h_i, q_i, kv_i):  # noqa: ARG001 - flex's mask_mod signature
-        return (segments[b_i, q_i] == segments[b_i, kv_i]) & (q_i >= kv_i)
-
-    return create_block_mask(same_doc_causal, b, None, t, t, device=segments.device)
-
-
-@functools.cache
-def _block_mask_builder(compiled: bool):
-    """The BlockMask builder, compiled on CUDA: eager ``create_block_mask`` evaluates the mask through vmap
-    with many small ops (64 rows x 349 on the CPU: 34 ms eager, 3.6 ms compiled), once per packed batch."""
-    return torch.compile(_document_block_mask, dynamic=False) if compiled else _document_block_mask
-
-
-@functools.cache
-def _flex_attention():
-    """flex_attention, compiled on CUDA (its fused kernel); the eager reference elsewhere (tests on CPU)."""
-    if torch.cuda.is_available():
-        return torch.compile(flex_attention, dynamic=False)
-    return flex_attention
-
-
 def rope_tables(head_dim: int, end: int, theta: float = 10000.0) -> tuple[torch.Tensor, torch.Tensor]:
     """cos and sin of shape (end, head_dim // 2), float32, as llama2.c computes them."""
     freqs = 1.0 / (theta ** (torch.arange(0, head_dim, 2)[: head_dim // 2].float() / head_dim))
@@ -218,9 +171,7 @@ class Attention(nn.Module):
         if cache is not None:
             k, v = cache.update(start_pos, k, v)
         if isinstance(mask, BlockMask):  # packed rows on CUDA: flex attention skips the masked-out blocks
-            # contiguous: inductor's CPU flex template cannot read the rotated views (compiled blocks on the CPU)
-            q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
-            out = _flex_attention()(q, k, v, block_mask=mask, enable_gqa=self.n_kv_heads != self.n_heads)
+            out = attend(q, k, v, mask, enable_gqa=self.n_kv_heads != self.n_heads)
             return self.resid_dropout(self.wo(out.transpose(1, 2).reshape(b, t, -1)))
         is_causal = False
         if mask is None and t > 1:
@@ -262,13 +213,16 @@ class TransformerBlock(nn.Module):
 
 
 class Llama(nn.Module):
-    """Decoder-only Llama with llama2.c's parameter names, so its state dicts load unchanged."""
+    """Decoder-only Llama with llama2.c's parameter names, so its state dicts load unchanged.
 
-    attention_backend = "auto"  # packed rows: see document_mask
+    ``attention``: how packed rows are masked (``llamalit.masks``): ``auto`` (flex on CUDA when the heads
+    are wide enough, dense SDPA otherwise; resolved per device at forward time), ``flex`` or ``dense``.
+    """
 
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, attention: str = "auto"):
         super().__init__()
         self.cfg = cfg
+        self.attention_backend = check_backend(attention, cfg.head_dim)
         self.tok_embeddings = nn.Embedding(cfg.vocab_size, cfg.dim)
         self.dropout = nn.Dropout(cfg.dropout)
         self.layers = nn.ModuleList(TransformerBlock(cfg) for _ in range(cfg.n_layers))
@@ -291,11 +245,8 @@ class Llama(nn.Module):
             nn.init.normal_(module.weight, mean=0.0, std=0.02)
 
     def mask_backend(self, device: torch.device) -> str:
-        """The :func:`document_mask` backend for packed rows on ``device``: ``attention_backend``, with ``auto``
-        resolved to flex on CUDA when the heads are wide enough for its kernel, dense SDPA otherwise."""
-        if self.attention_backend != "auto":
-            return self.attention_backend
-        return "flex" if device.type == "cuda" and self.cfg.head_dim >= FLEX_MIN_HEAD_DIM else "dense"
+        """The :func:`~llamalit.masks.document_mask` backend for packed rows on ``device``."""
+        return resolve_backend(self.attention_backend, device, self.cfg.head_dim)
 
     def hidden(self, tokens: torch.Tensor, start_pos: int = 0, caches: list[KVCache] | None = None,
                positions: torch.Tensor | None = None, mask: torch.Tensor | BlockMask | None = None,
@@ -327,22 +278,6 @@ class Llama(nn.Module):
         """Logits (B, T, vocab) for every position."""
         return self.output(self.hidden(tokens, start_pos, caches))
 
-    def counted_logits(self, tokens: torch.Tensor, labels: torch.Tensor, **kw) -> tuple[torch.Tensor, torch.Tensor]:
-        """Logits and targets of the positions whose label is not IGNORE_INDEX, shape (N, vocab), (N,).
-
-        The output head runs only on those positions: on instruct data most are prompt or padding.
-        """
-        h, targets = self._counted_hidden(tokens, labels, **kw)
-        return self.output(h), targets
-
-    def _counted_hidden(self, tokens: torch.Tensor, labels: torch.Tensor, counted: torch.Tensor | None = None,
-                        **kw) -> tuple[torch.Tensor, torch.Tensor]:
-        """Hidden states (N, dim) and targets (N,) of the counted positions (``counted``: their flat indices)."""
-        if counted is None:  # on a GPU, nonzero waits for the queued work (a sync): the module passes it in
-            counted = counted_positions(labels)
-        h = self.hidden(tokens, **kw)
-        return h.flatten(0, 1).index_select(0, counted), labels.flatten().index_select(0, counted)
-
     def loss(self, tokens: torch.Tensor, labels: torch.Tensor, **kw) -> torch.Tensor:
         """Mean next-token cross-entropy over counted positions (labels already aligned to tokens)."""
         return self.loss_and_correct(tokens, labels, **kw).loss
@@ -351,18 +286,19 @@ class Llama(nn.Module):
                          loss_impl: str = "auto", counted: torch.Tensor | None = None, **kw) -> LossOutput:
         """Mean cross-entropy over counted positions and (``accuracy``) how many argmaxes hit the label.
 
-        The head and the loss run on counted positions only and, through ``llamalit.losses``, in chunks,
-        so the (positions x vocab) logits are never held at once (``loss_impl``: auto | plain | chunked |
-        liger). A LoRA-wrapped head goes through its own forward (its dropout acts on the input).
-        ``counted``: :func:`counted_positions` of ``labels``, computed on the host before the batch moved
-        to the GPU; without it the positions are found on the device, which waits for the forward (a sync).
+        ``loss_impl`` (``llamalit.losses``): ``compiled`` runs the head and the loss on every position with
+        IGNORE_INDEX labels masked out (static shapes: one graph under ``torch.compile``); the others run
+        them on the counted positions only (``counted``: their flat indices, :func:`counted_positions`,
+        computed on the host so the device never has to count). A LoRA-wrapped head goes through its own
+        forward (its dropout acts on the input).
         """
-        h, targets = self._counted_hidden(tokens, labels, counted, **kw)
+        h, targets = self.hidden(tokens, **kw).flatten(0, 1), labels.flatten()
+        if loss_impl != "compiled":
+            counted = counted_positions(labels) if counted is None else counted
+            h, targets = h.index_select(0, counted), targets.index_select(0, counted)
         if type(self.output) is nn.Linear:
             return linear_cross_entropy(h, self.output.weight, targets, impl=loss_impl, accuracy=accuracy)
-        logits = _at_least_fp32(self.output(h))
-        loss = F.cross_entropy(logits, targets, reduction="sum") / max(targets.numel(), 1)
-        return LossOutput(loss, (logits.argmax(-1) == targets).sum() if accuracy else None)
+        return logits_cross_entropy(self.output(h), targets, accuracy)
 
     def new_caches(self, batch: int, dtype: torch.dtype | None = None) -> list[KVCache]:
         """Fresh per-layer KV caches sized to max_seq_len."""
@@ -372,53 +308,6 @@ class Llama(nn.Module):
                     dtype or ref.dtype, ref.device)
             for _ in range(self.cfg.n_layers)
         ]
-
-    def decode_weights(self, kernel: bool | None = None) -> DecodeWeights | None:
-        """Weight copies laid out for :meth:`decode_step`, cached until a weight changes.
-
-        fp32 on the CPU with ``kernel`` on: packed for the compiled step of ``llamalit.kernels``
-        (None: on unless ``LLAMALIT_DECODE_KERNEL=0``; no compiler: the PyTorch layout below).
-        Otherwise fused, pre-transposed copies for the PyTorch step. None when a projection is not
-        a plain ``nn.Linear`` (e.g. LoRA-wrapped): then :meth:`decode_step` runs the ordinary forward.
-        """
-        plain = all(type(m) is nn.Linear for layer in self.layers
-                    for m in (layer.attention.wq, layer.attention.wk, layer.attention.wv,
-                              layer.attention.wo, layer.feed_forward.w1, layer.feed_forward.w2,
-                              layer.feed_forward.w3)) and type(self.output) is nn.Linear
-        if not plain:
-            return None
-        params = list(self.parameters())
-        kernel = kernel_enabled(kernel)
-        cached = self.__dict__.get("_decode_weights")
-        if cached is None or not cached.matches(params) or cached.kernel_requested != kernel:
-            cached = None
-            self.__dict__.pop("_decode_weights", None)  # free the old copies before building new ones
-            cached = DecodeWeights(self, kernel)
-            self.__dict__["_decode_weights"] = cached  # a plain attribute: not in state_dict
-        return cached
-
-    def decode_step(self, tokens: torch.Tensor, pos: int, caches: list[KVCache],
-                    weights: DecodeWeights | None = None) -> torch.Tensor:
-        """Logits (B, vocab) of one new token per row (B, 1) at position ``pos``, appending to caches.
-
-        Same result as ``self(tokens, pos, caches)[:, -1]`` up to float rounding, but faster for
-        batch-1 decoding: the compiled CPU kernel (fp32), else fused qkv and w1|w3 products on
-        contiguous transposed copies (MKL's gemv is ~3x faster on them than on the originals).
-        """
-        if weights is None:
-            weights = self.decode_weights()
-        fast = weights is not None and not self.training and tokens.shape[1] == 1
-        if fast and pos >= self.cfg.max_seq_len:
-            raise ValueError(f"position {pos} is past max_seq_len={self.cfg.max_seq_len}")
-        if fast and weights.kernel is not None:  # no autograd here: no grad-mode switch per token
-            logits = weights.kernel.try_step(tokens[:, 0], pos, caches)
-            if logits is not None:
-                return logits
-            fast = False  # caches the kernel cannot use (e.g. another dtype): the ordinary forward
-        with torch.no_grad():
-            if not fast:
-                return self.output(self.hidden(tokens, pos, caches)[:, -1])
-            return weights.step(tokens[:, 0], pos, caches)
 
     def num_params(self, trainable_only: bool = False) -> int:
         """Parameter count; a 4-bit (bitsandbytes) weight counts as its original shape, not its packed bytes."""
@@ -431,85 +320,3 @@ class Llama(nn.Module):
     def flops_per_token(self, seq_len: int) -> float:
         """Training FLOPs per token: 6 x params + 12 x layers x dim x seq_len (PaLM appendix B)."""
         return 6 * self.num_params() + 12 * self.cfg.n_layers * self.cfg.dim * seq_len
-
-
-class DecodeWeights:
-    """Weight copies laid out for one-token decoding; built by :meth:`Llama.decode_weights`."""
-
-    def __init__(self, model: Llama, kernel: bool = True):
-        cfg = model.cfg
-        # what the copies were made from: the same tensor objects, storage and in-place version
-        self.sources = [(weakref.ref(p), p.data_ptr(), p._version) for p in model.parameters()]
-        self.cfg = cfg
-        self.kernel_requested = kernel
-        self.fp32 = model.output.weight.dtype == torch.float32
-        self.kernel = self._build_kernel(model) if kernel else None
-        self.embedding = model.tok_embeddings.weight
-        self.layers = []
-        if self.kernel is not None:  # it holds the only copy needed
-            return
-        with torch.no_grad():
-            for layer in model.layers:
-                a, f = layer.attention, layer.feed_forward
-                self.layers.append((
-                    layer.attention_norm,
-                    torch.cat([a.wq.weight, a.wk.weight, a.wv.weight]).t().contiguous(),
-                    a.wo.weight.t().contiguous(),
-                    layer.ffn_norm,
-                    torch.cat([f.w1.weight, f.w3.weight]).t().contiguous(),
-                    f.w2.weight,  # (dim, hidden) rows: the dot-product gemv is the faster one here
-                ))
-            self.norm = model.norm
-            self.output_t = model.output.weight.t().contiguous()
-        self.rot = torch.complex(model.freqs_cos, model.freqs_sin)
-
-    @staticmethod
-    def _build_kernel(model: Llama) -> DecodeKernel | None:
-        """The compiled step over packed copies; None unless all fp32 on the CPU and the kernel builds."""
-        if not all(p.dtype == torch.float32 and p.device.type == "cpu" for p in model.parameters()):
-            return None
-        lib = load_decode_kernel()
-        if lib is None:
-            return None
-        cfg = model.cfg
-        layers = []
-        with torch.no_grad():
-            for layer in model.layers:
-                a, f = layer.attention, layer.feed_forward
-                layers.append((layer.attention_norm.weight, torch.cat([a.wq.weight, a.wk.weight, a.wv.weight]),
-                               a.wo.weight, layer.ffn_norm.weight, torch.cat([f.w1.weight, f.w3.weight]),
-                               f.w2.weight))
-        return DecodeKernel(lib, dim=cfg.dim, hidden=cfg.hidden_dim, n_heads=cfg.n_heads,
-                            n_kv_heads=cfg.n_kv_heads, eps=cfg.norm_eps, embedding=model.tok_embeddings.weight,
-                            layers=layers, norm=model.norm.weight, output=model.output.weight,
-                            cos=model.freqs_cos, sin=model.freqs_sin)
-
-    def matches(self, params: list[nn.Parameter]) -> bool:
-        """True while ``params`` are the tensors the copies were made from, unmodified."""
-        return len(params) == len(self.sources) and all(
-            ref() is p and ptr == p.data_ptr() and version == p._version
-            for p, (ref, ptr, version) in zip(params, self.sources))
-
-    def _norm(self, x: torch.Tensor, norm: RMSNorm) -> torch.Tensor:
-        if self.fp32:  # one fused kernel; RMSNorm's float() casts are no-ops here
-            return F.rms_norm(x, (x.shape[-1],), norm.weight, norm.eps)
-        return norm(x)
-
-    def step(self, tok: torch.Tensor, pos: int, caches: list[KVCache]) -> torch.Tensor:
-        cfg = self.cfg
-        b, hd, nh, nkv = tok.shape[0], cfg.head_dim, cfg.n_heads, cfg.n_kv_heads
-        k_end = (nh + nkv) * hd
-        rot = self.rot[pos]  # cos + i sin: RoPE on adjacent pairs is a complex product
-        x = self.embedding[tok]  # (B, dim)
-        for (attn_norm, wqkv, wo, ffn_norm, w13, w2), cache in zip(self.layers, caches):
-            qkv = self._norm(x, attn_norm) @ wqkv
-            qk = torch.view_as_complex(_at_least_fp32(qkv[:, :k_end]).unflatten(-1, (nh + nkv, hd // 2, 2)))
-            qk = torch.view_as_real(qk * rot).flatten(-2).type_as(x)  # (B, nh + nkv, hd)
-            cache.k[:, :, pos] = qk[:, nh:]
-            cache.v[:, :, pos] = qkv[:, k_end:].view(b, nkv, hd)
-            out = F.scaled_dot_product_attention(
-                qk[:, :nh, None], cache.k[:, :, :pos + 1], cache.v[:, :, :pos + 1], enable_gqa=nh != nkv)
-            x = x + out.view(b, nh * hd) @ wo
-            h1, h3 = (self._norm(x, ffn_norm) @ w13).chunk(2, dim=-1)
-            x = x + F.linear(F.silu(h1) * h3, w2)
-        return self._norm(x, self.norm) @ self.output_t

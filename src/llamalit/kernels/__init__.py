@@ -1,10 +1,9 @@
 """A C++ CPU kernel for one-token fp32 decoding, compiled on first use and called through ctypes.
 
-``decode_cpu.cpp`` runs a whole :meth:`llamalit.model.Llama.decode_step` (embedding to logits) on
+``decode_cpu.cpp`` runs a whole :func:`llamalit.decode.decode_step` (embedding to logits) on
 weights packed by :func:`pack_rows` into one arena on transparent huge pages (:func:`huge_page_arena`),
 streaming each matrix once at close to memory bandwidth. It is
-built with the system C++ compiler (``$CXX``, else ``c++``; ``-O3 -march=native -fopenmp``, under a
-second on the dev CPU) into ``$LLAMALIT_KERNEL_DIR`` (default ``~/.cache/llamalit/kernels``), one
+built with the system C++ compiler (``$CXX``, else ``c++``; ``-O3 -march=native -fopenmp``) into ``$LLAMALIT_KERNEL_DIR`` (default ``~/.cache/llamalit/kernels``), one
 file per source, flags, compiler and CPU. No compiler, or a failed build: :func:`load_decode_kernel`
 logs why once and returns None, and decoding keeps the PyTorch path. ``LLAMALIT_DECODE_KERNEL=0``
 turns the kernel off.

@@ -28,7 +28,7 @@ inline vec load(const float* p) { return *reinterpret_cast<const vec*>(p); }
 
 // Non-temporal prefetch distance (floats) for a matrix read once per token and larger than the
 // cache (the output head): its lines then bypass most of the cache hierarchy and the ~25 MB of
-// layer weights stay in L3 between tokens (layers ~0.7 -> ~0.5 ms a token on the dev CPU).
+// layer weights stay in L3 between tokens.
 constexpr int64_t NTA_AHEAD = 512;
 
 // y[b, r] (+)= sum_i W[r, i] x[b, i] for the panels p0..p1 of the packed W.
@@ -99,8 +99,8 @@ typedef int32_t ivec __attribute__((vector_size(64)));
 
 // exp of 16 floats (Cephes expf: range reduction by ln 2, degree-6 polynomial; ~1-2 ulp, like
 // the SLEEF exp PyTorch uses). Results below FLT_MIN are flushed to 0 (so -inf gives 0), past
-// FLT_MAX give inf, NaN stays NaN. The scalar std::exp does not vectorise without -ffast-math and
-// cost ~0.1-0.2 ms a token (SiLU of 6 x 768 values, 6 x 6 x (pos + 1) attention weights).
+// FLT_MAX give inf, NaN stays NaN. The scalar std::exp does not vectorise without -ffast-math
+// (SiLU and the attention weights use it every token).
 inline vec vexp(vec x) {
   constexpr float lo = -87.336544f, hi = 88.722839f;  // ln FLT_MIN, ln FLT_MAX
   vec xc = x < lo ? vec{} + lo : x;  // vec{} + c: a splat of c
@@ -228,8 +228,7 @@ struct LlkModel {
 int llk_abi_version() { return 3; }
 
 // Ask for transparent huge pages over [p, p + bytes) (p 2 MiB aligned, not yet touched): 4 KiB pages
-// cost a TLB miss and a restart of the hardware prefetcher every 4 KiB of a weight stream (a plain
-// streaming sum here: ~21 GB/s on 4 KiB pages, ~28 GB/s on 2 MiB pages). 0 on success; -1 where
+// cost a TLB miss and a restart of the hardware prefetcher every 4 KiB of a weight stream. 0 on success; -1 where
 // not supported or refused (THP "never"): the weights then stay on small pages.
 int llk_advise_huge(void* p, int64_t bytes) {
 #if defined(__linux__) && defined(MADV_HUGEPAGE)

@@ -13,7 +13,7 @@ import numpy as np
 import torch
 from torchmetrics import MeanMetric
 
-from llamalit.losses import LossOutput
+from llamalit.losses import LossOutput, resolve_loss_impl
 from llamalit.model import FLEX_MIN_HEAD_DIM, IGNORE_INDEX, Llama, ModelConfig, counted_positions, rope_tables
 from llamalit.training.optim import OptimConfig, build_optimizer, build_scheduler
 
@@ -72,8 +72,13 @@ def _at_least_one(n: torch.Tensor | int) -> torch.Tensor | int:
 
 def batch_loss(model: Llama, batch: Mapping, accuracy: bool = False, loss_impl: str = "auto") -> LossOutput:
     """``model``'s loss on a batch of ``input_ids``/``labels`` (+ ``positions``/``segments`` when packed,
-    + ``counted`` when :func:`add_counted_positions` ran before the batch moved to the device)."""
-    extra = {k: batch[k] for k in ("positions", "segments", "counted") if k in batch}
+    + ``counted`` when :func:`add_counted_positions` ran before the batch moved to the device).
+
+    With ``loss_impl="compiled"`` every position goes through the head (labels masked, static shapes) and
+    ``counted`` is not read: this is the function :func:`compile_step` traces as one graph.
+    """
+    keys = ("positions", "segments") if loss_impl == "compiled" else ("positions", "segments", "counted")
+    extra = {k: batch[k] for k in keys if k in batch}
     return model.loss_and_correct(batch["input_ids"], batch["labels"], accuracy=accuracy, loss_impl=loss_impl,
                                   **extra)
 
@@ -92,11 +97,41 @@ def resolve_compile(setting: bool | None, device: torch.device) -> bool:
     return device.type == "cuda" if setting is None else bool(setting)
 
 
-def compile_blocks(model: Llama) -> None:
-    """``torch.compile`` each transformer block in place (regional compilation).
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+TRACEABLE_LOSSES = ("compiled",)  # the others gather counted positions (data-dependent shapes) or are kernels
 
-    One compiled graph serves every block (same code, same shapes), so compiling takes seconds rather than
-    minutes, and the parts with data-dependent shapes (the head on counted positions only) stay eager.
+
+def compile_step(mode: str | None = None, backend: str = "inductor"):
+    """:func:`batch_loss` compiled as one graph: embedding, blocks, head and loss (``loss_impl="compiled"``),
+    ``fullgraph=True`` so a graph break is an error rather than a silent slowdown, static shapes.
+
+    ``mode`` (``compile_mode``): torch.compile's mode, default ``default``; ``reduce-overhead`` replays the
+    step from CUDA graphs (for launch-bound small models; :func:`run_compiled_step` handles its buffers).
+    """
+    mode = mode or "default"
+    if mode not in COMPILE_MODES:
+        raise ValueError(f"compile_mode={mode!r}: choose one of {', '.join(COMPILE_MODES)}")
+    if backend != "inductor":  # tests: another backend (e.g. aot_eager) takes no mode
+        return torch.compile(batch_loss, fullgraph=True, dynamic=False, backend=backend)
+    return torch.compile(batch_loss, fullgraph=True, dynamic=False, mode=mode)
+
+
+def run_compiled_step(step, model: Llama, batch: Mapping, accuracy: bool, loss_impl: str,
+                      cudagraphs: bool = False) -> LossOutput:
+    """Call a :func:`compile_step` function on a batch (``counted`` dropped: the graph takes static shapes
+    only). Under CUDA graphs the outputs live in the graph's buffers, which the next replay overwrites:
+    they are cloned (autograd flows through the clone) and each call starts a new graph step."""
+    batch = {k: v for k, v in batch.items() if k != "counted"}
+    if not cudagraphs:
+        return step(model, batch, accuracy, loss_impl)
+    torch.compiler.cudagraph_mark_step_begin()
+    out = step(model, batch, accuracy, loss_impl)
+    return LossOutput(out.loss.clone(), None if out.correct is None else out.correct.clone())
+
+
+def compile_blocks(model: Llama) -> None:
+    """``torch.compile`` each transformer block in place (regional compilation): the fallback when the
+    loss is not ``compiled`` (plain, chunked, liger, cce); the head and loss stay eager.
     """
     for layer in model.layers:
         layer.compile()
@@ -147,17 +182,36 @@ class LlamaLitModule(L.LightningModule):
         setting = self.cfg.get("compile")
         if setting is None and self.cfg["model"].get("quantize"):
             setting = False  # auto stays off for 4-bit bases: bitsandbytes layers under compile are unmeasured
-        if not self._compiled and resolve_compile(setting, self.device):
+        compiled = resolve_compile(setting, self.device)
+        self._train_impl = resolve_loss_impl(self.loss_impl, self.device.type, compiled)
+        # validation runs eagerly (other shapes, no grad, eval mode: each would be another graph)
+        self._eval_impl = resolve_loss_impl(self.loss_impl, self.device.type, False)
+        if not compiled or self._compiled:
+            return
+        self._compiled = True
+        if self._train_impl in TRACEABLE_LOSSES:
+            mode = self.cfg.get("compile_mode") or "default"
+            self._step = compile_step(mode)
+            self._step_cudagraphs = mode == "reduce-overhead" and self.device.type == "cuda"
+        else:
             compile_blocks(self.model)
-            self._compiled = True
 
     def on_before_batch_transfer(self, batch, dataloader_idx: int):
         return add_counted_positions(batch, pin=self.device.type == "cuda")
 
     def _loss(self, batch: Mapping, accuracy: bool) -> tuple[LossOutput, torch.Tensor | int]:
-        """The batch's loss (and correct count), and how many positions it counted."""
+        """The batch's loss (and correct count), and how many positions it counted: in training through the
+        one compiled graph when compile is on, eagerly otherwise and in validation."""
         n = batch["counted"].numel() if "counted" in batch else (batch["labels"] != IGNORE_INDEX).sum()
-        return batch_loss(self.model, batch, accuracy, self.loss_impl), n
+        step = getattr(self, "_step", None)
+        if self.training and step is not None:
+            # always with the correct count: one graph, not a second compile at the first logging step (the
+            # argmax is one more reduction over the logits the loss reads anyway)
+            out = run_compiled_step(step, self.model, batch, True, self._train_impl,
+                                    cudagraphs=getattr(self, "_step_cudagraphs", False))
+            return out, n
+        impl = getattr(self, "_train_impl" if self.training else "_eval_impl", None) or self.loss_impl
+        return batch_loss(self.model, batch, accuracy, impl), n
 
     def training_step(self, batch: Mapping, batch_idx: int) -> torch.Tensor:
         logging = self._logging_step()  # an argmax over every counted logit is not free: only when it is logged
