@@ -7,8 +7,8 @@ from __future__ import annotations
 import shutil
 from collections.abc import Mapping
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import lightning as L
 import torch
 
 from llamalit.build import build_model
@@ -18,6 +18,9 @@ from llamalit.checkpoints.native import save_model
 from llamalit.fileio import atomic_checkpoint_dir
 from llamalit.lora import LoraConfig, save_adapter
 from llamalit.model import Llama
+
+if TYPE_CHECKING:
+    import lightning as L
 
 __all__ = ["EXPORT_NAMES", "copy_export", "export_weights", "exportable_model", "model_from_module_state"]
 
