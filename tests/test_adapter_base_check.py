@@ -16,9 +16,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from llamalit.checkpoints import find_tokenizer, load_checkpoint
+from llamalit.checkpoints import CheckpointError, find_tokenizer, load_checkpoint
 from llamalit.checkpoints.fingerprint import weights_sha256
-from llamalit.checkpoints.llama2c import CheckpointError
 from llamalit.lora import LoraConfig, apply_lora, lora_layers
 from llamalit.model import Llama, ModelConfig
 from llamalit.training.run import copy_export, export_weights

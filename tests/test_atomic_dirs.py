@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from llamalit.checkpoints import (
+    CheckpointError,
     hf,
     load_checkpoint,
     load_llama2c,
@@ -18,7 +19,6 @@ from llamalit.checkpoints import (
     save_model,
     save_peft,
 )
-from llamalit.checkpoints.llama2c import CheckpointError
 from llamalit.fileio import atomic_dir
 from llamalit.lora import LoraConfig, apply_lora
 from llamalit.model import Llama, ModelConfig

@@ -7,7 +7,7 @@ import os
 import pytest
 import torch
 
-from llamalit.checkpoints.native import save_tensors
+from llamalit.checkpoints.common import save_tensors
 from llamalit.fileio import atomic_path, atomic_write_json
 
 

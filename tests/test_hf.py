@@ -8,8 +8,7 @@ import pytest
 import torch
 from hf_models import random_hf_llama
 
-from llamalit.checkpoints import load_hf, save_hf
-from llamalit.checkpoints.llama2c import CheckpointError
+from llamalit.checkpoints import CheckpointError, load_hf, save_hf
 from llamalit.model import Llama, ModelConfig
 
 transformers = pytest.importorskip("transformers")

@@ -11,8 +11,7 @@ import threading
 import pytest
 import torch
 
-from llamalit.checkpoints import load_checkpoint, save_hf, save_llama2c_bin, save_model
-from llamalit.checkpoints.llama2c import CheckpointError
+from llamalit.checkpoints import CheckpointError, load_checkpoint, save_hf, save_llama2c_bin, save_model
 from llamalit.lora import LoraConfig, apply_lora, lora_layers, save_adapter
 from llamalit.model import Llama, ModelConfig
 

@@ -303,7 +303,7 @@ def test_stories15m_qkvo_adapter_is_about_a_hundred_kb(tmp_path):
     assert adapter_num_params(ModelConfig.preset("tiny"), LoraConfig(3, 1, targets=ALL)) == sum(
         p.numel() for p in lora_state_dict(apply_lora(tiny(), LoraConfig(3, 1, targets=ALL))).values())
     # The file itself: the same tensor shapes in float32, written by save_adapter's code path.
-    from llamalit.checkpoints.native import save_tensors
+    from llamalit.checkpoints.common import save_tensors
     save_tensors({k: torch.zeros(v.shape) for k, v in lora_state_dict(meta_model).items()},
                  tmp_path / "adapter.safetensors")
     size = (tmp_path / "adapter.safetensors").stat().st_size

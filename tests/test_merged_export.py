@@ -8,8 +8,7 @@ import pytest
 import torch
 from hf_models import random_hf_llama
 
-from llamalit.checkpoints import load_hf
-from llamalit.checkpoints.llama2c import CheckpointError
+from llamalit.checkpoints import CheckpointError, load_hf
 from llamalit.checkpoints.merged import export_merged_hf
 from llamalit.lora import LoraConfig, apply_lora, lora_layers, lora_state_dict
 

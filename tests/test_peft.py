@@ -7,8 +7,7 @@ import json
 import pytest
 import torch
 
-from llamalit.checkpoints import load_peft, save_hf, save_peft
-from llamalit.checkpoints.llama2c import CheckpointError
+from llamalit.checkpoints import CheckpointError, load_peft, save_hf, save_peft
 from llamalit.lora import LoraConfig, apply_lora, lora_state_dict
 from llamalit.model import Llama, ModelConfig
 

@@ -11,7 +11,8 @@ import hashlib
 import re
 from pathlib import Path
 
-from llamalit.checkpoints.llama2c import CheckpointError
+from llamalit.checkpoints.common import CheckpointError
+from llamalit.checkpoints.tokenizer import find_tokenizer
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".ckpt", ".pth")
 _SHA256 = re.compile(r"[0-9a-f]{64}")
@@ -46,8 +47,6 @@ def weights_sha256(ckpt: str | Path) -> str:
 
 def base_fingerprint(base_local: Path) -> dict:
     """The record an adapter keeps of its base (at ``base_local``): weights and tokenizer sha256."""
-    from llamalit.checkpoints.detect import find_tokenizer
-
     tok = find_tokenizer(base_local) if base_local.is_dir() else None
     return {"base_sha256": weights_sha256(base_local),
             "base_tokenizer_sha256": file_sha256(tok) if tok is not None else None}
@@ -66,8 +65,6 @@ def check_base(adapter: Path, meta: dict, base_ref: str, base_local: Path) -> No
                 "the base it was trained on, or train the adapter again on this one")
     want_tok = meta.get("base_tokenizer_sha256")
     if want_tok:
-        from llamalit.checkpoints.detect import find_tokenizer
-
         tok = find_tokenizer(base_local) if base_local.is_dir() else None
         have_tok = file_sha256(tok) if tok is not None else None
         if have_tok is not None and have_tok != want_tok:

@@ -15,6 +15,7 @@ import torch
 from safetensors import safe_open
 from torch import nn
 
+from llamalit.checkpoints.common import CheckpointError, safe_torch_load, save_tensors
 from llamalit.checkpoints.hf_layout import (
     config_from_hf,
     hf_config_dict,
@@ -22,8 +23,6 @@ from llamalit.checkpoints.hf_layout import (
     permute_from_hf,
     to_hf_state_dict,
 )
-from llamalit.checkpoints.llama2c import CheckpointError, safe_torch_load
-from llamalit.checkpoints.native import save_tensors
 from llamalit.fileio import atomic_checkpoint_dir, atomic_write_json
 from llamalit.model import Llama, ModelConfig, rope_tables
 

@@ -14,7 +14,16 @@ from pathlib import Path
 
 import torch
 
-from llamalit.checkpoints.llama2c import CheckpointError, model_from_state_dict, safe_torch_load, strip_prefix
+from llamalit.build import build_model
+from llamalit.checkpoints.common import (
+    BaseLoader,
+    CheckpointError,
+    check_state_dict,
+    model_from_state_dict,
+    safe_torch_load,
+    strip_prefix,
+)
+from llamalit.lora import merge_lora
 from llamalit.model import Llama, ModelConfig
 
 
@@ -23,8 +32,12 @@ def is_lightning_ckpt(obj: object) -> bool:
     return isinstance(obj, dict) and "state_dict" in obj and "hyper_parameters" in obj
 
 
-def model_from_lightning(ckpt: dict, source: str | Path, merge: bool = True) -> Llama:
-    """The Llama of a loaded Lightning checkpoint; LoRA adapters merged unless ``merge=False``."""
+def model_from_lightning(ckpt: dict, source: str | Path, merge: bool, load_base: BaseLoader) -> Llama:
+    """The Llama of a loaded Lightning checkpoint; LoRA adapters merged unless ``merge=False``.
+
+    ``load_base`` reads the ``init_from`` base of a LoRA checkpoint that holds only the adapters.
+    """
+    check_state_dict(ckpt["state_dict"], f"{source}: 'state_dict'")
     hp = ckpt.get("hyper_parameters") or {}
     cfg = hp.get("cfg") if isinstance(hp, dict) else None
     if not isinstance(cfg, dict) or not isinstance(cfg.get("model"), dict):
@@ -45,31 +58,27 @@ def model_from_lightning(ckpt: dict, source: str | Path, merge: bool = True) -> 
         return model_from_state_dict(model_cfg, sd, source)
     if not lora.get("enabled"):
         raise CheckpointError(f"{source}: state_dict has LoRA tensors but cfg['lora'].enabled is not true")
-    from llamalit.lora import LoraConfig, apply_lora, merge_lora
-
-    model = apply_lora(Llama(model_cfg), LoraConfig.from_dict(lora))
+    model = build_model(model_cfg, lora)
     if "base_fingerprint" in ckpt:  # adapters only (a LoRA run on init_from): the frozen base comes from there
-        sd = {**base_weights(cfg.get("init_from"), source), **sd}
+        sd = {**base_weights(cfg.get("init_from"), source, load_base), **sd}
     model_from_state_dict(model_cfg, sd, source, model=model)
     return merge_lora(model) if merge else model
 
 
-def base_weights(init_from: str | None, source: str | Path) -> dict[str, torch.Tensor]:
+def base_weights(init_from: str | None, source: str | Path, load_base: BaseLoader) -> dict[str, torch.Tensor]:
     """The state dict of the base model a LoRA checkpoint without base weights was trained on."""
     if not init_from:
         raise CheckpointError(f"{source}: holds LoRA adapters without base weights but names no init_from")
-    from llamalit.checkpoints.detect import load_checkpoint
-
     try:
-        base = load_checkpoint(init_from)
+        base = load_base(init_from)
     except (OSError, ValueError) as e:
         raise CheckpointError(f"{source}: its base model init_from={init_from} cannot be loaded ({e})") from e
     return base.state_dict()
 
 
-def load_lightning_ckpt(path: str | Path, merge: bool = True) -> Llama:
+def load_lightning_ckpt(path: str | Path, merge: bool, load_base: BaseLoader) -> Llama:
     """Load the model of a Lightning ``.ckpt`` (see :func:`model_from_lightning`)."""
     ckpt = safe_torch_load(path)
     if not is_lightning_ckpt(ckpt):
         raise CheckpointError(f"{path}: not a Lightning checkpoint (no 'state_dict' + 'hyper_parameters')")
-    return model_from_lightning(ckpt, path, merge)
+    return model_from_lightning(ckpt, path, merge, load_base)

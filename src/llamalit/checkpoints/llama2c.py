@@ -3,20 +3,24 @@
 Layouts are in docs FORMATS.md. The writers give byte for byte what llama2.c's ``export.py``
 writes for the same weights (v0's RoPE tables are recomputed and may differ in the last bit).
 Our parameter names are llama2.c's, so its state dicts load unchanged.
-
-Also here, because every torch-pickle reader shares them: :func:`safe_torch_load` (never runs
-pickled code) and :func:`model_from_state_dict` (shape-checked loading with clear errors).
 """
 
 from __future__ import annotations
 
-import pickle
 import struct
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from llamalit.checkpoints.common import (
+    CheckpointError,
+    check_state_dict,
+    describe_keys,
+    model_from_state_dict,
+    safe_torch_load,
+    strip_prefix,
+)
 from llamalit.fileio import atomic_path
 from llamalit.model import Llama, ModelConfig, rope_tables
 
@@ -27,89 +31,6 @@ _COMPILE_PREFIX = "_orig_mod."
 # What the C programs hard-code: any other value cannot be expressed in a .bin file.
 LLAMA2C_NORM_EPS = 1e-5
 LLAMA2C_ROPE_THETA = 10000.0
-
-
-class CheckpointError(ValueError):
-    """A checkpoint file that cannot be read: the message names the file and the problem."""
-
-
-# ---------------------------------------------------------------------------------------------
-# shared helpers
-
-
-def safe_torch_load(path: str | Path) -> object:
-    """``torch.load(weights_only=True)``: tensors and plain containers only, never pickled code."""
-    path = Path(path)
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:
-        lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
-        why = next((ln for ln in lines if "Unsupported" in ln), lines[0] if lines else "")
-        raise CheckpointError(
-            f"{path}: not a plain-weights pickle; torch.load(weights_only=True) refused it "
-            f"({why}). llamalit never executes pickled code: if you trust the "
-            "file, re-save only its tensors and plain values (e.g. torch.save(ckpt['model'], ...))"
-        ) from e
-    except (RuntimeError, EOFError, OSError) as e:
-        raise CheckpointError(f"{path}: corrupt or truncated torch checkpoint ({e})") from e
-
-
-def describe_keys(obj: object, limit: int = 8) -> str:
-    """What a loaded pickle holds, for error messages: up to ``limit`` keys (reprs) of a dict (any key
-    types), else its type."""
-    if not isinstance(obj, dict):
-        return f"a {type(obj).__name__}"
-    keys = sorted(repr(k) for k in obj)
-    return f"[{', '.join(keys[:limit])}{', ...' if len(keys) > limit else ''}]"
-
-
-def check_state_dict(sd: object, where: str) -> dict[str, torch.Tensor]:
-    """``sd`` itself when it is a dict of str -> tensor; else a CheckpointError naming ``where`` and the first
-    bad entry."""
-    if not isinstance(sd, dict):
-        raise CheckpointError(f"{where}: expected a state dict (names -> tensors), got a {type(sd).__name__}")
-    for k, v in sd.items():
-        if not isinstance(k, str) or not isinstance(v, torch.Tensor):
-            raise CheckpointError(f"{where}: expected a state dict (names -> tensors), but entry {k!r} is a "
-                                  f"{type(v).__name__}")
-    return sd
-
-
-def strip_prefix(sd: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
-    """Keys with ``prefix`` removed where they start with it (others unchanged)."""
-    return {k[len(prefix):] if k.startswith(prefix) else k: v for k, v in sd.items()}
-
-
-def model_from_state_dict(cfg: ModelConfig, sd: dict[str, torch.Tensor], source: str | Path,
-                          model: Llama | None = None) -> Llama:
-    """A Llama of ``cfg`` holding ``sd``; missing/unexpected keys and shape mismatches name ``source``.
-
-    ``output.weight`` may be absent when the embeddings are tied. ``model`` (e.g. one with LoRA
-    applied) is filled instead of a fresh one when given.
-    """
-    model = model if model is not None else Llama(cfg)
-    sd = dict(sd)
-    if cfg.tie_embeddings and "tok_embeddings.weight" in sd:
-        sd["output.weight"] = sd["tok_embeddings.weight"]
-    expected = model.state_dict()
-    missing = sorted(set(expected) - set(sd))
-    unexpected = sorted(set(sd) - set(expected))
-    if missing or unexpected:
-        raise CheckpointError(
-            f"{source}: weights do not match the model config (missing {missing[:5]}"
-            f"{' ...' if len(missing) > 5 else ''}, unexpected {unexpected[:5]}"
-            f"{' ...' if len(unexpected) > 5 else ''})"
-        )
-    for name, ref in expected.items():  # in model order, so the first bad tensor is reported
-        t = sd[name]
-        if tuple(t.shape) != tuple(ref.shape):
-            raise CheckpointError(
-                f"{source}: shape mismatch for {name}: file has {tuple(t.shape)}, the config "
-                f"(dim={cfg.dim}, n_heads={cfg.n_heads}, n_kv_heads={cfg.n_kv_heads}, "
-                f"hidden_dim={cfg.hidden_dim}, vocab_size={cfg.vocab_size}) needs {tuple(ref.shape)}"
-            )
-    model.load_state_dict(sd, strict=True)
-    return model
 
 
 # ---------------------------------------------------------------------------------------------

@@ -12,17 +12,19 @@ from pathlib import Path
 
 import torch
 
+from llamalit.build import build_model
 from llamalit.checkpoints import hf
-from llamalit.checkpoints.llama2c import CheckpointError
+from llamalit.checkpoints.common import CheckpointError, fetch
+from llamalit.checkpoints.detect import load_checkpoint
+from llamalit.checkpoints.tokenizer import find_tokenizer
 from llamalit.fileio import atomic_dir
+from llamalit.lora import load_lora_state_dict, merge_lora
 from llamalit.model import Llama
 
 
 def load_base(base: str | Path, dtype: torch.dtype = torch.bfloat16) -> Llama:
     """The base model in ``dtype`` on the CPU: HF directories straight into ``dtype`` (one copy in memory),
     any other format through ``load_checkpoint`` (float32, then cast)."""
-    from llamalit.checkpoints.detect import fetch, load_checkpoint
-
     path = fetch(base)
     if hf.is_hf_dir(path):
         return hf.load_hf(path, dtype=dtype).eval()
@@ -40,15 +42,11 @@ def export_merged_hf(base: str | Path, adapter_sd: dict[str, torch.Tensor], lora
     it, then renamed); an earlier export there is replaced, any other non-empty directory refused.
     Returns ``out_dir``.
     """
-    from llamalit.checkpoints.detect import find_tokenizer
-    from llamalit.lora import apply_lora, load_lora_state_dict, merge_lora
-
     out_dir = Path(out_dir).expanduser()
     if out_dir.exists() and not (out_dir.is_dir() and (not any(out_dir.iterdir()) or hf.is_hf_dir(out_dir))):
         raise FileExistsError(f"export_merged_hf: {out_dir} exists and is not an earlier Hugging Face export; "
                               "choose a new or empty directory")
-    model = load_base(base, dtype)
-    apply_lora(model, lora_cfg)
+    model = build_model(None, lora_cfg, init_from=load_base(base, dtype))
     try:
         load_lora_state_dict(model, adapter_sd)
     except ValueError as e:

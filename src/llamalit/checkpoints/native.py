@@ -15,9 +15,11 @@ from collections.abc import Mapping
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
-from llamalit.fileio import atomic_checkpoint_dir, atomic_path, atomic_write_json, read_tagged_json
+from llamalit.checkpoints.common import CheckpointError, model_from_state_dict
+from llamalit.checkpoints.hf import HF_FILES, load_hf, write_hf_files
+from llamalit.fileio import atomic_checkpoint_dir, atomic_write_json, read_tagged_json
 from llamalit.model import Llama, ModelConfig
 
 FORMAT = "llamalit/2"
@@ -26,19 +28,6 @@ WEIGHTS = "model.safetensors"
 CONFIG = "config.json"
 LEGACY_FORMAT = "llamalit/1"  # config.json of earlier versions, with model.safetensors in our names
 _TOKENIZER_FILES = ("tokenizer", "special_tokens_map", "added_tokens")
-
-
-def save_tensors(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str] | None = None) -> None:
-    """safetensors file written atomically; tied/shared tensors are cloned so it stays loadable."""
-    seen: dict[int, str] = {}
-    plain = {}
-    for name, t in tensors.items():
-        t = t.detach().cpu()
-        key = t.untyped_storage().data_ptr()
-        plain[name] = t.clone().contiguous() if key in seen else t.contiguous()
-        seen.setdefault(key, name)
-    with atomic_path(path) as tmp:
-        save_file(plain, str(tmp), metadata=metadata)
 
 
 def save_model(model: Llama, out_dir: str | Path, extra: dict | None = None,
@@ -51,8 +40,6 @@ def save_model(model: Llama, out_dir: str | Path, extra: dict | None = None,
     (:func:`llamalit.fileio.atomic_checkpoint_dir`): a directory holding only an earlier export is
     replaced whole; other files in ``out_dir`` (a run directory) are kept.
     """
-    from llamalit.checkpoints.hf import HF_FILES, write_hf_files
-
     out_dir = Path(out_dir)
     files = dict(files or {})
     bad = [n for n in files if Path(n).name != n or n in (WEIGHTS, CONFIG, META, "", ".", "..")]
@@ -104,8 +91,6 @@ def read_config(path: str | Path) -> dict:
 
 def load_model(path: str | Path, map_location: str | torch.device = "cpu") -> Llama:
     """Load a model written by :func:`save_model` (or by an earlier version), shape-checked."""
-    from llamalit.checkpoints.llama2c import CheckpointError, model_from_state_dict
-
     path = Path(path)
     meta = read_config(path)
     try:
@@ -113,8 +98,6 @@ def load_model(path: str | Path, map_location: str | torch.device = "cpu") -> Ll
     except (TypeError, ValueError) as e:
         raise CheckpointError(f"{path / (CONFIG if is_legacy_dir(path) else META)}: {e}") from e
     if not is_legacy_dir(path):
-        from llamalit.checkpoints.hf import load_hf
-
         model = load_hf(path, device=map_location)
         if model.cfg != cfg:  # what HF's config.json cannot say (dropout, multiple_of)
             model = model_from_state_dict(cfg, model.state_dict(), path / META).to(map_location)

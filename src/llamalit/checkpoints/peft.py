@@ -14,10 +14,11 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
+from llamalit.build import build_model
+from llamalit.checkpoints.common import BaseLoader, CheckpointError, resolve_relative, save_tensors
 from llamalit.checkpoints.hf_layout import hf_name, permute_from_hf, permute_to_hf
-from llamalit.checkpoints.llama2c import CheckpointError
-from llamalit.checkpoints.native import save_tensors
 from llamalit.fileio import atomic_checkpoint_dir, atomic_write_json
+from llamalit.lora import LoraConfig, load_lora_state_dict, lora_layers, merge_lora
 from llamalit.model import Llama, ModelConfig
 
 PEFT_CONFIG = "adapter_config.json"
@@ -65,8 +66,6 @@ def save_peft(model: Llama, out_dir: str | Path, base: str | None = None) -> Pat
 
 def write_peft_files(model: Llama, folder: Path, base: str | None = None) -> None:
     """The files of :func:`save_peft`, written straight into ``folder`` (the caller publishes it atomically)."""
-    from llamalit.lora import lora_layers
-
     layers = lora_layers(model)
     if not layers:
         raise CheckpointError("save_peft: the model has no LoRA adapters (load it with merge=False)")
@@ -140,28 +139,26 @@ def _read_peft_config(path: Path) -> dict:
     return cfg
 
 
-def load_peft(path: str | Path, base: Llama | None = None, merge: bool = True) -> Llama:
+def load_peft(path: str | Path, base: Llama | None = None, merge: bool = True,
+              load_base: BaseLoader | None = None) -> Llama:
     """Our Llama with a PEFT LoRA adapter applied (merged unless ``merge=False``).
 
-    ``base`` defaults to ``load_checkpoint(base_model_name_or_path)`` (relative to the adapter dir).
+    ``base`` defaults to ``load_base(base_model_name_or_path)`` (relative to the adapter dir);
+    ``llamalit.checkpoints.load_peft`` passes ``load_checkpoint`` as ``load_base``.
     """
-    from llamalit.lora import LoraConfig, apply_lora, load_lora_state_dict, merge_lora
-
     path = Path(path)
     cfg = _read_peft_config(path)
     if base is None:
         ref = cfg.get("base_model_name_or_path")
         if not ref:
             raise CheckpointError(f"{path / PEFT_CONFIG}: no base_model_name_or_path; pass the base model")
-        from llamalit.checkpoints.detect import load_checkpoint, resolve_relative
-
-        base = load_checkpoint(resolve_relative(ref, path))
+        if load_base is None:
+            raise CheckpointError(f"{path}: pass the base model, or a load_base to read {ref}")
+        base = load_base(resolve_relative(ref, path))
     lora_cfg = LoraConfig(rank=int(cfg["r"]), alpha=float(cfg["lora_alpha"]),
                           dropout=float(cfg.get("lora_dropout") or 0.0),
                           targets=tuple(_FROM_HF[t] for t in cfg["target_modules"]))
-    model = apply_lora(base, lora_cfg)
-    from llamalit.lora import lora_layers
-
+    model = build_model(None, lora_cfg, init_from=base)
     theirs = load_file(str(path / PEFT_WEIGHTS))
     sd: dict[str, torch.Tensor] = {}
     for name in lora_layers(model):
