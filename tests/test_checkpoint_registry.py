@@ -13,17 +13,19 @@ import torch
 
 import llamalit.checkpoints as checkpoints_pkg
 from llamalit.checkpoints import load_checkpoint, save_hf, save_llama2c_bin, save_model, save_peft
+from llamalit.checkpoints.adapter import save_adapter
 from llamalit.checkpoints.detect import detect_format
 from llamalit.checkpoints.registry import BY_NAME, FORMATS, format_of
-from llamalit.lora import LoraConfig, apply_lora, save_adapter
+from llamalit.lora import LoraConfig, apply_lora
 from llamalit.model import Llama, ModelConfig
 
 PKG_DIR = Path(checkpoints_pkg.__file__).parent
 # Modules that each read one format; they may use the helpers below, never the loader or each other
-# (native's directory is a Hugging Face one plus llamalit.json, so it builds on hf).
+# (native's directory is a Hugging Face one plus llamalit.json, so it builds on hf; our adapter directory is
+# a PEFT one plus llamalit_adapter.json, so it builds on peft).
 FORMAT_MODULES = {"native", "hf", "llama2c", "peft", "adapter", "lightning_ckpt"}
 HELPERS = {"common", "hf_layout", "fingerprint", "tokenizer"}
-ALLOWED_FORMAT_IMPORTS = {("native", "hf")}
+ALLOWED_FORMAT_IMPORTS = {("native", "hf"), ("adapter", "peft")}
 
 
 def tiny(seed: int = 0) -> Llama:

@@ -12,11 +12,12 @@ import pytest
 import torch
 
 from llamalit.checkpoints import find_tokenizer, load_checkpoint, load_hf, read_llama2c_bin, save_model
+from llamalit.checkpoints.adapter import save_adapter
 from llamalit.cli.export import run_export
 from llamalit.cli.generate import StreamDecoder, run_generate
 from llamalit.data.tokenizer import Tokenizer, read_llama2c_tokenizer_bin, train_tokenizer
 from llamalit.generate import generate
-from llamalit.lora import LoraConfig, apply_lora, save_adapter
+from llamalit.lora import LoraConfig, apply_lora
 from llamalit.model import Llama, ModelConfig
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -12,7 +12,8 @@ import pytest
 import torch
 
 from llamalit.checkpoints import CheckpointError, load_checkpoint, save_hf, save_llama2c_bin, save_model
-from llamalit.lora import LoraConfig, apply_lora, lora_layers, save_adapter
+from llamalit.checkpoints.adapter import save_adapter
+from llamalit.lora import LoraConfig, apply_lora, lora_layers
 from llamalit.model import Llama, ModelConfig
 
 

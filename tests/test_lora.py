@@ -11,19 +11,17 @@ from omegaconf import OmegaConf
 from torch import nn
 
 import llamalit.cli
+from llamalit.checkpoints.adapter import is_adapter_dir, load_adapter, save_adapter
 from llamalit.checkpoints.native import load_model, save_model
 from llamalit.lora import (
     LoraConfig,
     LoRALinear,
     adapter_num_params,
     apply_lora,
-    is_adapter_dir,
-    load_adapter,
     load_lora_state_dict,
     lora_layers,
     lora_state_dict,
     merge_lora,
-    save_adapter,
 )
 from llamalit.model import Llama, ModelConfig
 

@@ -11,17 +11,16 @@ import torch
 from torch import nn
 
 import llamalit.cli
+from llamalit.checkpoints.adapter import load_adapter, save_adapter
 from llamalit.lora import (
     LoraConfig,
     LoRALinear,
     QLoRALinear,
     apply_lora,
-    load_adapter,
     load_lora_state_dict,
     lora_layers,
     lora_state_dict,
     merge_lora,
-    save_adapter,
 )
 from llamalit.model import Llama, ModelConfig
 from llamalit.quantize import default_device, quantize_linears, quantized_linears, require_bitsandbytes

@@ -15,25 +15,14 @@ so a QLoRA adapter loads into the bf16 model (that is how it is merged: ``checkp
 
 from __future__ import annotations
 
-import json
 import math
 from collections import Counter
 from dataclasses import dataclass, fields, replace
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file
 from torch import nn
 
-from llamalit.fileio import atomic_checkpoint_dir, atomic_write_json, read_tagged_json
-
-ADAPTER_FORMAT = "llamalit-lora/2"
-ADAPTER_META = "llamalit_adapter.json"
-# earlier versions: our tensor names in adapter.safetensors, our schema in adapter_config.json
-LEGACY_ADAPTER_FORMAT = "llamalit-lora/1"
-ADAPTER_WEIGHTS = "adapter.safetensors"
-ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_SUFFIXES = (".lora_A", ".lora_B")
 # Linear layers of our Llama, by the last component of their module name.
 LINEAR_NAMES = ("wq", "wk", "wv", "wo", "w1", "w2", "w3", "output")
@@ -307,91 +296,3 @@ def adapter_num_params(model_cfg, lora_cfg: LoraConfig) -> int:
     per_layer = sum(sum(shapes[t]) for t in lora_cfg.targets if t in shapes) * c.n_layers
     head = c.dim + c.vocab_size if "output" in lora_cfg.targets else 0
     return lora_cfg.rank * (per_layer + head)
-
-
-def _check_matches(model: nn.Module, cfg: LoraConfig) -> None:
-    layers = lora_layers(model)
-    if not layers:
-        raise ValueError("model has no LoRA adapters to save; call apply_lora(model, cfg) first")
-    found = sorted({name.rpartition(".")[2] for name in layers})
-    if found != sorted(cfg.targets):
-        raise ValueError(f"model has adapters on {found} but the LoraConfig being saved targets "
-                         f"{list(cfg.targets)}; save the config the model was built with")
-    for name, layer in layers.items():
-        if (layer.rank, layer.alpha, layer.lora_dropout.p) != (cfg.rank, cfg.alpha, cfg.dropout):
-            raise ValueError(f"{name}: rank={layer.rank} alpha={layer.alpha} dropout={layer.lora_dropout.p} "
-                             f"do not match the LoraConfig being saved ({cfg}); "
-                             "save the config the model was built with")
-
-
-def save_adapter(model: nn.Module, out_dir: str | Path, base: str | None, lora_cfg: LoraConfig,
-                 extra: dict | None = None) -> Path:
-    """Write the adapter as PEFT files (``adapter_model.safetensors``, ``adapter_config.json``) plus
-    ``llamalit_adapter.json`` (the base, ``lora_cfg``, the model shape and ``extra``) into ``out_dir``.
-
-    All appear together (:func:`llamalit.fileio.atomic_checkpoint_dir`): a directory holding only an
-    earlier adapter is replaced whole; in a shared one (a run directory) PEFT's config goes in last.
-    """
-    from llamalit.checkpoints.peft import PEFT_FILES, write_peft_files
-
-    _check_matches(model, lora_cfg)
-    out_dir = Path(out_dir)
-    if any(layer.merged for layer in lora_layers(model).values()):
-        raise ValueError("adapters are merged in place; unmerge_() them before saving the adapter")
-    meta = {"format": ADAPTER_FORMAT, "base": base, "lora": lora_cfg.to_dict()}
-    model_cfg = getattr(model, "cfg", None)
-    if model_cfg is not None:
-        meta["model"] = model_cfg.to_dict()
-    meta.update(extra or {})
-    owned = (*PEFT_FILES, ADAPTER_META, ADAPTER_WEIGHTS)
-    # adapter_config.json goes in last: until it is there the directory loads neither as ours nor as PEFT's
-    with atomic_checkpoint_dir(out_dir, owned=owned, commit=ADAPTER_CONFIG) as tmp:
-        write_peft_files(model, tmp, base)
-        atomic_write_json(tmp / ADAPTER_META, meta)
-    return out_dir
-
-
-def _format_of(path: Path) -> str | None:
-    try:
-        meta = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError, UnicodeDecodeError):
-        return None
-    return meta.get("format") if isinstance(meta, dict) else None
-
-
-def is_adapter_dir(path: str | Path) -> bool:
-    """True when ``path`` holds a complete adapter written by :func:`save_adapter` (or an earlier version)."""
-    from llamalit.checkpoints.peft import PEFT_WEIGHTS
-
-    path = Path(path)
-    if not path.is_dir():
-        return False
-    if (path / ADAPTER_META).is_file():
-        return (_format_of(path / ADAPTER_META) == ADAPTER_FORMAT and (path / PEFT_WEIGHTS).is_file()
-                and (path / ADAPTER_CONFIG).is_file())
-    return (path / ADAPTER_WEIGHTS).is_file() and _format_of(path / ADAPTER_CONFIG) == LEGACY_ADAPTER_FORMAT
-
-
-def load_adapter(path: str | Path, map_location: str = "cpu") -> tuple[LoraConfig, dict[str, torch.Tensor], dict]:
-    """Read an adapter directory: its LoraConfig, the adapter tensors (our names) and our config JSON."""
-    from llamalit.checkpoints.peft import PEFT_WEIGHTS, from_peft_tensors
-    from llamalit.model import ModelConfig
-
-    path = Path(path)
-    legacy = not (path / ADAPTER_META).is_file() and _format_of(path / ADAPTER_CONFIG) == LEGACY_ADAPTER_FORMAT
-    cfg_path = path / (ADAPTER_CONFIG if legacy else ADAPTER_META)
-    meta = read_tagged_json(cfg_path, LEGACY_ADAPTER_FORMAT if legacy else ADAPTER_FORMAT, "lora",
-                            "llamalit adapter")
-    try:
-        lora_cfg = LoraConfig.from_dict(meta["lora"])
-    except (TypeError, ValueError) as e:
-        raise ValueError(f"{cfg_path}: bad 'lora' section {meta['lora']!r}: {e}") from e
-    weights = path / (ADAPTER_WEIGHTS if legacy else PEFT_WEIGHTS)
-    if not weights.is_file():
-        raise FileNotFoundError(f"{weights}: missing (the adapter config is there but not its tensors)")
-    sd = load_file(str(weights), device=map_location)
-    if not legacy:
-        if not isinstance(meta.get("model"), dict):
-            raise ValueError(f"{cfg_path}: no 'model' section (the shape the adapter was trained with)")
-        sd = from_peft_tensors(sd, ModelConfig.from_dict(meta["model"]), weights)
-    return lora_cfg, sd, meta

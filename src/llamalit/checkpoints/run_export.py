@@ -12,11 +12,12 @@ from typing import TYPE_CHECKING
 import torch
 
 from llamalit.build import build_model
+from llamalit.checkpoints.adapter import save_adapter
 from llamalit.checkpoints.common import fetch
 from llamalit.checkpoints.fingerprint import base_fingerprint, file_sha256
 from llamalit.checkpoints.native import save_model
 from llamalit.fileio import atomic_checkpoint_dir
-from llamalit.lora import LoraConfig, save_adapter
+from llamalit.lora import LoraConfig
 from llamalit.model import Llama
 
 if TYPE_CHECKING:
