@@ -228,12 +228,14 @@ def run_adherence(cfg: DictConfig, module: LlamaLitModule, model: Llama, dm) -> 
 
     records = held_out_records(OmegaConf.to_container(cfg.data, resolve=True), n=ev.adherence_n,
                                seed=cfg.seed, cache_dir=cfg.paths.cache_dir)
-    # on the training device (Lightning moved the model back to the CPU when fit and validate ended)
+    # on the training device (Lightning moved the model back to the CPU when fit and validate ended), eagerly:
+    # compiled blocks would compile again for inference mode and for every new cache length
     device, home = module.trainer.strategy.root_device, next(model.parameters()).device
     try:
-        result = evaluate_adherence(model.to(device), Tokenizer(dm.tokenizer_path), records,
-                                    max_new_tokens=ev.get("max_new_tokens", 200), n_examples=2,
-                                    batch_size=ev.get("batch_size", 32))
+        with torch.compiler.set_stance("force_eager"):
+            result = evaluate_adherence(model.to(device), Tokenizer(dm.tokenizer_path), records,
+                                        max_new_tokens=ev.get("max_new_tokens", 200), n_examples=2,
+                                        batch_size=ev.get("batch_size", 32))
     finally:
         model.to(home)
     if module.logger is not None:
