@@ -49,8 +49,19 @@ def test_auto_settings_resolve_per_device_and_as_cuda_on_the_cpu():
     assert not resolve_device_settings(run_cfg(resolve_as="cuda", data={"kind": "pretrain", "packing": None}),
                                        "cpu").packing
     assert not resolve_device_settings(run_cfg(resolve_as="cuda", model={"quantize": "nf4"}), "cpu").compile
-    liger = resolve_device_settings(run_cfg(loss_impl="liger"), "cpu")
-    assert liger.loss_impl == "auto" and "Triton" in liger.why["loss_impl"]
+
+
+
+def test_a_cuda_loss_that_needs_triton_falls_back_on_the_cpu(monkeypatch):
+    """loss_impl=auto may pick a Triton kernel on CUDA (liger's fused linear cross-entropy): resolved as CUDA on the
+    CPU it falls back to auto, saying why; asked for explicitly it is kept (losses.py refuses it by name)."""
+    from llamalit.training import device_settings
+
+    monkeypatch.setattr(device_settings, "CUDA_LOSS_IMPL", "liger")
+    as_cuda = resolve_device_settings(run_cfg(resolve_as="cuda"), "cpu")
+    assert as_cuda.loss_impl == "auto" and "Triton" in as_cuda.why["loss_impl"]
+    assert resolve_device_settings(run_cfg(), "cpu").loss_impl == "auto"
+    assert resolve_device_settings(run_cfg(loss_impl="liger"), "cpu").loss_impl == "liger"
 
 
 def test_settings_given_are_kept_and_written_where_the_code_reads_them():

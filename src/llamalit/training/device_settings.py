@@ -22,6 +22,9 @@ log = logging.getLogger(__name__)
 
 DEVICE_TYPES = ("cpu", "cuda", "mps")
 CUDA_LOADER_WORKERS = 2  # loader processes on CUDA when data.loader_workers is null
+# loss_impl=auto on CUDA: what llamalit.losses' own "auto" picks there (chunked above a size, else plain)
+CUDA_LOSS_IMPL = "auto"
+TRITON_LOSS_IMPLS = ("liger", "cce")  # fused linear cross-entropy kernels that need Triton (CUDA)
 
 
 @dataclass(frozen=True)
@@ -126,21 +129,22 @@ def resolve_device_settings(cfg: Mapping, device_type: str, head_dim: int | None
     if head_dim is None and model.get("dim") and model.get("n_heads"):
         head_dim = int(model["dim"]) // int(model["n_heads"])
     attention = _choice(cfg.get("attention") or "auto", "attention", ("auto", "flex", "dense"))
-    if attention == "auto":
+    if attention == "auto":  # an explicit flex off CUDA is kept: the model refuses it, naming the setting
         wide = head_dim is None or head_dim >= FLEX_MIN_HEAD_DIM
         attention = "flex" if target == "cuda" and wide else "dense"
         why["attention"] = tag + ("" if wide else f": head_dim {head_dim} < {FLEX_MIN_HEAD_DIM}, flex's minimum")
-    if attention == "flex" and device != "cuda":
-        attention = "dense"
-        why["attention"] = f"flex on {target}, dense here: flex attention has no backward on the {device}"
+        if attention == "flex" and device != "cuda":
+            attention = "dense"
+            why["attention"] = f"flex on {target}, dense here: flex attention has no backward on the {device}"
 
     loss_impl = str(cfg.get("loss_impl") or "auto")
     if loss_impl == "auto":
-        # llamalit.losses decides by size on every device: chunked above AUTO_CHUNK_ELEMENTS logits, else plain
-        why["loss_impl"] = "chunked when positions x vocab is large, else plain"
-    if loss_impl == "liger" and (device != "cuda" or not _triton_available()):
-        loss_impl = "auto"
-        why["loss_impl"] = f"liger asked, auto here: its Triton kernels need CUDA (training on {device})"
+        loss_impl = CUDA_LOSS_IMPL if target == "cuda" else "auto"
+        why["loss_impl"] = tag + (": chunked when positions x vocab is large, else plain" if loss_impl == "auto"
+                                  else "")
+        if loss_impl in TRITON_LOSS_IMPLS and (device != "cuda" or not _triton_available()):
+            why["loss_impl"] = f"{loss_impl} on {target}, auto here: its Triton kernels need CUDA"
+            loss_impl = "auto"
 
     workers = data.get("loader_workers")
     if workers is None:
