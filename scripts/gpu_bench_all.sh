@@ -35,8 +35,8 @@ if [[ "$SMOKE" == 1 ]]; then  # CPU-sized: the same steps and checks, tiny batch
   LIMIT_BENCH=600; LIMIT_TRAIN=600
 else
   DEVICE=cuda; BENCH=(--configs 15m_instruct,15m_pretrain,110m --steps 14 --warmup 4)
-  TRAIN=(trainer.max_steps=200); SHARDS=9; STORIES=12000
-  LIMIT_BENCH=290; LIMIT_TRAIN=150
+  TRAIN=(trainer.max_steps=200 trainer.limit_val_batches=20); SHARDS=9; STORIES=12000
+  LIMIT_BENCH=270; LIMIT_TRAIN=170
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > "$OUT/gpu.txt"
 fi
 python -c "import torch, lightning; print(torch.__version__, lightning.__version__)" >> "$OUT/gpu.txt"
