@@ -3,6 +3,7 @@
     python scripts/bench_train.py                     # CPU shapes: stories260K 32x256, stories15M 8x256, fp32
     python scripts/bench_train.py --configs 15m_pretrain,110m --device cuda   # GPU shapes (BENCHMARKS.md)
     python scripts/bench_train.py --configs 15m_instruct_cpu                  # instruct rows: padded vs packed
+    python scripts/bench_train.py --configs 260k_cpu --resolve-as cuda        # the GPU settings, on the CPU
 
 Both paths train the same model (same init) on the same batches with the same optimizer, schedule,
 clipping and accumulation; each is timed over steady-state optimizer steps after warm-up. Pretraining
