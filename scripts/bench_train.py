@@ -3,6 +3,7 @@
     python scripts/bench_train.py                     # CPU shapes: stories260K 32x256, stories15M 8x256, fp32
     python scripts/bench_train.py --configs 15m_pretrain,110m --device cuda   # GPU shapes (BENCHMARKS.md)
     python scripts/bench_train.py --configs 15m_instruct_cpu                  # instruct rows: padded vs packed
+    python scripts/bench_train.py --configs 260k_cpu --resolve-as cuda        # the GPU settings, on the CPU
 
 Both paths train the same model (same init) on the same batches with the same optimizer, schedule,
 clipping and accumulation; each is timed over steady-state optimizer steps after warm-up. Pretraining
@@ -30,6 +31,7 @@ from torch.utils.data import DataLoader, Dataset
 from llamalit import benchutil
 from llamalit.model import Llama, ModelConfig
 from llamalit.training.callbacks import SpeedMonitor, StepProgressBar, peak_flops
+from llamalit.training.device_settings import resolve_device_settings
 from llamalit.training.module import (
     LlamaLitModule,
     add_counted_positions,
@@ -113,10 +115,10 @@ class RandomTokens(Dataset):
         return {"input_ids": self.rows[i, :-1], "labels": self.rows[i, 1:]}
 
 
-def run_cfg(bc: BenchConfig, steps: int) -> dict:
+def run_cfg(bc: BenchConfig, steps: int, fused: bool | None = None) -> dict:
     model = ModelConfig.preset(bc.preset, max_seq_len=max(bc.seq, 256))
     lora = {"enabled": True, "rank": 2, "alpha": 1, "dropout": 0.1, "targets": ["wq", "wk", "wv", "wo"]}
-    return {"model": model.to_dict(), "optim": {"warmup_steps": 2}, "init_from": None,
+    return {"model": model.to_dict(), "optim": {"warmup_steps": 2, "fused": fused}, "init_from": None,
             "lora": lora if bc.lora else {"enabled": False}, "trainer": {"max_steps": steps}}
 
 
@@ -146,9 +148,9 @@ def loader(data: Dataset, bc: BenchConfig, device: str, workers: int) -> DataLoa
 
 
 def bench_lightning(bc: BenchConfig, data: Dataset, steps: int, device: str, precision: str,
-                    compile_: bool, run_dir: Path, workers: int = 0) -> list[float]:
+                    compile_: bool, run_dir: Path, workers: int = 0, fused: bool | None = None) -> list[float]:
     torch.manual_seed(0)
-    module = LlamaLitModule({**run_cfg(bc, steps), "compile": compile_})
+    module = LlamaLitModule({**run_cfg(bc, steps, fused), "compile": compile_})
     timer = StepTimer()
     callbacks = [timer, SpeedMonitor(log_every=10), L.pytorch.callbacks.LearningRateMonitor("step"),
                  StepProgressBar(refresh_steps=10)]  # as conf/callbacks: the bar users see, read every 10 steps
@@ -162,9 +164,10 @@ def bench_lightning(bc: BenchConfig, data: Dataset, steps: int, device: str, pre
 
 
 def plain_loop(model: torch.nn.Module, batch_loss, bc: BenchConfig, data: Dataset, steps: int, device: str,
-               precision: str, scheduler_of=None, on_step=None, workers: int = 0) -> list[float]:
+               precision: str, scheduler_of=None, on_step=None, workers: int = 0,
+               fused: bool | None = None) -> list[float]:
     """Seconds of each optimizer step of a plain PyTorch loop: accumulate, clip 1.0, AdamW (+ schedule)."""
-    opt = build_optimizer(model, OptimConfig(warmup_steps=2))
+    opt = build_optimizer(model, OptimConfig(warmup_steps=2, fused=fused))
     sched = scheduler_of(opt) if scheduler_of else None
     autocast = torch.autocast(device_type=device, dtype=torch.bfloat16, enabled=precision == "bf16-mixed")
     batches = iter(loader(data, bc, device, workers))
@@ -191,10 +194,10 @@ def plain_loop(model: torch.nn.Module, batch_loss, bc: BenchConfig, data: Datase
 
 
 def bench_plain(bc: BenchConfig, data: Dataset, steps: int, device: str, precision: str,
-                compile_: bool, on_step=None, workers: int = 0) -> list[float]:
+                compile_: bool, on_step=None, workers: int = 0, fused: bool | None = None) -> list[float]:
     """Our model (built as the module builds it, LoRA included) in the plain loop, with our schedule."""
     torch.manual_seed(0)
-    cfg = run_cfg(bc, steps)
+    cfg = run_cfg(bc, steps, fused)
     model: Llama = LlamaLitModule(cfg).model.to(device)
     if resolve_compile(compile_, torch.device(device)):
         compile_blocks(model)
@@ -204,18 +207,19 @@ def bench_plain(bc: BenchConfig, data: Dataset, steps: int, device: str, precisi
 
     optim = OptimConfig.from_dict(cfg["optim"])
     return plain_loop(model, loss_of, bc, data, steps, device, precision,
-                      scheduler_of=lambda opt: build_scheduler(opt, optim, steps), on_step=on_step, workers=workers)
+                      scheduler_of=lambda opt: build_scheduler(opt, optim, steps), on_step=on_step, workers=workers,
+                      fused=fused)
 
 
 def profile_plain(bc: BenchConfig, data: Dataset, device: str, precision: str, compile_: bool,
-                  out: Path, warmup: int = 3, active: int = 3) -> str:
+                  out: Path, warmup: int = 3, active: int = 3, fused: bool | None = None) -> str:
     """Where a step's time goes: ``torch.profiler`` over ``active`` steps of the plain loop after ``warmup``;
     the top operators by self time (device time on CUDA), also written to ``out``."""
     from torch.profiler import ProfilerActivity, profile, schedule
 
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
     with profile(activities=activities, schedule=schedule(wait=0, warmup=warmup, active=active, repeat=1)) as prof:
-        bench_plain(bc, data, warmup + active, device, precision, compile_, on_step=prof.step)
+        bench_plain(bc, data, warmup + active, device, precision, compile_, on_step=prof.step, fused=fused)
     key = "self_cuda_time_total" if device == "cuda" else "self_cpu_time_total"
     table = prof.key_averages().table(sort_by=key, row_limit=20)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -224,7 +228,7 @@ def profile_plain(bc: BenchConfig, data: Dataset, device: str, precision: str, c
 
 
 def bench_llama2c(bc: BenchConfig, data: Dataset, steps: int, device: str, precision: str,
-                  model_py: Path, compile_: bool, workers: int = 0) -> list[float]:
+                  model_py: Path, compile_: bool, workers: int = 0, fused: bool | None = None) -> list[float]:
     """llama2.c's own ``model.py`` (a checkout of karpathy/llama2.c) in the same plain loop, as its train.py
     steps it: forward with targets, then ``last_loss``."""
     import importlib.util
@@ -245,7 +249,7 @@ def bench_llama2c(bc: BenchConfig, data: Dataset, steps: int, device: str, preci
         model(batch["input_ids"], batch["labels"].clamp(min=-1))
         return model.last_loss
 
-    return plain_loop(model, loss_of, bc, data, steps, device, precision, workers=workers)
+    return plain_loop(model, loss_of, bc, data, steps, device, precision, workers=workers, fused=fused)
 
 
 def steady(step_times: list[float], warmup: int) -> float:
@@ -273,11 +277,12 @@ def main(argv: list[str] | None = None) -> list[dict]:
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--loader-workers", type=int, default=None,
                    help="loader processes for every path (default: 2 on CUDA as conf/data, 0 on the CPU)")
+    p.add_argument("--resolve-as", default=None, choices=["cpu", "cuda"],
+                   help="resolve precision, fused AdamW, compile and loader workers as this device would (train.py's "
+                        "resolve_as): --resolve-as cuda rehearses the GPU settings on the CPU")
     p.add_argument("--json", type=Path, default=None)
     p.add_argument("--run-dir", type=Path, default=Path("outputs/bench_train"))
     args = p.parse_args(argv)
-    if args.loader_workers is None:
-        args.loader_workers = 2 if args.device == "cuda" else 0
     if args.steps <= args.warmup:
         p.error(f"--steps {args.steps} must exceed --warmup {args.warmup}: the timed steps come after warm-up")
     unknown = [k for k in args.configs.split(",") if k not in CONFIGS]
@@ -287,8 +292,14 @@ def main(argv: list[str] | None = None) -> list[dict]:
         p.error("--batch and --accum must be at least 1")
     if args.threads:
         torch.set_num_threads(args.threads)
-    precision = "bf16-mixed" if args.device == "cuda" else "32-true"
-    compile_ = resolve_compile(None if args.compile == "auto" else args.compile == "on", torch.device(args.device))
+    settings = resolve_device_settings(
+        {"resolve_as": args.resolve_as, "compile": {"auto": None, "on": True, "off": False}[args.compile],
+         "trainer": {"precision": "auto"}, "optim": {}, "data": {"kind": "instruct", "packing": None,
+                                                                 "loader_workers": args.loader_workers}},
+        torch.device(args.device).type)
+    print(settings.table())  # packing: both layouts are timed for instruct configs, whatever it says
+    precision, compile_, args.fused, args.loader_workers = (settings.precision, settings.compile,
+                                                            settings.fused_adamw, settings.loader_workers)
     rows, profiles = [], []
     for key in args.configs.split(","):
         bc = resize(CONFIGS[key], args.batch, args.accum)
@@ -314,7 +325,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     for bc, data, out in profiles:  # after every row is measured: a time limit costs profiles first
         print(f"== {out.name}")
         print(profile_plain(bc, data, args.device, precision, compile_, out, warmup=warm,
-                            active=max(1, min(3, args.steps - warm))))
+                            active=max(1, min(3, args.steps - warm)), fused=args.fused))
     return rows
 
 
@@ -328,11 +339,11 @@ def bench_one(bc: BenchConfig, data: Dataset, layout: str, useful: float, padded
     for _ in range(args.repeats):  # alternate the paths; keep each one's best median
         if run_l2c:
             ref = min(ref, steady(bench_llama2c(bc, data, args.steps, args.device, precision, args.llama2c_model,
-                                                compile_, workers), args.warmup))
+                                                compile_, workers, args.fused), args.warmup))
         plain = min(plain, steady(bench_plain(bc, data, args.steps, args.device, precision, compile_,
-                                              workers=workers), args.warmup))
+                                              workers=workers, fused=args.fused), args.warmup))
         lit = min(lit, steady(bench_lightning(bc, data, args.steps, args.device, precision, compile_,
-                                              args.run_dir, workers), args.warmup))
+                                              args.run_dir, workers, args.fused), args.warmup))
     peak = peak_flops(torch.device(args.device))
     fpt = Llama(ModelConfig.preset(bc.preset, max_seq_len=max(bc.seq, 256))).flops_per_token(bc.seq) \
         if peak else None
@@ -342,6 +353,7 @@ def bench_one(bc: BenchConfig, data: Dataset, layout: str, useful: float, padded
         l2c_useful = bc.llama2c_tokens_per_s * ((padded_useful / tokens_per_step) if bc.instruct else 1.0)
     return {
         "config": bc.name, "layout": layout, "device": args.device, "precision": precision, "compile": compile_,
+        "fused_adamw": args.fused,
         "plain_tokens_per_s": tokens_per_step / plain, "lightning_tokens_per_s": tokens_per_step / lit,
         "useful_tokens_per_s": useful / lit, "useful_fraction": useful / tokens_per_step,
         "lightning_overhead_pct": 100 * (lit / plain - 1),

@@ -1,36 +1,129 @@
 #!/usr/bin/env bash
-# Every GPU figure the issues ask for, JSON + logs into $OUT (each step's limit below is its worst case).
-#   OUT=/tmp/gpu bash scripts/gpu_bench_all.sh [path/to/llama2.c/model.py]
-# The device tool allows 10 minutes a call and 30 a session: run the steps with ONLY, most important first
-# (issue 8's training table, then the rest); each group's limits add up to under 10 minutes:
-#   ONLY="train15 sync tests"   ONLY="train110 loss train_eager"   ONLY="generate lora qlora"   ONLY="fsdp"
-# Needs torch (CUDA), lightning, torchmetrics, sentencepiece, safetensors, numpy, transformers; optional
-# bitsandbytes (QLoRA rows) and liger-kernel (liger loss rows). Runs from the repository root.
+# Issue 15's GPU figures in ONE device call of at most 8 minutes, JSON + logs into $OUT:
+#   OUT=/tmp/gpu bash scripts/gpu_bench_all.sh [llama2c_model.py]
+# 1. bench_train's table (15M instruct padded and packed, 15M pretrain, 110M) with every ratio against llama2.c's
+#    own model.py timed in the same run (copy it to llama2c_model.py at the repository root and carry it);
+# 2. python train.py experiment=instruct_scratch for 200 steps, end to end (data preparation, training, validation,
+#    export, adherence evaluation on the GPU), offline: a synthetic TinyStories-format corpus and a Llama-2-style
+#    tokenizer (a BPE trained on that corpus, filled up with unused pieces to Llama 2's 32000, so the head has the
+#    shape of the real run's; ids 0/1/2 = unk/bos/eos as Llama 2's);
+# 3. that run's tokens/s against bench_train's Lightning figure for the same rows (15M instruct, packed).
+# The GPU machine needs hydra-core, omegaconf and antlr4-python3-runtime for train.py: carry them as wheels
+# (docs/BENCHMARKS.md, GPU section). SMOKE=1 runs every step at CPU-sized shapes: a rehearsal without a GPU.
+# The GPU checks of earlier issues stay available, one device call each:
+#   ONLY="loss generate sync tests"   ONLY="train_eager lora qlora"   ONLY="fsdp"
 set -uo pipefail
 OUT=${OUT:-gpu_results}
 L2C=${1:-}
 mkdir -p "$OUT"
-RUNS=${RUNS:-/tmp/llamalit_bench_train}  # instruct shards (~60 MB) and CSV logs: kept out of $OUT
-export PYTHONPATH="src${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 HYDRA_FULL_ERROR=1  # full tracebacks in the logs
-ONLY=${ONLY:-train15 sync tests train110 loss train_eager generate lora qlora fsdp}
+RUNS=${RUNS:-/tmp/llamalit_bench_train}  # instruct shards (~60 MB), corpus and runs: kept out of $OUT
+export PYTHONPATH="src${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 HYDRA_FULL_ERROR=1 WANDB_MODE=disabled
+ONLY=${ONLY:-train instruct compare}
+SMOKE=${SMOKE:-0}
+start=$SECONDS
 run() {  # name, seconds, command...: a failing or slow step never stops the others
   local name=$1 limit=$2; shift 2
   [[ " $ONLY " == *" $name "* ]] || return 0
-  echo "== $name"; timeout "$limit" "$@" 2>&1 | tee "$OUT/$name.log" | grep -v -i warn | tail -25
+  echo "== $name (limit ${limit}s, at $((SECONDS - start))s)"
+  timeout "$limit" "$@" 2>&1 | tee "$OUT/$name.log" | grep -v -i warn | tail -25
 }
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > "$OUT/gpu.txt"
+if [[ "$SMOKE" == 1 ]]; then  # CPU-sized: the same steps and checks, tiny batches, no GPU
+  DEVICE=cpu; BENCH=(--configs 15m_instruct,260k_cpu --batch 2 --accum 1 --steps 3 --warmup 1)
+  TRAIN=(trainer.accelerator=cpu trainer.max_steps=4 trainer.log_every_n_steps=1 data.batch_size=2
+         trainer.accumulate_grad_batches=1
+         trainer.limit_val_batches=2 evaluation.adherence_n=4 evaluation.max_new_tokens=16); SHARDS=2; STORIES=400
+  LIMIT_BENCH=600; LIMIT_TRAIN=600
+else
+  DEVICE=cuda; BENCH=(--configs 15m_instruct,15m_pretrain,110m --steps 14 --warmup 4)
+  TRAIN=(trainer.max_steps=200 trainer.limit_val_batches=20); SHARDS=9; STORIES=12000
+  LIMIT_BENCH=270; LIMIT_TRAIN=170
+  nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > "$OUT/gpu.txt"
+fi
 python -c "import torch, lightning; print(torch.__version__, lightning.__version__)" >> "$OUT/gpu.txt"
-# issue 8's table, split so that a time limit costs one half, and JSON is rewritten after every row
-run train15 300 python scripts/bench_train.py --device cuda --configs 15m_pretrain,15m_instruct \
-    --steps 25 --warmup 8 --repeats 1 ${L2C:+--llama2c-model "$L2C"} --profile --run-dir "$RUNS" \
-    --json "$OUT/bench_train_15m.json"
-run train110 330 python scripts/bench_train.py --device cuda --configs 110m,110m_lora \
-    --steps 20 --warmup 6 --repeats 1 ${L2C:+--llama2c-model "$L2C"} --profile --run-dir "$RUNS" \
-    --json "$OUT/bench_train_110m.json"
-cp "$RUNS"/profile_*.txt "$OUT/" 2>/dev/null  # the top-operator tables; the shards and logs stay behind
+
+# 1. the table; the JSON is rewritten after every row, so a time limit keeps the rows measured (15M instruct first:
+#    step 3 compares against it)
+run train "$LIMIT_BENCH" python scripts/bench_train.py --device "$DEVICE" "${BENCH[@]}" --repeats 1 \
+    ${L2C:+--llama2c-model "$L2C"} --run-dir "$RUNS" --json "$OUT/bench_train.json"
+
+# 2. offline data for instruct_scratch: the corpus and a 32000-piece tokenizer
+make_data() {
+python - "$RUNS/instruct_scratch_data" "$SHARDS" "$STORIES" <<'EOF'
+import sys
+from pathlib import Path
+
+from sentencepiece import sentencepiece_model_pb2 as pb
+
+from llamalit.data.synthetic import make_corpus
+from llamalit.data.text_formats import read_records, shorten_prompt
+from llamalit.data.tokenizer import train_tokenizer
+
+out, shards, stories, vocab = Path(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), 32000
+files = make_corpus(out / "corpus", shards, stories, seed=0)
+texts = [f"{shorten_prompt(r['instruction']['prompt:'])}\n{r['story']}" for r in read_records(files[1])]
+model = pb.ModelProto()
+model.ParseFromString(train_tokenizer(texts, 4096, out / "bpe.model", hard_vocab_limit=False).read_bytes())
+learned = len(model.pieces)
+for i in range(vocab - learned):  # never produced by encoding: they only give the head Llama 2's width
+    piece = model.pieces.add()
+    piece.piece, piece.score, piece.type = f"<unused{i}>", 0.0, pb.ModelProto.SentencePiece.UNUSED
+(out / "llama2_style.model").write_bytes(model.SerializeToString())
+print(f"corpus {shards} x {stories} stories in {out / 'corpus'}; tokenizer {out / 'llama2_style.model'}: "
+      f"{learned} learned pieces + {vocab - learned} unused = {vocab}")
+EOF
+}
+if [[ " $ONLY " == *" instruct "* ]]; then
+  make_data 2>&1 | tee "$OUT/instruct_data.log"
+  D="$RUNS/instruct_scratch_data"
+  rm -rf "$RUNS/instruct_scratch_run"
+  # data.packing=true: the layout of bench_train's packed row (auto already packs on CUDA; the CPU rehearsal too)
+  run instruct "$LIMIT_TRAIN" python train.py experiment=instruct_scratch "data.source=$D/corpus" \
+      "data.tokenizer=$D/llama2_style.model" data.tokenizer_sha256=null data.sha256=null data.packing=true \
+      "data.dir=$D/shards" logger=csv export_dir=null "paths.cache_dir=$RUNS/cache" \
+      "hydra.run.dir=$RUNS/instruct_scratch_run" "${TRAIN[@]}"
+  cp "$RUNS/instruct_scratch_run/summary.json" "$OUT/instruct_scratch_summary.json" 2>/dev/null
+fi
+
+# 3. the run's tokens/s against bench_train's Lightning figure for the same rows
+if [[ " $ONLY " == *" compare "* ]]; then
+python - "$OUT/bench_train.json" "$RUNS/instruct_scratch_run" <<'EOF' 2>&1 | tee "$OUT/compare.log"
+import csv
+import json
+import statistics
+import sys
+from pathlib import Path
+
+bench, run = Path(sys.argv[1]), Path(sys.argv[2])
+if not bench.is_file() or not (run / "summary.json").is_file():
+    sys.exit(f"compare: missing {bench if not bench.is_file() else run / 'summary.json'} (an earlier step failed)")
+row = next((r for r in json.loads(bench.read_text())["rows"]
+            if r["config"].startswith("15M instruct") and r["layout"] == "packed"), None)
+if row is None:
+    sys.exit("compare: bench_train measured no 15M instruct packed row")
+summary = json.loads((run / "summary.json").read_text())
+# the summary's figure spans the whole run, compilation and the first steps included; the logger's windows
+# (perf/tokens_per_s every 10 steps) of the second half are the steady state bench_train times
+rates = [float(r["perf/tokens_per_s"]) for r in csv.DictReader(open(run / "csv" / "metrics.csv"))
+         if r.get("perf/tokens_per_s")]
+steady = statistics.median(rates[len(rates) // 2:]) if rates else None
+bench_rate = row["lightning_tokens_per_s"]
+print(f"bench_train Lightning, {row['config']} packed: {bench_rate:,.0f} tokens/s")
+print(f"instruct_scratch summary tokens_per_s (whole run): {summary['tokens_per_s']:,.0f} "
+      f"({summary['tokens_per_s'] / bench_rate:.2f}x), {summary['step']} steps in {summary['seconds']} s")
+adherence = summary.get("adherence") or {}
+print(f"end-of-run adherence evaluation: {adherence.get('seconds')} s for {adherence.get('n_stories')} stories")
+if steady is None:
+    sys.exit("compare: the run logged no perf/tokens_per_s (fewer than 10 steps?)")
+ok = abs(steady / bench_rate - 1) <= 0.10
+print(f"instruct_scratch steady tokens/s (median of the second half's windows): {steady:,.0f} "
+      f"({steady / bench_rate:.2f}x): {'within' if ok else 'NOT within'} 10% of bench_train's")
+EOF
+fi
+echo "== total $((SECONDS - start))s"
+
+# ---- the other GPU checks (issues 3, 6, 8, 9), by ONLY ----
 run train_eager 140 python scripts/bench_train.py --device cuda --compile off --configs 15m_pretrain,110m \
-    --steps 15 --warmup 5 --repeats 1 --layouts padded --run-dir "$RUNS" \
-    --json "$OUT/bench_train_eager.json"
+    --steps 15 --warmup 5 --repeats 1 --layouts padded --run-dir "$RUNS" --json "$OUT/bench_train_eager.json"
 run loss 100 python scripts/bench_loss.py --device cuda --iters 20 --warmup 3 --rounds 2 --json "$OUT/bench_loss.json"
 run generate 150 python scripts/bench_generate.py --devices cuda --shapes stories15m,stories110m --repeats 3 \
     --json "$OUT/bench_generate_cuda.json"
@@ -39,11 +132,11 @@ run lora 150 python scripts/bench_lora.py --preset stories110m --device cuda --b
 run qlora 240 python scripts/bench_qlora.py --json "$OUT/bench_qlora.json"
 run sync 150 bash -c "python scripts/check_sync.py && python scripts/check_sync.py --packed --compile && \
     python scripts/check_sync.py --lightning --packed --compile"
-run tests 90 python -m pytest -q -x tests/test_losses.py tests/test_packing_model.py
-# Lightning's FSDP refuses the CPU, so its first real run is here (one GPU; needs hydra-core, omegaconf and
-# wandb, carried as wheels): the demo fully sharded, exported whole from the gathered state dict.
-if [[ " $ONLY " == *" fsdp "* ]] && python -c "import hydra, omegaconf" 2>/dev/null; then
-  run fsdp 240 env WANDB_MODE=disabled python train.py experiment=demo trainer=fsdp trainer.devices=1 \
+run tests 150 python -m pytest -q -x tests/test_losses.py tests/test_packing_model.py tests/test_gpu_settings_on_cpu.py
+# Lightning's FSDP refuses the CPU, so its first real run is here (one GPU): the demo fully sharded, exported whole
+# from the gathered state dict.
+if [[ " $ONLY " == *" fsdp "* ]]; then
+  run fsdp 240 python train.py experiment=demo trainer=fsdp trainer.devices=1 \
       trainer.max_steps=20 trainer.val_check_interval=20 trainer.limit_val_batches=2 logger=csv \
       paths.cache_dir="$OUT/cache" hydra.run.dir="$OUT/fsdp_run" evaluation.adherence_n=4
   python -c "from llamalit.checkpoints import load_checkpoint; m = load_checkpoint('$OUT/fsdp_run'); print('fsdp export loads:', m.num_params(), 'params')" 2>&1 | tee -a "$OUT/fsdp.log"

@@ -186,3 +186,35 @@ def test_run_evaluate_finds_the_checkpoints_tokenizer(corpus, tok, model, tmp_pa
     save_model(wrong, tmp_path / "wrong", extra={"tokenizer": str(tok.path)})
     with pytest.raises(ValueError, match="401"):
         run_evaluate({**cfg, "ckpt": str(tmp_path / "wrong")}, out=io.StringIO())
+
+
+def test_left_padded_batches_give_each_prompt_its_greedy_story_alone(corpus, tok, model):
+    """The batched path the training device takes (prompts of any length in one KV-cached batch, left-padded)
+    produces exactly the tokens of generating each prompt alone, EOS stops and per-row limits included."""
+    from collections import Counter
+
+    from llamalit.evaluation import generate_left_padded
+    from llamalit.generate import generate
+
+    m64 = Llama(model.cfg).double().eval()
+    torch.manual_seed(0)
+    with torch.no_grad():  # wide weights: a random tiny model at init repeats its input token
+        for p in m64.parameters():
+            if p.dim() == 2:
+                p.normal_(0, 0.5)
+    prompts = [prompt_ids(tok, instruction_prompt(r)) for r in held_out_records(corpus, n=5, seed=1)]
+    assert len({len(p) for p in prompts}) > 2  # lengths differ: padding is exercised
+    steps = [9, 4, 9, 7, 9]
+    free = [generate(m64, p, n, temperature=0.0) for p, n in zip(prompts, steps)]
+    eos = Counter(t for row in free for t in row[1:]).most_common(1)[0][0]  # a token several rows emit
+    alone = [generate(m64, p, n, temperature=0.0, eos_id=eos) for p, n in zip(prompts, steps)]
+    assert sum(len(a) < n for a, n in zip(alone, steps)) >= 2  # rows stop at EOS at different steps
+    assert generate_left_padded(m64, prompts, steps, eos_id=None) == free
+    assert generate_left_padded(m64, prompts, steps, eos_id=eos) == alone
+    padded = evaluate_adherence(m64, tok, held_out_records(corpus, n=6, seed=0), max_new_tokens=8, batch_size=6,
+                                n_examples=6, batching="padded")
+    by_length = evaluate_adherence(m64, tok, held_out_records(corpus, n=6, seed=0), max_new_tokens=8,
+                                   batch_size=1, n_examples=6, batching="length")
+    assert [e["story"] for e in padded["examples"]] == [e["story"] for e in by_length["examples"]]
+    with pytest.raises(ValueError, match="batching='nope'"):
+        evaluate_adherence(m64, tok, [], batching="nope")

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import copy
 import math
 
 import lightning as L
 import pytest
 import torch
+from lightning.pytorch.plugins.precision import MixedPrecision
 from torch.utils.data import DataLoader, Dataset
 
 from llamalit.model import Llama, ModelConfig
@@ -226,3 +228,46 @@ def test_progress_bar_reads_metrics_once_per_refresh_steps_not_per_micro_batch()
     assert all(isinstance(items["train/loss"], float) for items in shown)  # shown, though not a prog_bar metric
     # Lightning reads prog_bar metrics back after every micro-batch: the training step must log none
     assert not trainer.progress_bar_metrics, trainer.progress_bar_metrics
+
+
+@pytest.mark.parametrize("precision", ["bf16-mixed", "16-mixed"])
+def test_fused_adamw_is_clipped_under_mixed_precision_as_a_plain_loop_clips(precision):
+    """Lightning refuses gradient_clip_val with a fused AdamW under AMP (every CUDA run crashed at its first step).
+    The module clips itself: the weights after 3 steps equal a plain loop's (autocast, unscale for 16-mixed's
+    GradScaler, clip_grad_norm_, unfused AdamW, the schedule)."""
+    from itertools import islice
+
+    from llamalit.training.module import batch_loss
+    from llamalit.training.optim import build_optimizer, build_scheduler
+
+    clip, steps = 0.05, 3
+    torch.manual_seed(0)
+    module = LlamaLitModule(make_cfg(max_steps=steps, fused=True))
+    ref = copy.deepcopy(module.model)
+    start = [p.detach().clone() for p in ref.parameters()]
+    # Lightning turns precision="16-mixed" into bf16 on the CPU: the plugin given as such keeps fp16 + GradScaler
+    trainer = fit(module, plugins=[MixedPrecision(precision, "cpu")], gradient_clip_val=clip)
+    assert trainer.optimizers[0].defaults["fused"] and trainer.global_step == steps
+    assert (trainer.precision_plugin.scaler is not None) == (precision == "16-mixed")
+
+    opt = build_optimizer(ref, OptimConfig.from_dict({**make_cfg()["optim"], "fused": False}))
+    sched = build_scheduler(opt, module.optim_cfg, steps)
+    scaler = torch.amp.GradScaler("cpu") if precision == "16-mixed" else None
+    dtype = torch.float16 if precision == "16-mixed" else torch.bfloat16
+    for batch in islice(DataLoader(RandomRows(64, 12), batch_size=4), steps):
+        with torch.autocast("cpu", dtype=dtype):
+            loss = batch_loss(ref, batch).loss
+        (scaler.scale(loss) if scaler else loss).backward()
+        if scaler:
+            scaler.unscale_(opt)
+        assert torch.nn.utils.clip_grad_norm_(ref.parameters(), clip) > clip  # the clip is active
+        if scaler:
+            scaler.step(opt)
+            scaler.update()
+        else:
+            opt.step()
+        opt.zero_grad()
+        sched.step()
+    assert any(not torch.equal(p, s) for p, s in zip(ref.parameters(), start))  # no step was skipped as inf
+    for (name, a), b in zip(module.model.named_parameters(), ref.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6, msg=name)

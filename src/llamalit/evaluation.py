@@ -18,7 +18,8 @@ import torch
 
 from llamalit.adherence import aggregate, parse_prompt, score_story
 from llamalit.data.text_formats import DataFormatError, read_records, text_for_kind
-from llamalit.generate import generate
+from llamalit.generate import generate, sample_next
+from llamalit.model import Llama
 
 VAL_SHARD = "data00"  # TinyStories convention: shard 0 is the validation split
 
@@ -49,15 +50,73 @@ def _model_device(model: torch.nn.Module) -> torch.device:
     return next(model.parameters()).device
 
 
+@torch.inference_mode()
+def generate_left_padded(model: Llama, prompts: Sequence[Sequence[int]], steps: Sequence[int],
+                         temperature: float = 0.0, top_k: int | None = None, eos_id: int | None = None,
+                         generator: torch.Generator | None = None) -> list[list[int]]:
+    """New tokens for prompts of any lengths in one batch: row ``i`` gets up to ``steps[i]`` tokens (stopping
+    after ``eos_id``, which is not returned).
+
+    The prompts are left-padded into one KV-cached batch; each row attends only to its own tokens at its own
+    RoPE positions, so greedy results are those of generating each prompt alone.
+    """
+    device = model.output.weight.device
+    lengths = torch.tensor([len(p) for p in prompts], device=device)
+    width, rows = int(lengths.max()), len(prompts)
+    if width + max(steps) > model.cfg.max_seq_len:
+        raise ValueError(f"longest prompt ({width}) + steps ({max(steps)}) exceed max_seq_len={model.cfg.max_seq_len}")
+    pad = width - lengths  # (B,)
+    tokens = torch.zeros(rows, width, dtype=torch.long, device=device)
+    for i, p in enumerate(prompts):
+        tokens[i, width - len(p):] = torch.tensor(list(p), dtype=torch.long)
+    cols = torch.arange(width, device=device)
+    positions = (cols[None] - pad[:, None]).clamp(min=0)
+    own = cols[None, :] >= pad[:, None]  # (B, keys): a row's real tokens
+    causal = torch.ones(width, width, dtype=torch.bool, device=device).tril()
+    # a padding query sees itself only (a row of all-masked keys would give NaN); real queries never see padding
+    mask = causal & (own[:, None, :] | torch.eye(width, dtype=torch.bool, device=device))
+    was_training = model.training
+    model.eval()
+    try:
+        caches = model.new_caches(rows)
+        logits = model.output(model.hidden(tokens, 0, caches, positions=positions, mask=mask[:, None])[:, -1])
+        cap = torch.tensor(list(steps), device=device)
+        done = torch.zeros(rows, dtype=torch.bool, device=device)
+        out = []
+        for step in range(max(steps)):
+            nxt = sample_next(logits, temperature, top_k, generator=generator)
+            done |= cap <= step
+            if eos_id is not None:
+                nxt = nxt.masked_fill(done, eos_id)
+                done |= nxt == eos_id
+            out.append(nxt)
+            if step + 1 == max(steps) or bool(done.all()):
+                break
+            own = torch.cat([own, torch.ones(rows, 1, dtype=torch.bool, device=device)], dim=1)
+            pos = (lengths + step)[:, None]
+            h = model.hidden(nxt[:, None], width + step, caches, positions=pos, mask=own[:, None, None, :])
+            logits = model.output(h[:, -1])
+    finally:
+        model.train(was_training)
+    ids = torch.stack(out, dim=1).tolist()
+    return [_until_stop(row[:n], eos_id) for row, n in zip(ids, steps)]
+
+
+def _until_stop(ids: list[int], eos_id: int | None) -> list[int]:
+    return ids[: ids.index(eos_id)] if eos_id is not None and eos_id in ids else ids
+
+
 def evaluate_adherence(model: torch.nn.Module, tokenizer: Any, records: Sequence[Mapping],
                        max_new_tokens: int = 200, temperature: float = 0.0, seed: int = 0,
                        limit: int | None = None, batch_size: int = 8, n_examples: int = 3,
-                       top_k: int | None = None) -> dict:
+                       top_k: int | None = None, batching: str = "auto") -> dict:
     """Generate a story for each record's instruction and score how well it follows it.
 
     ``records``: TinyStories-schema dicts (``instruction`` with ``prompt:``, ``words``, ``features``).
-    Prompts of equal token length are generated together, ``batch_size`` at a time (greedy results
-    do not depend on it). Each batch is sampled with seed ``seed + index of its first record``.
+    Prompts are generated ``batch_size`` at a time on the model's device: ``batching="padded"`` puts prompts of
+    any length in a batch (:func:`generate_left_padded`), ``"length"`` only prompts of equal token length (the
+    CPU's decode kernel serves them), ``"auto"`` padded on CUDA, by length elsewhere. Greedy results depend on
+    neither. Each batch is sampled with seed ``seed + index of its first record``.
     Returns :func:`llamalit.adherence.aggregate`'s means (``adherence``, ``word_recall``,
     ``feature_rate``, ``feature/<Name>``, ``n_stories``) plus ``skipped`` (prompts that leave no room
     in the context), ``new_tokens``, ``seconds``, ``settings`` and ``examples`` (the first
@@ -79,21 +138,25 @@ def evaluate_adherence(model: torch.nn.Module, tokenizer: Any, records: Sequence
         words, features = requested(record, prompt)
         items.append({"index": i, "prompt": prompt, "ids": ids, "words": words, "features": features})
 
+    if batching == "auto":
+        batching = "padded" if _model_device(model).type == "cuda" else "length"
+    if batching not in ("padded", "length"):
+        raise ValueError(f"batching={batching!r}: choose auto, padded or length")
     start, new_tokens = time.perf_counter(), 0
-    by_length: dict[int, list[dict]] = {}
-    for item in items:
-        by_length.setdefault(len(item["ids"]), []).append(item)
-    for length, group in by_length.items():
-        steps = min(max_new_tokens, context - length)
-        for b in range(0, len(group), batch_size):
-            batch = group[b:b + batch_size]
-            prompts = [it["ids"] for it in batch]
-            out = generate(model, prompts if len(batch) > 1 else prompts[0], steps, temperature=temperature,
+    for batch in (_padded_batches(items, batch_size, max_new_tokens, context) if batching == "padded"
+                  else _length_batches(items, batch_size)):
+        steps = [min(max_new_tokens, context - len(it["ids"])) for it in batch]
+        prompts = [it["ids"] for it in batch]
+        if batching == "padded":
+            generator = torch.Generator(device=_model_device(model)).manual_seed(seed + batch[0]["index"])
+            outs = generate_left_padded(model, prompts, steps, temperature, top_k, tokenizer.eos_id, generator)
+        else:
+            out = generate(model, prompts if len(batch) > 1 else prompts[0], steps[0], temperature=temperature,
                            top_k=top_k, eos_id=tokenizer.eos_id, seed=seed + batch[0]["index"])
             outs = out if len(batch) > 1 else [out]
-            for it, ids in zip(batch, outs):
-                it["story"] = tokenizer.decode(ids).strip()
-                new_tokens += len(ids)
+        for it, ids in zip(batch, outs):
+            it["story"] = tokenizer.decode(ids).strip()
+            new_tokens += len(ids)
     seconds = time.perf_counter() - start
 
     scores = []
@@ -113,6 +176,28 @@ def evaluate_adherence(model: torch.nn.Module, tokenizer: Any, records: Sequence
                      for it in items[:n_examples]],
     })
     return result
+
+
+def _length_batches(items: list[dict], batch_size: int) -> list[list[dict]]:
+    """Prompts of equal token length together, ``batch_size`` at most."""
+    by_length: dict[int, list[dict]] = {}
+    for item in items:
+        by_length.setdefault(len(item["ids"]), []).append(item)
+    return [group[b:b + batch_size] for group in by_length.values() for b in range(0, len(group), batch_size)]
+
+
+def _padded_batches(items: list[dict], batch_size: int, max_new_tokens: int, context: int) -> list[list[dict]]:
+    """Prompts by length, ``batch_size`` at most a batch, each batch's longest prompt + its most steps in context."""
+    batches: list[list[dict]] = []
+    for item in sorted(items, key=lambda it: len(it["ids"])):
+        batch = batches[-1] if batches else None
+        steps = min(max_new_tokens, context - len(item["ids"]))
+        if batch and len(batch) < batch_size and len(item["ids"]) + max(
+                steps, *(min(max_new_tokens, context - len(it["ids"])) for it in batch)) <= context:
+            batch.append(item)
+        else:
+            batches.append([item])
+    return batches
 
 
 def _validation_file(data: Mapping | str | Path, cache_dir: str | Path | None) -> Path:

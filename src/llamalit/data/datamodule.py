@@ -308,10 +308,12 @@ class LlamaDataModule(L.LightningDataModule):
         if setting and kind == "pretrain":
             raise ValueError(f"data.packing=true but {manifest_path(self.data_dir)} holds pretraining shards: "
                              "their windows are already dense (no padding). Set data.packing=false.")
-        if setting is None:
-            strategy = getattr(self.trainer, "strategy", None)
-            device = getattr(strategy, "root_device", None)
-            setting = getattr(device, "type", None) == "cuda"
+        if setting is None:  # train.py passes the resolved value; a DataModule used alone resolves it here
+            from llamalit.training.device_settings import DEVICE_TYPES, resolve_device_settings
+
+            device = getattr(getattr(getattr(self.trainer, "strategy", None), "root_device", None), "type", "cpu")
+            setting = resolve_device_settings({"data": {"kind": kind, "packing": None}},
+                                              device if device in DEVICE_TYPES else "cpu").packing
         return bool(setting) and kind == "instruct"
 
     @property

@@ -11,6 +11,8 @@ from collections.abc import Mapping
 import lightning as L
 import numpy as np
 import torch
+from lightning.pytorch.plugins.precision import MixedPrecision
+from lightning.pytorch.utilities import GradClipAlgorithmType
 from torchmetrics import MeanMetric
 
 from llamalit.losses import LossOutput, resolve_loss_impl
@@ -279,6 +281,27 @@ class LlamaLitModule(L.LightningModule):
         if grads:
             norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in grads]))
             self.log("train/grad_norm", norm, on_step=True)
+
+    def configure_gradient_clipping(self, optimizer: torch.optim.Optimizer, gradient_clip_val: float | None = None,
+                                    gradient_clip_algorithm: str | None = None) -> None:
+        """Clip as Lightning does, also for a fused AdamW under mixed precision, which Lightning refuses.
+
+        A fused optimizer unscales inside its step, so Lightning's AMP plugin does not unscale before clipping and
+        will not clip at all. bf16-mixed has no scaler: the gradients are clipped as they are. 16-mixed
+        unscales them here first; the scaler then hands the fused step no scale and its inf check.
+        """
+        plugin = self.trainer.precision_plugin
+        if not (gradient_clip_val and getattr(optimizer, "_step_supports_amp_scaling", False)
+                and isinstance(plugin, MixedPrecision)):
+            super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
+            return
+        if plugin.scaler is not None:
+            plugin.scaler.unscale_(optimizer)
+        params = list(plugin.main_params(optimizer))
+        if GradClipAlgorithmType(gradient_clip_algorithm or "norm") == GradClipAlgorithmType.VALUE:
+            torch.nn.utils.clip_grad_value_(params, gradient_clip_val)
+        else:
+            torch.nn.utils.clip_grad_norm_(params, gradient_clip_val)
 
     def configure_optimizers(self):
         optimizer = build_optimizer(self.model, self.optim_cfg)

@@ -22,19 +22,17 @@ from llamalit.checkpoints.run_export import (  # noqa: F401 - the run's export, 
 )
 from llamalit.fileio import atomic_write_json
 from llamalit.model import Llama, ModelConfig
+from llamalit.training.device_settings import (
+    DeviceSettings,
+    apply_device_settings,
+    device_type_of,
+    log_device_settings,
+    resolve_device_settings,
+)
 from llamalit.training.loggers import build_logger, finish_wandb
 from llamalit.training.module import LlamaLitModule
 
 log = logging.getLogger(__name__)
-
-
-def resolve_precision(precision: str | int, accelerator: str) -> str | int:
-    """``auto``: bf16-mixed on a bf16-capable GPU, 32-true otherwise."""
-    if str(precision) != "auto":
-        return precision
-    if accelerator in ("auto", "gpu", "cuda") and torch.cuda.is_available() and torch.cuda.is_bf16_supported():
-        return "bf16-mixed"
-    return "32-true"
 
 
 def resolve_ckpt_path(ckpt_path: str | None, run_dir: Path) -> str | None:
@@ -52,6 +50,16 @@ def resolve_ckpt_path(ckpt_path: str | None, run_dir: Path) -> str | None:
             f"{run_dir.parent}; pass ckpt_path=/path/to/last.ckpt"
         )
     return str(max(candidates, key=lambda p: p.stat().st_mtime))
+
+
+def settings_for_model(cfg: dict, settings: DeviceSettings, module: LlamaLitModule) -> DeviceSettings:
+    """``settings`` with the attention backend resolved for the built model's heads (an ``init_from`` base's
+    shape is known only once loaded), set on the model."""
+    if not cfg.get("init_from"):
+        return settings
+    settings = resolve_device_settings(cfg, settings.device, head_dim=module.model.cfg.head_dim)
+    module.model.attention_backend = settings.attention
+    return settings
 
 
 def run_name(cfg: DictConfig) -> str:
@@ -161,12 +169,21 @@ def run_adherence(cfg: DictConfig, module: LlamaLitModule, model: Llama, dm) -> 
 
     records = held_out_records(OmegaConf.to_container(cfg.data, resolve=True), n=ev.adherence_n,
                                seed=cfg.seed, cache_dir=cfg.paths.cache_dir)
-    result = evaluate_adherence(model, Tokenizer(dm.tokenizer_path), records,
-                                max_new_tokens=ev.get("max_new_tokens", 200), n_examples=2)
+    # on the training device (Lightning moved the model back to the CPU when fit and validate ended), eagerly:
+    # compiled blocks would compile again for inference mode and for every new cache length
+    device, home = module.trainer.strategy.root_device, next(model.parameters()).device
+    try:
+        with torch.compiler.set_stance("force_eager"):
+            result = evaluate_adherence(model.to(device), Tokenizer(dm.tokenizer_path), records,
+                                        max_new_tokens=ev.get("max_new_tokens", 200), n_examples=2,
+                                        batch_size=ev.get("batch_size", 32))
+    finally:
+        model.to(home)
     if module.logger is not None:
         module.logger.log_metrics({f"adherence/{k}": v for k, v in result.items()
                                    if isinstance(v, (int, float)) and v is not None}, step=module.global_step)
-    log.info("adherence: %s", {k: result.get(k) for k in ("adherence", "word_recall", "feature_rate")})
+    log.info("adherence on %s: %s", device, {k: result.get(k) for k in ("adherence", "word_recall", "feature_rate",
+                                                                          "seconds")})
     return result
 
 
@@ -181,22 +198,27 @@ def train(cfg: DictConfig) -> dict:
     preflight(cfg)
     ckpt_path = resolve_ckpt_path(cfg.get("ckpt_path"), run_dir)
 
-    dm = LlamaDataModule(OmegaConf.to_container(cfg.data, resolve=True), cache_dir=cfg.paths.cache_dir,
-                         seed=cfg.seed)
+    settings = resolve_device_settings(OmegaConf.to_container(cfg, resolve=True),
+                                       device_type_of(cfg.trainer.get("accelerator")))
+    dm = LlamaDataModule(apply_device_settings(OmegaConf.to_container(cfg, resolve=True), settings)["data"],
+                         cache_dir=cfg.paths.cache_dir, seed=cfg.seed)
     dm.prepare_data()
     dm.setup("fit")
     adapt_model_to_data(cfg, dm.vocab_size, dm.seq_len)
-    resolved = OmegaConf.to_container(cfg, resolve=True)
+    plain = OmegaConf.to_container(cfg, resolve=True)
+    resolved = apply_device_settings(plain, settings)
+    if cfg.get("init_from"):  # the base's heads, not the preset's, decide the attention backend
+        resolved["attention"] = plain.get("attention") or "auto"
     module = LlamaLitModule(resolved)
+    settings = settings_for_model(plain, settings, module)
+    log_device_settings(settings)
     check_vocab(module.model.cfg.vocab_size, dm.vocab_size, cfg.get("init_from"), dm.tokenizer_path)
     if ckpt_path:
         check_resume(ckpt_path, module)
 
     logger = build_logger(cfg.logger, run_dir, run_name(cfg), sweep_group(cfg), resolved)
     callbacks = build_callbacks(cfg, has_logger=logger is not None)
-    trainer_cfg = OmegaConf.to_container(cfg.trainer, resolve=True)
-    trainer_cfg["precision"] = resolve_precision(trainer_cfg.get("precision", "auto"),
-                                                 trainer_cfg.get("accelerator", "auto"))
+    trainer_cfg = resolved["trainer"]
     trainer: L.Trainer = instantiate(trainer_cfg, callbacks=callbacks, logger=logger or False,
                                      default_root_dir=str(run_dir))
     try:
