@@ -81,9 +81,8 @@ def test_settings_given_are_kept_and_written_where_the_code_reads_them():
 
 @pytest.fixture(scope="module")
 def env(tmp_path_factory) -> dict:
-    # TORCH_LOGS=recompiles: the compiled blocks announce their recompilation for validation (no grad), which
-    # shows that compile really ran. An own inductor cache: processes compiling at once share no headers.
-    return {**os.environ, "PYTHONPATH": str(ROOT / "src"), "WANDB_MODE": "offline", "TORCH_LOGS": "recompiles",
+    # An own inductor cache: processes compiling at once share no headers.
+    return {**os.environ, "PYTHONPATH": str(ROOT / "src"), "WANDB_MODE": "offline",
             "TORCHINDUCTOR_CACHE_DIR": str(tmp_path_factory.mktemp("inductor"))}
 
 
@@ -115,7 +114,8 @@ def test_train_py_runs_with_the_cuda_settings_on_the_cpu(tmp_path: Path, env: di
         ("bf16-mixed", "True", "True", "True", "dense")
     assert "no backward on the cpu" in log  # flex attention's fallback, with its reason
     assert "'enabled': True" in log[log.index("data.packing:"):].splitlines()[0]  # the train split was packed
-    assert "Using bfloat16 Automatic Mixed Precision" in out and "Recompiling function forward" in out
+    assert "Using bfloat16 Automatic Mixed Precision" in out
+    assert "compiling the training step as one graph (loss_impl=compiled" in log
     ckpt = torch.load(summary["last_checkpoint"], map_location="cpu", weights_only=True)
     assert all(g["fused"] for g in ckpt["optimizer_states"][0]["param_groups"])  # fused AdamW stepped
 

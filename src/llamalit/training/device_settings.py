@@ -131,6 +131,8 @@ def resolve_device_settings(cfg: Mapping, device_type: str, head_dim: int | None
     if loss_impl == "auto":
         loss_impl = resolve_loss_impl("auto", target, compile_)
         why["loss_impl"] = tag + (": traced into the compiled step" if loss_impl == "compiled" else "")
+    else:  # refused now, before data preparation, if this device cannot run it
+        resolve_loss_impl(loss_impl, device, compile_)
 
     workers = data.get("loader_workers")
     if workers is None:

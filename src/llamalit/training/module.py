@@ -195,8 +195,10 @@ class LlamaLitModule(L.LightningModule):
             mode = self.cfg.get("compile_mode") or "default"
             self._step = compile_step(mode)
             self._step_cudagraphs = mode == "reduce-overhead" and self.device.type == "cuda"
+            log.info("compiling the training step as one graph (loss_impl=%s, compile_mode=%s)", self._train_impl, mode)
         else:
             compile_blocks(self.model)
+            log.info("compiling each transformer block (loss_impl=%s cannot be traced)", self._train_impl)
 
     def on_before_batch_transfer(self, batch, dataloader_idx: int):
         return add_counted_positions(batch, pin=self.device.type == "cuda")
