@@ -20,8 +20,9 @@ _ABSENT = object()
 MISSING = "???"  # what OmegaConf.to_container leaves for a mandatory key nobody set
 
 # Keys of a training config that hold paths; the cache keys first, as the others may interpolate them.
-TRAIN_PATH_KEYS = ("paths.cache_dir", "paths.data_root", "paths.models_dir", "data.dir", "data.source",
-                   "data.tokenizer", "init_from", "ckpt_path", "export_dir", "run_dir")
+DATA_PATH_KEYS = ("paths.cache_dir", "paths.data_root", "paths.models_dir", "data.dir", "data.source",
+                  "data.tokenizer")
+TRAIN_PATH_KEYS = (*DATA_PATH_KEYS, "init_from", "ckpt_path", "export_dir", "run_dir")
 
 
 def expand_path(value: str) -> str:
@@ -127,9 +128,8 @@ def fraction_or_count(cfg: Mapping, key: str, what: str, nullable: bool = False)
                      + (" or null" if nullable else "") + f" ({what})")
 
 
-def check_train_settings(cfg: Mapping) -> None:
-    """Every numeric setting of a training config, before data preparation or model building."""
-    integer(cfg, "seed", 0, 2**32 - 1, what="the random seed")
+def check_data_settings(cfg: Mapping) -> None:
+    """The ``data.*`` numbers (training and ``scripts/prepare.py``)."""
     integer(cfg, "data.batch_size", 1, what="rows per micro-batch")
     integer(cfg, "data.seq_len", 2, nullable=True, what="tokens per training row")
     integer(cfg, "data.num_workers", 1, nullable=True, what="pretokenize processes; null: one per CPU core")
@@ -138,6 +138,12 @@ def check_train_settings(cfg: Mapping) -> None:
     integer(cfg, "data.stories_per_shard", 1)
     integer(cfg, "data.records_per_shard", 1)
     integer(cfg, "data.tokenizer_train_stories", 1)
+
+
+def check_train_settings(cfg: Mapping) -> None:
+    """Every numeric setting of a training config, before data preparation or model building."""
+    integer(cfg, "seed", 0, 2**32 - 1, what="the random seed")
+    check_data_settings(cfg)
     number(cfg, "optim.lr", 0, low_open=True, what="the peak learning rate")
     number(cfg, "optim.min_lr", 0, what="the learning rate the schedule ends at")
     number(cfg, "optim.weight_decay", 0)
