@@ -83,6 +83,8 @@ def quiet_library_output() -> None:
     # on_before_batch_transfer is the one used (as intended: the module moves and trims its batches)
     warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated")
     warnings.filterwarnings("ignore", message="You have overridden `on_before_batch_transfer` in `LightningModule`")
+    # a resumed run writes its checkpoints in its own run directory, by design
+    warnings.filterwarnings("ignore", message="The dirpath has changed from")
     rank_zero = logging.getLogger("lightning.pytorch.utilities.rank_zero")
     if not any(isinstance(f, _DropTips) for f in rank_zero.filters):
         rank_zero.addFilter(_DropTips())
