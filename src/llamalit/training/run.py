@@ -68,7 +68,7 @@ def unreadable(path: Path) -> str | None:
     try:  # mmap: only the archive's index and headers are read
         ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except Exception as e:  # noqa: BLE001 - any failure to load means unusable
-        return str(e).splitlines()[0] if str(e) else type(e).__name__
+        return str(e).splitlines()[0].split(". ")[0] if str(e) else type(e).__name__
     return None if isinstance(ckpt, dict) and "state_dict" in ckpt else "no state_dict"
 
 
