@@ -426,3 +426,27 @@ def test_wandb_run_name_leaves_out_init_from(env, tmp_path):
         assert run_name(cfg) == "demo_lora-lora.rank=4"
     finally:
         HydraConfig.instance().cfg = None
+
+
+def test_lora_base_trained_with_another_tokenizer_of_the_same_size_is_refused(env, tmp_path):
+    """demo_lora's base names a tokenizer with as many pieces as the data's but other pieces: its ids would
+    mean other text, so the run is refused naming both tokenizers; with the data's own tokenizer it runs."""
+    from llamalit.data.text_formats import read_records
+    from llamalit.data.tokenizer import train_tokenizer
+
+    cfg = experiment_cfg("demo_lora", env, tmp_path / "run", ["trainer.fast_dev_run=true"])
+    dm = LlamaDataModule(cfg.data, cache_dir=cfg.paths.cache_dir, seed=cfg.seed)
+    dm.prepare_data()
+    texts = [r["story"].upper() for f in sorted(env.corpus_dir.glob("data*.json")) for r in read_records(f)]
+    other = train_tokenizer(texts, dm.vocab_size, tmp_path / "other.model")
+    base = Path(str(cfg.init_from))
+    save_model(tiny_base(dm.vocab_size), base, extra={"tokenizer": str(other)})
+    with pytest.raises(ValueError, match=f"init_from={base}: the base model was trained with tokenizer {other} "
+                                         f".*differs from the data's tokenizer {dm.tokenizer_path}"):
+        train(cfg)
+    same = tmp_path / "copy_of_the_data_tokenizer.model"
+    same.write_bytes(Path(dm.tokenizer_path).read_bytes())
+    save_model(tiny_base(dm.vocab_size), base, extra={"tokenizer": str(same)})
+    with open_dict(cfg):
+        cfg.run_dir = str(tmp_path / "run2")
+    assert train(cfg)["step"] == 1
