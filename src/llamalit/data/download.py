@@ -149,10 +149,11 @@ def extract_tar(archive: str | Path, out_dir: str | Path, downloaded: bool = Tru
             tar.extractall(tmp, members=members, **kwargs)
         tmp.rename(out_dir)
     except (tarfile.TarError, EOFError, OSError) as e:
+        why = " ".join(str(e).split())  # tarfile lists every compression it tried, one a line
         if not downloaded:
-            raise DownloadError(f"{archive}: not a readable tar archive ({e}); data.source must be a .tar.gz of "
+            raise DownloadError(f"{archive}: not a readable tar archive ({why}); data.source must be a .tar.gz of "
                                 "data*.json, a directory of them, or a .json/.jsonl file") from e
-        raise DownloadError(f"{archive}: the downloaded archive cannot be extracted ({e}); delete it and run "
+        raise DownloadError(f"{archive}: the downloaded archive cannot be extracted ({why}); delete it and run "
                             "again to download it anew") from e
     finally:
         if tmp.exists():
