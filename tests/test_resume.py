@@ -245,3 +245,28 @@ def test_training_writes_checkpoints_through_the_atomic_writer(monkeypatch, tmp_
     monkeypatch.setattr(run, "build_callbacks", lambda c, **kw: [*BUILD_CALLBACKS(c, **kw), probe])
     run.train(compose_cfg([*overrides, f"run_dir={tmp_path / 'run'}"]))
     assert seen == [AtomicCheckpointIO]
+
+
+def test_a_run_resumed_mid_epoch_shows_its_total_and_eta(monkeypatch, tmp_path):
+    """Lightning skips on_train_epoch_start when it resumes mid-epoch, where the bar gets its total: without
+    it the bar shows neither a total nor an ETA."""
+    from llamalit.training.callbacks import StepProgressBar
+
+    overrides = ["experiment=demo", "model=tiny", f"paths.cache_dir={tmp_path / 'cache'}",
+                 *[o for o in COMMON if "progress_bar" not in o], "trainer.enable_progress_bar=true",
+                 "callbacks.progress_bar.refresh_steps=1"]
+    with pytest.raises(Preempted):
+        train_recording(monkeypatch, compose_cfg([*overrides, f"run_dir={tmp_path / 'r' / 'first'}"]),
+                        LossRecorder(crash_at_step=STEPS // 2))
+    bars = []
+
+    class BarProbe(L.Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            bar = next(c for c in trainer.callbacks if isinstance(c, StepProgressBar)).train_progress_bar
+            bars.append((bar.total, bar.n, bar.desc))
+
+    train_recording(monkeypatch, compose_cfg([*overrides, f"run_dir={tmp_path / 'r' / 'second'}",
+                                              "ckpt_path=last"]), BarProbe())
+    total, n, desc = bars[0]
+    done = STEPS // 2 * 2  # micro-batches of epoch 0 before the crash (2 a step)
+    assert desc.startswith("Epoch 0") and isinstance(total, int) and done <= n < total  # mid-epoch, with a total
