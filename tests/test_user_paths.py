@@ -68,3 +68,17 @@ def test_the_lora_run_trains_with_its_dropout_on(demo_then_lora):
     assert "Trainable params" in out  # the model summary was printed
     assert "in eval mode at the start of training" not in out
     assert "Modules in eval mode: 0" in out
+
+
+def test_prepare_on_an_empty_home_makes_no_literal_tilde_directory(tmp_path):
+    """scripts/prepare.py keeps its logs under the cache: Hydra makes that run directory itself, so the
+    default cache must not reach it as a literal ``~`` (a ``./~`` directory in the working directory)."""
+    home, work = tmp_path / "home", tmp_path / "work"
+    work.mkdir()
+    proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "prepare.py"), "data=synthetic", "data.n_shards=2",
+                           "data.stories_per_shard=60", "data.tokenizer=train:384", "data.num_workers=1",
+                           "progress=false"], cwd=work, env=user_env(home), capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert (home / ".cache" / "llamalit" / "data" / "synthetic" / "manifest.json").is_file()
+    assert list(work.iterdir()) == []
