@@ -142,12 +142,20 @@ def test_train_cli_refuses_a_bad_number_in_one_line_before_work(tmp_path, overri
     assert not (tmp_path / ".cache" / "llamalit").exists()  # no data prepared, no models/demo published
 
 
-def test_a_run_without_an_optimizer_step_publishes_nothing(tmp_path):
+def test_a_run_without_an_optimizer_step_publishes_nothing(tmp_path, monkeypatch):
+    """Whatever made fit end without a step (here a fit that returns at once), the untrained weights are not
+    exported, nor published where demo_lora looks for its base."""
+    import lightning as L
+
     from llamalit.training.run import train
 
     models = tmp_path / "models" / "demo"
     cfg = compose_train(["experiment=demo", f"paths.cache_dir={tmp_path / 'cache'}", f"run_dir={tmp_path / 'run'}",
-                         f"export_dir={models}", "+trainer.limit_train_batches=0", "data.batch_size=4", *SMALL_DATA])
+                         f"export_dir={models}", "data.batch_size=4", *SMALL_DATA])
+    with pytest.raises(ValueError, match="^trainer.limit_train_batches=0: trains nothing"):
+        train(compose_train(["experiment=demo", f"paths.cache_dir={tmp_path / 'cache'}", f"run_dir={tmp_path / 'r'}",
+                             "+trainer.limit_train_batches=0", *SMALL_DATA]))
+    monkeypatch.setattr(L.Trainer, "fit", lambda self, *args, **kwargs: None)
     with pytest.raises(ValueError, match=f"no optimizer step.*not exported nor published to export_dir={models}"):
         train(cfg)
     assert not models.exists() and not (tmp_path / "run" / "model.safetensors").exists()

@@ -164,6 +164,9 @@ def check_train_settings(cfg: Mapping) -> None:
     fraction_or_count(cfg, "trainer.val_check_interval", "how often to validate", nullable=True)
     fraction_or_count(cfg, "trainer.limit_val_batches", "how much of the validation set to use", nullable=True)
     fraction_or_count(cfg, "trainer.limit_train_batches", "how much of the training set to use", nullable=True)
+    if get(cfg, "trainer.limit_train_batches", None) == 0:
+        raise ValueError("trainer.limit_train_batches=0: trains nothing; must be an integer >= 1 (batches) or a "
+                         "number in (0, 1] (a fraction), or null")
     integer(cfg, "evaluation.adherence_n", 0, nullable=True, what="held-out instructions after training; 0: off")
     integer(cfg, "evaluation.max_new_tokens", 1)
     if get(cfg, "callbacks.samples", None):
