@@ -222,3 +222,39 @@ def test_train_tokenizer_too_small_vocab_says_how_many(tmp_path):
     need = int(str(e.value).split("at least ")[1].split()[0])
     assert need > 270
     assert Tokenizer(train_tokenizer(lines, need, tmp_path / "t.model", num_threads=1)).vocab_size == need
+
+
+# --- required keys, numbers and paths (every CLI) ------------------------------------------------------------
+
+@pytest.mark.parametrize("script", ["generate.py", "scripts/evaluate.py", "scripts/export.py"])
+def test_cli_without_ckpt_says_it_is_required(tmp_path, script):
+    args = ["format=hf", f"out={tmp_path / 'out'}"] if "export" in script else []
+    res = subprocess.run([sys.executable, str(ROOT / script), *args], capture_output=True, text=True, cwd=tmp_path,
+                         timeout=120)
+    assert res.returncode == 1
+    assert res.stderr.startswith("error: ckpt= is required: give the checkpoint"), res.stderr
+    assert "???" not in res.stderr
+
+
+@pytest.mark.parametrize("key, value, valid", [("n", -5, "an integer >= 0 or null"),
+                                               ("max_new_tokens", 0, "an integer >= 1"),
+                                               ("temperature", -0.5, "a number >= 0"),
+                                               ("batch_size", 0, "an integer >= 1")])
+def test_evaluate_names_a_bad_number_before_loading(run_dir, key, value, valid):
+    from llamalit.cli.evaluate import run_evaluate
+
+    cfg = {"ckpt": str(run_dir), "data": {"source": "synthetic"}, "n": 4, "seed": 0, "max_new_tokens": 8,
+           "temperature": 0.0, "batch_size": 2, "examples": 0, "device": "cpu", key: value}
+    with pytest.raises(ValueError, match=rf"^{key}={value!r}: must be {valid}"):
+        run_evaluate(cfg, Recorder())
+
+
+def test_generate_and_export_expand_home_and_variables(run_dir, tmp_path, monkeypatch):
+    monkeypatch.setenv("HOME", str(run_dir.parent))
+    monkeypatch.setenv("OUT_ROOT", str(tmp_path))
+    out = Recorder()
+    run_generate({"ckpt": f"~/{run_dir.name}", "prompt": "once", "max_new_tokens": 2, "temperature": 0.0,
+                  "device": "cpu"}, out)
+    assert out.getvalue()
+    written = export(Path(f"~/{run_dir.name}"), "hf", Path("$OUT_ROOT/hf"))
+    assert written == [tmp_path / "hf"] and (tmp_path / "hf" / "config.json").is_file()

@@ -195,3 +195,15 @@ def test_data_dir_that_is_a_file_is_a_clear_error(tmp_path, synthetic_corpus, ti
         with pytest.raises(NotADirectoryError, match=r"data\.dir=.* is a file"):
             LlamaDataModule(cfg, cache_dir=tmp_path / "cache").prepare_data()
     assert file.read_text() == "x"
+
+
+# ---- a local data.source that is not an archive ---------------------------------------------------------------
+def test_a_local_archive_that_is_not_one_is_named_without_download_advice(tmp_path, tiny_tokenizer):
+    bad = tmp_path / "stories.tar.gz"
+    bad.write_bytes(b"not a tar archive at all")
+    cfg = {"name": "t", "kind": "instruct", "format": "tinystories", "source": str(bad),
+           "tokenizer": str(tiny_tokenizer.path), "dir": str(tmp_path / "data"), "seq_len": 256, "num_workers": 1,
+           "sha256": None}
+    with pytest.raises(Exception, match=rf"{bad}: not a readable tar archive .*data\.source must be") as err:
+        run_prepare(cfg, tmp_path / "cache", progress=False)
+    assert "download" not in str(err.value) and bad.read_bytes() == b"not a tar archive at all"

@@ -13,6 +13,7 @@ import math
 from pathlib import Path
 from types import SimpleNamespace
 
+import lightning as L
 import pytest
 import torch
 from hydra import compose, initialize_config_dir
@@ -378,3 +379,76 @@ def test_callbacks_follow_the_trainer_switches(tmp_path):
     quiet = compose_cfg(["experiment=demo", f"run_dir={tmp_path}", "trainer.enable_progress_bar=false"])
     assert not any(isinstance(c, ProgressBar) for c in build_callbacks(quiet, has_logger=False))
     assert not any(isinstance(c, LearningRateMonitor) for c in build_callbacks(quiet, has_logger=False))
+
+
+class LoraDropoutProbe(L.Callback):
+    """At the first training batch: the LoRA dropout modules' mode, and whether two forwards differ."""
+
+    def __init__(self) -> None:
+        self.modes: list[bool] = []
+        self.forwards_differ: bool | None = None
+        self.eval_modules: int | None = None
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if self.forwards_differ is not None:
+            return
+        from llamalit.lora import lora_layers
+
+        self.modes = [layer.lora_dropout.training for layer in lora_layers(pl_module.model).values()]
+        self.eval_modules = sum(not m.training for m in pl_module.modules())
+        for layer in lora_layers(pl_module.model).values():  # B = 0 at the start: give the path an effect
+            torch.nn.init.normal_(layer.lora_B, std=0.5)
+        with torch.no_grad():
+            tokens = batch["input_ids"]
+            self.forwards_differ = not torch.equal(pl_module.model(tokens), pl_module.model(tokens))
+
+
+def test_lora_dropout_acts_during_fit_on_a_loaded_base(env, tmp_path, monkeypatch):
+    """demo_lora loads its base (load_checkpoint returns it in eval mode): during fit the adapters' dropout
+    must be in training mode and act, so two forwards of one batch differ."""
+    from llamalit.training import run
+
+    cfg = experiment_cfg("demo_lora", env, tmp_path / "run", ["lora.dropout=0.5", "trainer.max_steps=1",
+                                                              "trainer.limit_val_batches=0", "callbacks.samples=null"])
+    probe = LoraDropoutProbe()
+    build = run.build_callbacks
+    monkeypatch.setattr(run, "build_callbacks", lambda c, **kw: [*build(c, **kw), probe])
+    train(cfg)
+    assert probe.modes and all(probe.modes)
+    assert probe.eval_modules == 0
+    assert probe.forwards_differ
+
+
+def test_wandb_run_name_leaves_out_init_from(env, tmp_path):
+    overrides = ["experiment=demo_lora", f"init_from={tmp_path / 'some' / 'base'}", "lora.rank=4",
+                 f"data.source={tmp_path}", f"paths.cache_dir={env.cache}", f"run_dir={tmp_path}"]
+    cfg = compose_cfg(overrides, hydra_config=True)
+    try:
+        HydraConfig.instance().set_config(cfg)
+        assert run_name(cfg) == "demo_lora-lora.rank=4"
+    finally:
+        HydraConfig.instance().cfg = None
+
+
+def test_lora_base_trained_with_another_tokenizer_of_the_same_size_is_refused(env, tmp_path):
+    """demo_lora's base names a tokenizer with as many pieces as the data's but other pieces: its ids would
+    mean other text, so the run is refused naming both tokenizers; with the data's own tokenizer it runs."""
+    from llamalit.data.text_formats import read_records
+    from llamalit.data.tokenizer import train_tokenizer
+
+    cfg = experiment_cfg("demo_lora", env, tmp_path / "run", ["trainer.fast_dev_run=true"])
+    dm = LlamaDataModule(cfg.data, cache_dir=cfg.paths.cache_dir, seed=cfg.seed)
+    dm.prepare_data()
+    texts = [r["story"].upper() for f in sorted(env.corpus_dir.glob("data*.json")) for r in read_records(f)]
+    other = train_tokenizer(texts, dm.vocab_size, tmp_path / "other.model")
+    base = Path(str(cfg.init_from))
+    save_model(tiny_base(dm.vocab_size), base, extra={"tokenizer": str(other)})
+    with pytest.raises(ValueError, match=f"init_from={base}: the base model was trained with tokenizer {other} "
+                                         f".*differs from the data's tokenizer {dm.tokenizer_path}"):
+        train(cfg)
+    same = tmp_path / "copy_of_the_data_tokenizer.model"
+    same.write_bytes(Path(dm.tokenizer_path).read_bytes())
+    save_model(tiny_base(dm.vocab_size), base, extra={"tokenizer": str(same)})
+    with open_dict(cfg):
+        cfg.run_dir = str(tmp_path / "run2")
+    assert train(cfg)["step"] == 1

@@ -2,7 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -12,6 +18,8 @@ from llamalit.data.prepare import load_manifest, run_prepare
 from llamalit.data.pretokenize import IGNORE_INDEX, ShardJob, instruct_rows, run_jobs
 from llamalit.data.text_formats import ALPACA_TEMPLATE_NO_INPUT, DataFormatError, read_records, shorten_prompt
 from llamalit.model import IGNORE_INDEX as MODEL_IGNORE_INDEX
+
+SRC = Path(__file__).resolve().parents[1] / "src"
 
 
 def _rows(shard: dict, seq_len: int) -> tuple[np.ndarray, np.ndarray]:
@@ -172,3 +180,59 @@ def test_missing_source_is_a_clear_error(tmp_path, tiny_tokenizer):
         read_records(tmp_path / "gone.json")
     with pytest.raises(ValueError, match="data.seq_len"):
         run_prepare({**cfg, "seq_len": None}, tmp_path, progress=False)
+
+
+def _children(pid: int) -> set[int]:
+    """Live processes whose parent is ``pid`` (from /proc)."""
+    found = set()
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid and fields[0] != "Z":
+            found.add(int(stat.parent.name))
+    return found
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+def test_workers_and_resource_tracker_die_with_a_killed_parent(tmp_path, tiny_tokenizer):
+    """kill -9 of the process running the pool (no cleanup runs there) takes its workers and the resource
+    tracker with it. The workers are held inside their jobs by FIFOs as sources that never deliver data."""
+    fifos = [tmp_path / f"data0{i}.json" for i in (1, 2)]
+    for fifo in fifos:
+        os.mkfifo(fifo)
+    script = (
+        "import sys\nfrom llamalit.data.pretokenize import ShardJob, run_jobs\n"
+        f"jobs = [ShardJob(name=f'data0{{i}}', source=src, split='train', out_dir={str(tmp_path / 'out')!r}, "
+        f"tokenizer_path={str(tiny_tokenizer.path)!r}, kind='pretrain') for i, src in enumerate({list(map(str, fifos))!r})]\n"
+        "run_jobs(jobs, num_workers=2, progress=False)\n")
+    proc = subprocess.Popen([sys.executable, "-c", script], env={**os.environ, "PYTHONPATH": str(SRC)})
+    writers: list[int] = []
+    descendants: set[int] = set()
+    try:
+        deadline = time.monotonic() + 120
+        while len(writers) < len(fifos):  # a writer can open a FIFO only once a worker opened it to read
+            assert proc.poll() is None and time.monotonic() < deadline, "the workers never reached their jobs"
+            try:
+                writers.append(os.open(fifos[len(writers)], os.O_WRONLY | os.O_NONBLOCK))
+            except OSError:
+                time.sleep(0.2)
+        descendants = _children(proc.pid)
+        assert len(descendants) >= 3  # two workers and multiprocessing's resource tracker
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+        deadline = time.monotonic() + 15
+        while (alive := {p for p in descendants if Path(f"/proc/{p}").exists() and
+                         "Z" not in Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()[:1]}) \
+                and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert not alive, f"still running after their parent was killed: {sorted(alive)}"
+    finally:
+        for fd in writers:
+            os.close(fd)
+        if proc.poll() is None:
+            proc.kill()
+        for pid in descendants:  # without the fix they outlive the test
+            with contextlib.suppress(OSError):
+                os.kill(pid, signal.SIGKILL)

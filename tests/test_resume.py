@@ -7,7 +7,12 @@ after the resume. Per-micro-batch training losses, the final weights and the sum
 
 from __future__ import annotations
 
+import builtins
+import errno
 import json
+import os
+import shutil
+import tempfile
 from pathlib import Path
 
 import lightning as L
@@ -152,3 +157,117 @@ def test_lora_run_resumes_exactly(monkeypatch, tmp_path):
     save_model(Llama(ModelConfig.preset("tiny", vocab_size=dm.vocab_size, dropout=0.1)), str(base_cfg.init_from))
     with pytest.raises(ValueError, match="init_from=.*is not the base this checkpoint was trained on"):
         run.train(compose_cfg([*overrides, f"run_dir={tmp_path / 'c'}", f"ckpt_path={last}"]))
+
+
+def test_resume_from_last_skips_a_truncated_last_ckpt(monkeypatch, tmp_path, caplog):
+    """A last.ckpt cut short (a full disk while an older version wrote it) beside an intact step checkpoint:
+    ``ckpt_path=last`` resumes from the newest readable one and says so."""
+    overrides = ["experiment=demo", "model=tiny", f"paths.cache_dir={tmp_path / 'cache'}", *COMMON]
+    first = LossRecorder(crash_at_step=STEPS // 2 + 1)  # after the validation at STEPS // 2 ...
+    with pytest.raises(Preempted):
+        train_recording(monkeypatch, compose_cfg([*overrides, f"trainer.val_check_interval={STEPS // 2 * 2}",
+                                                  f"run_dir={tmp_path / 'runs' / 'first'}"]), first)
+    ckpts = tmp_path / "runs" / "first" / "checkpoints"
+    (step_ckpt,) = [p for p in ckpts.glob("step*.ckpt")]
+    last = ckpts / "last.ckpt"
+    last.write_bytes(last.read_bytes()[: last.stat().st_size // 2])  # ... and a torn last.ckpt after it
+    with caplog.at_level("WARNING", logger="llamalit.training.run"):
+        summary = train_recording(monkeypatch, compose_cfg([*overrides, f"run_dir={tmp_path / 'runs' / 'second'}",
+                                                            "ckpt_path=last"]), LossRecorder())
+    assert summary["step"] == STEPS
+    assert any(f"{last} is not readable" in r.message and f"resuming from {step_ckpt}" in r.message
+               for r in caplog.records), [r.message for r in caplog.records]
+
+
+class FullDisk:
+    """A file being written on a disk with ``room['left']`` bytes free: a write past that stores what fits and
+    fails with ENOSPC, as a full disk does."""
+
+    def __init__(self, f, room: dict) -> None:
+        self._f, self._room = f, room
+
+    def write(self, data) -> int:
+        data = memoryview(data).cast("B")
+        if len(data) > self._room["left"]:
+            self._f.write(data[: self._room["left"]])
+            self._room["left"] = 0
+            raise OSError(errno.ENOSPC, "No space left on device")
+        self._room["left"] -= len(data)
+        return self._f.write(data)
+
+    def __getattr__(self, name):
+        return getattr(self._f, name)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._f.close()
+
+
+def test_a_full_disk_while_checkpointing_leaves_the_previous_checkpoint(tmp_path, monkeypatch):
+    """The checkpoint folder's disk fills up while a bigger checkpoint is written over last.ckpt: the write
+    fails, and the previous checkpoint is still there, whole. Temp files elsewhere (/tmp on another filesystem,
+    here /dev/shm when it is one) do not help: the bytes must still be copied onto the checkpoint's disk."""
+    from llamalit.training.checkpoint_io import AtomicCheckpointIO
+
+    io, folder = AtomicCheckpointIO(), tmp_path / "checkpoints"
+    path = folder / "last.ckpt"
+    io.save_checkpoint({"state_dict": {"w": torch.zeros(1000)}, "global_step": 1}, path)
+    shm = Path("/dev/shm")
+    if shm.is_dir() and os.access(shm, os.W_OK) and shm.stat().st_dev != tmp_path.stat().st_dev:
+        monkeypatch.setattr(tempfile, "tempdir", str(shm))
+    monkeypatch.setattr(shutil, "_USE_CP_SENDFILE", False, raising=False)  # copies go through write()
+    room, real_open = {"left": path.stat().st_size // 2}, builtins.open
+
+    def open_on_a_full_disk(file, mode="r", *args, **kwargs):
+        f = real_open(file, mode, *args, **kwargs)
+        writes = any(c in mode for c in "wax+") and isinstance(file, (str, os.PathLike))
+        return FullDisk(f, room) if writes and Path(file).resolve().parent == folder.resolve() else f
+
+    monkeypatch.setattr(builtins, "open", open_on_a_full_disk)
+    try:
+        with pytest.raises((OSError, RuntimeError)):  # torch reports the failed write as either
+            io.save_checkpoint({"state_dict": {"w": torch.ones(100_000)}, "global_step": 2}, path)
+    finally:
+        monkeypatch.undo()
+    assert torch.load(path, weights_only=True)["global_step"] == 1
+    assert [p.name for p in folder.iterdir()] == ["last.ckpt"]
+
+
+def test_training_writes_checkpoints_through_the_atomic_writer(monkeypatch, tmp_path):
+    from llamalit.training.checkpoint_io import AtomicCheckpointIO
+
+    seen = []
+    probe = type("Probe", (L.Callback,), {"on_train_start": lambda self, trainer, module: seen.append(
+        type(trainer.strategy.checkpoint_io))})()
+    overrides = ["experiment=demo", "model=tiny", f"paths.cache_dir={tmp_path / 'cache'}", *COMMON,
+                 "trainer.max_steps=1", "trainer.limit_val_batches=0"]
+    monkeypatch.setattr(run, "build_callbacks", lambda c, **kw: [*BUILD_CALLBACKS(c, **kw), probe])
+    run.train(compose_cfg([*overrides, f"run_dir={tmp_path / 'run'}"]))
+    assert seen == [AtomicCheckpointIO]
+
+
+def test_a_run_resumed_mid_epoch_shows_its_total_and_eta(monkeypatch, tmp_path):
+    """Lightning skips on_train_epoch_start when it resumes mid-epoch, where the bar gets its total: without
+    it the bar shows neither a total nor an ETA."""
+    from llamalit.training.callbacks import StepProgressBar
+
+    overrides = ["experiment=demo", "model=tiny", f"paths.cache_dir={tmp_path / 'cache'}",
+                 *[o for o in COMMON if "progress_bar" not in o], "trainer.enable_progress_bar=true",
+                 "callbacks.progress_bar.refresh_steps=1"]
+    with pytest.raises(Preempted):
+        train_recording(monkeypatch, compose_cfg([*overrides, f"run_dir={tmp_path / 'r' / 'first'}"]),
+                        LossRecorder(crash_at_step=STEPS // 2))
+    bars = []
+
+    class BarProbe(L.Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            bar = next(c for c in trainer.callbacks if isinstance(c, StepProgressBar)).train_progress_bar
+            bars.append((bar.total, bar.n, bar.desc))
+
+    train_recording(monkeypatch, compose_cfg([*overrides, f"run_dir={tmp_path / 'r' / 'second'}",
+                                              "ckpt_path=last"]), BarProbe())
+    total, n, desc = bars[0]
+    done = STEPS // 2 * 2  # micro-batches of epoch 0 before the crash (2 a step)
+    assert desc.startswith("Epoch 0") and isinstance(total, int) and done <= n < total  # mid-epoch, with a total

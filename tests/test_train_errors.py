@@ -94,3 +94,69 @@ def test_copy_export_replaces_an_earlier_export_whole(tmp_path: Path) -> None:
     assert sorted(p.name for p in dest.iterdir()) == ["config.json", "generation_config.json", "llamalit.json",
                                                       "model.safetensors"]
     torch.testing.assert_close(load_checkpoint(dest).state_dict(), model.state_dict())
+
+
+CONF_DIR = ROOT / "conf"
+SMALL_DATA = ["data.n_shards=2", "data.stories_per_shard=60", "data.tokenizer=train:384", "data.num_workers=1",
+              "logger=none", "callbacks.samples=null", "evaluation.adherence_n=0", "model=tiny"]
+
+
+def compose_train(overrides: list[str]):
+    from hydra import compose, initialize_config_dir
+
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        return compose("train", overrides=overrides)
+
+
+@pytest.mark.parametrize("experiment, key, value, valid", [
+    ("demo", "data.batch_size", 0, "an integer >= 1"), ("demo", "data.batch_size", -4, "an integer >= 1"),
+    ("demo", "optim.lr", -1, "a number > 0"), ("demo_lora", "lora.rank", 0, "an integer >= 1"),
+    ("demo", "trainer.max_steps", 0, "an integer >= 1 or -1"), ("demo", "optim.beta2", 1.0, r"a number in \[0, 1\)"),
+    ("demo", "trainer.accumulate_grad_batches", 0, "an integer >= 1"), ("demo_lora", "lora.alpha", 0, "a number > 0"),
+    ("demo", "evaluation.max_new_tokens", 0, "an integer >= 1"), ("demo", "data.loader_workers", -1, "an integer >= 0"),
+])
+def test_every_numeric_setting_is_checked_before_any_work(tmp_path, experiment, key, value, valid):
+    from llamalit.training.run import train
+
+    cfg = compose_train([f"experiment={experiment}", f"paths.cache_dir={tmp_path / 'cache'}",
+                         f"run_dir={tmp_path / 'run'}", f"{key}={value}", *SMALL_DATA])
+    with pytest.raises(ValueError, match=f"^{key}={value!r}: must be {valid}"):
+        train(cfg)
+    assert not (tmp_path / "cache").exists()  # nothing prepared, downloaded or published
+
+
+def cli_env(home: Path) -> dict[str, str]:
+    """A user's environment: HOME of its own, no LLAMALIT_CACHE (the default ~/.cache/llamalit is used)."""
+    env = {k: v for k, v in os.environ.items() if k != "LLAMALIT_CACHE"}
+    return {**env, "HOME": str(home), "PYTHONPATH": str(ROOT / "src"), "WANDB_MODE": "disabled"}
+
+
+@pytest.mark.parametrize("override, expected", [
+    ("trainer.max_steps=0", "error: trainer.max_steps=0: must be an integer >= 1 or -1"),
+    ("data.batch_size=0", "error: data.batch_size=0: must be an integer >= 1"),
+])
+def test_train_cli_refuses_a_bad_number_in_one_line_before_work(tmp_path, override, expected):
+    proc = subprocess.run([sys.executable, "train.py", "experiment=demo", override, f"hydra.run.dir={tmp_path / 'run'}"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=120, env=cli_env(tmp_path))
+    assert proc.returncode == 1
+    assert expected in proc.stderr and "Traceback" not in proc.stderr
+    assert not (tmp_path / ".cache" / "llamalit").exists()  # no data prepared, no models/demo published
+
+
+def test_a_run_without_an_optimizer_step_publishes_nothing(tmp_path, monkeypatch):
+    """Whatever made fit end without a step (here a fit that returns at once), the untrained weights are not
+    exported, nor published where demo_lora looks for its base."""
+    import lightning as L
+
+    from llamalit.training.run import train
+
+    models = tmp_path / "models" / "demo"
+    cfg = compose_train(["experiment=demo", f"paths.cache_dir={tmp_path / 'cache'}", f"run_dir={tmp_path / 'run'}",
+                         f"export_dir={models}", "data.batch_size=4", *SMALL_DATA])
+    with pytest.raises(ValueError, match="^trainer.limit_train_batches=0: trains nothing"):
+        train(compose_train(["experiment=demo", f"paths.cache_dir={tmp_path / 'cache'}", f"run_dir={tmp_path / 'r'}",
+                             "+trainer.limit_train_batches=0", *SMALL_DATA]))
+    monkeypatch.setattr(L.Trainer, "fit", lambda self, *args, **kwargs: None)
+    with pytest.raises(ValueError, match=f"no optimizer step.*not exported nor published to export_dir={models}"):
+        train(cfg)
+    assert not models.exists() and not (tmp_path / "run" / "model.safetensors").exists()

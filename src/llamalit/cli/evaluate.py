@@ -9,6 +9,7 @@ the Llama 2 tokenizer.
 
 from __future__ import annotations
 
+import copy
 import sys
 from collections.abc import Mapping
 from pathlib import Path
@@ -69,7 +70,11 @@ def run_evaluate(cfg: Mapping, out: TextIO | None = None) -> dict:
     from llamalit.data.tokenizer import Tokenizer
     from llamalit.evaluation import evaluate_adherence, held_out_records
     from llamalit.fileio import atomic_write_json
+    from llamalit.settings_checks import DATA_PATH_KEYS, check_evaluate_settings, expand_paths
 
+    check_evaluate_settings(cfg)
+    cfg = copy.deepcopy(dict(cfg))
+    expand_paths(cfg, ("ckpt", "source", "tokenizer", "out", *DATA_PATH_KEYS))
     out = out if out is not None else sys.stdout
     local = fetch(cfg["ckpt"])
     model = load_checkpoint(local)

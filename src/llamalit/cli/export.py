@@ -141,7 +141,13 @@ def _copy(src: Path, dest: Path) -> None:
 def run_export(cfg: Mapping) -> list[Path]:
     """Convert ``cfg['ckpt']`` to ``cfg['format']`` at ``cfg['out']``; return the files/dirs written."""
     from llamalit.checkpoints.detect import fetch, load_checkpoint
+    from llamalit.settings_checks import expand_paths, require
 
+    require(cfg, "ckpt", "the checkpoint to convert (a path or URL)")
+    require(cfg, "format", f"one of {list(FORMATS)}")
+    require(cfg, "out", "where to write (a file for the .bin formats, a directory for the others)")
+    cfg = dict(cfg)
+    expand_paths(cfg, ("ckpt", "out", "tokenizer"))
     fmt, out = str(cfg["format"]), Path(str(cfg["out"])).expanduser()
     if fmt not in FORMATS:
         raise ValueError(f"format={fmt!r}: choose one of {list(FORMATS)}")

@@ -117,7 +117,11 @@ def run_generate(cfg: Mapping, out: TextIO | None = None) -> list[int]:
     from llamalit.data.download import default_cache_dir
     from llamalit.data.tokenizer import Tokenizer
     from llamalit.generate import check_sampling_args, generate_stream
+    from llamalit.settings_checks import expand_paths, require
 
+    require(cfg, "ckpt", "the checkpoint to sample from (a path or URL)")
+    cfg = dict(cfg)
+    expand_paths(cfg, ("ckpt", "tokenizer"))
     out = out if out is not None else sys.stdout
     max_new_setting = cfg.get("max_new_tokens")  # null: fill the context
     top_k, top_p, seed = cfg.get("top_k"), cfg.get("top_p"), cfg.get("seed")

@@ -13,8 +13,11 @@ def main(cfg: DictConfig) -> None:
     """Prepare ``cfg.data`` under ``cfg.data.dir`` and print a one-line summary."""
     from llamalit.cli import user_errors
     from llamalit.data.prepare import run_prepare
+    from llamalit.settings_checks import DATA_PATH_KEYS, check_data_settings, expand_paths
 
     with user_errors():
+        expand_paths(cfg, DATA_PATH_KEYS)
+        check_data_settings(cfg)
         result = run_prepare(cfg.data, cfg.paths.cache_dir, progress=bool(cfg.get("progress", True)))
     print(result.summary(), flush=True)
 

@@ -153,12 +153,13 @@ def _reject_unsafe(member: tarfile.TarInfo, archive: Path) -> None:
         raise DownloadError(f"{archive}: refusing member {name!r} that would land outside the target directory")
 
 
-def extract_tar(archive: str | Path, out_dir: str | Path) -> Path:
+def extract_tar(archive: str | Path, out_dir: str | Path, downloaded: bool = True) -> Path:
     """Extract a (compressed) tar archive into ``out_dir`` safely and atomically; return ``out_dir``.
 
     Links, devices, absolute paths and ``..`` are refused before anything is written; Python's
     ``data`` extraction filter is applied as a second guard. The archive is unpacked into a temp
-    directory that is renamed to ``out_dir`` only when complete.
+    directory that is renamed to ``out_dir`` only when complete. ``downloaded``: the archive is a cached
+    download (the error says to fetch it again), else the user's own file (the error says to fix it).
     """
     archive, out_dir = Path(archive), Path(out_dir)
     if out_dir.is_dir():
@@ -174,7 +175,12 @@ def extract_tar(archive: str | Path, out_dir: str | Path) -> Path:
             tar.extractall(tmp, members=members, **kwargs)
         tmp.rename(out_dir)
     except (tarfile.TarError, EOFError, OSError) as e:
-        raise DownloadError(f"{archive}: cannot extract ({e}); delete it and download again") from e
+        why = " ".join(str(e).split())  # tarfile lists every compression it tried, one a line
+        if not downloaded:
+            raise DownloadError(f"{archive}: not a readable tar archive ({why}); data.source must be a .tar.gz of "
+                                "data*.json, a directory of them, or a .json/.jsonl file") from e
+        raise DownloadError(f"{archive}: the downloaded archive cannot be extracted ({why}); delete it and run "
+                            "again to download it anew") from e
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)

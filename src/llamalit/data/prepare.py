@@ -155,7 +155,7 @@ def source_files(cfg: dict, cache_dir: Path) -> tuple[list[Path], bool]:
         if cfg["sha256"] and not is_url(source) and (d := sha256_file(path)) != cfg["sha256"].lower():
             raise DownloadError(f"{path}: sha256 {d} differs from data.sha256={cfg['sha256']}")
         stem = path.name.split(".tar")[0].removesuffix(".tgz")
-        path = extract_tar(path, cache_dir / "extracted" / f"{stem}-{path.stat().st_size}")
+        path = extract_tar(path, cache_dir / "extracted" / f"{stem}-{path.stat().st_size}", downloaded=is_url(source))
     if path.is_dir():
         files = sorted(path.glob("data*.json")) or sorted(path.rglob("data*.json"))
         if not files:

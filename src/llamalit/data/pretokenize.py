@@ -8,8 +8,14 @@ small ``<name>.meta.json`` with the settings it was made with; a later run with 
 
 from __future__ import annotations
 
+import ctypes
 import json
 import multiprocessing
+import os
+import signal
+import sys
+import threading
+import time
 from collections.abc import Sequence
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass, field
@@ -24,6 +30,7 @@ from llamalit.data.tokenizer import Tokenizer
 from llamalit.fileio import atomic_path, atomic_write_json
 
 IGNORE_INDEX = -100  # same value as llamalit.model.IGNORE_INDEX (not imported: workers stay torch-free)
+PR_SET_PDEATHSIG = 1  # linux/prctl.h
 TOKEN_DTYPE = "uint16"
 LABEL_DTYPE = "int32"
 
@@ -164,6 +171,24 @@ def pretokenize_shard(job: ShardJob) -> dict:
     return {**meta, "skipped": False}
 
 
+def _die_with_parent(parent_pid: int) -> None:
+    """Pool initializer: end this worker when the process that started it dies, even by kill -9 (which runs no
+    cleanup there), so no worker is left tokenizing for nobody (nor the resource tracker it keeps alive)."""
+    if sys.platform.startswith("linux"):
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+        if os.getppid() != parent_pid:  # the parent died before prctl took effect
+            os._exit(1)
+        return
+
+    def watch() -> None:  # elsewhere: poll; a dead parent's children are re-parented
+        while os.getppid() == parent_pid:
+            time.sleep(1.0)
+        os._exit(1)
+
+    threading.Thread(target=watch, daemon=True).start()
+
+
 def run_jobs(jobs: Sequence[ShardJob], num_workers: int = 1, progress: bool = True) -> list[dict]:
     """:func:`pretokenize_shard` over ``jobs`` with a pool of ``num_workers`` processes; results in job order.
 
@@ -179,7 +204,8 @@ def run_jobs(jobs: Sequence[ShardJob], num_workers: int = 1, progress: bool = Tr
                 bar.update()
             return results
         ctx = multiprocessing.get_context("spawn")  # safe when the caller holds threads (torch, Lightning)
-        with ProcessPoolExecutor(min(num_workers, len(jobs)), mp_context=ctx) as pool:
+        with ProcessPoolExecutor(min(num_workers, len(jobs)), mp_context=ctx, initializer=_die_with_parent,
+                                 initargs=(os.getpid(),)) as pool:
             futures = {pool.submit(pretokenize_shard, job): i for i, job in enumerate(jobs)}
             try:
                 for future in as_completed(futures):

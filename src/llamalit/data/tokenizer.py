@@ -61,6 +61,16 @@ class Tokenizer:
     def sha256(self) -> str:
         return sha256_file(self.path)
 
+    def pieces(self) -> list[tuple[str, float]]:
+        """Every piece with its score, in id order: what decides how text is split and what each id means."""
+        return [(self.sp.id_to_piece(i), self.sp.get_score(i)) for i in range(self.vocab_size)]
+
+    def same_as(self, other: Tokenizer) -> bool:
+        """True when both split text the same way into the same ids (the same file, or the same pieces)."""
+        return self.sha256 == other.sha256 or (
+            self.vocab_size == other.vocab_size and (self.bos_id, self.eos_id) == (other.bos_id, other.eos_id)
+            and self.pieces() == other.pieces())
+
     def __repr__(self) -> str:
         return f"Tokenizer({str(self.path)!r}, vocab_size={self.vocab_size})"
 

@@ -10,6 +10,7 @@ import lightning as L
 import torch
 from lightning.fabric.utilities.throughput import get_available_flops
 from lightning.pytorch.callbacks import TQDMProgressBar
+from lightning.pytorch.callbacks.progress.tqdm_progress import convert_inf
 
 from llamalit.model import IGNORE_INDEX, Llama
 
@@ -155,6 +156,18 @@ class StepProgressBar(TQDMProgressBar):
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         super().on_train_start(trainer, pl_module)
         self._refresh_rate = max(1, self.refresh_steps * trainer.accumulate_grad_batches)
+        done = trainer.fit_loop.epoch_loop.batch_progress.current.completed
+        if done and self.train_progress_bar is not None:
+            # resumed mid-epoch: Lightning skips on_train_epoch_start, where the bar gets its total (no total,
+            # no ETA); the bar starts at the batches already done, so the ETA counts only the ones to come
+            total = trainer.num_training_batches
+            if trainer.max_steps is not None and trainer.max_steps > 0:
+                remaining = (trainer.max_steps - trainer.global_step) * trainer.accumulate_grad_batches
+                total = min(total, done + remaining)
+            bar = self.train_progress_bar
+            bar.reset(total=convert_inf(total))
+            bar.initial = bar.n = done
+            bar.set_description(f"Epoch {trainer.current_epoch}")
 
     def get_metrics(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, int | str | float | dict]:
         items = super().get_metrics(trainer, pl_module)

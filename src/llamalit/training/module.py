@@ -65,7 +65,7 @@ def build_model(cfg: Mapping) -> Llama:
         raise ValueError(f"attention=flex: head_dim {model.cfg.head_dim} (model.dim / model.n_heads) is below the "
                          f"{FLEX_MIN_HEAD_DIM} flex attention's kernel needs; use attention=auto or dense")
     model.attention_backend = backend
-    return model
+    return model.train()  # a loaded base comes back in eval mode, and LoRA layers copy it (dropout off)
 
 
 def _at_least_one(n: torch.Tensor | int) -> torch.Tensor | int:

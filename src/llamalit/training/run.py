@@ -22,6 +22,8 @@ from llamalit.checkpoints.run_export import (  # noqa: F401 - the run's export, 
 )
 from llamalit.fileio import atomic_write_json
 from llamalit.model import Llama, ModelConfig
+from llamalit.settings_checks import TRAIN_PATH_KEYS, check_train_settings, expand_paths
+from llamalit.training.checkpoint_io import AtomicCheckpointIO
 from llamalit.training.device_settings import (
     DeviceSettings,
     apply_device_settings,
@@ -29,7 +31,7 @@ from llamalit.training.device_settings import (
     log_device_settings,
     resolve_device_settings,
 )
-from llamalit.training.loggers import build_logger, finish_wandb
+from llamalit.training.loggers import build_logger, finish_wandb, quiet_library_output
 from llamalit.training.module import LlamaLitModule
 
 log = logging.getLogger(__name__)
@@ -43,13 +45,34 @@ def resolve_ckpt_path(ckpt_path: str | None, run_dir: Path) -> str | None:
         if not Path(ckpt_path).is_file():
             raise FileNotFoundError(f"ckpt_path={ckpt_path}: no such checkpoint file")
         return ckpt_path
-    candidates = [p for p in run_dir.parent.glob("*/checkpoints/last.ckpt") if run_dir not in p.parents]
-    if not candidates:
+    lasts = [p for p in run_dir.parent.glob("*/checkpoints/last.ckpt") if run_dir not in p.parents]
+    if not lasts:
         raise FileNotFoundError(
             f"ckpt_path=last: no earlier run of this experiment has a checkpoints/last.ckpt under "
             f"{run_dir.parent}; pass ckpt_path=/path/to/last.ckpt"
         )
-    return str(max(candidates, key=lambda p: p.stat().st_mtime))
+    newest = max(lasts, key=lambda p: p.stat().st_mtime)
+    # a last.ckpt cut short (a full disk, a kill mid-write by an older version): the newest readable one instead
+    others = [p for p in run_dir.parent.glob("*/checkpoints/*.ckpt") if run_dir not in p.parents and p != newest]
+    problems = []
+    for path in [newest, *sorted(others, key=lambda p: p.stat().st_mtime, reverse=True)]:
+        if (problem := unreadable(path)) is None:
+            if problems:
+                log.warning("ckpt_path=last: %s is not readable (%s); resuming from %s, the newest readable "
+                            "checkpoint", newest, problems[0], path)
+            return str(path)
+        problems.append(problem)
+    raise ValueError(f"ckpt_path=last: no readable checkpoint under {run_dir.parent}/*/checkpoints "
+                     f"({newest}: {problems[0]}); pass ckpt_path=/path/to/a.ckpt or start afresh")
+
+
+def unreadable(path: Path) -> str | None:
+    """Why ``path`` is not a loadable checkpoint (a truncated or damaged archive), or None when it is."""
+    try:  # mmap: only the archive's index and headers are read
+        ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as e:  # noqa: BLE001 - any failure to load means unusable
+        return str(e).splitlines()[0].split(". ")[0] if str(e) else type(e).__name__
+    return None if isinstance(ckpt, dict) and "state_dict" in ckpt else "no state_dict"
 
 
 def settings_for_model(cfg: dict, settings: DeviceSettings, module: LlamaLitModule) -> DeviceSettings:
@@ -66,10 +89,13 @@ def run_name(cfg: DictConfig) -> str:
     """Experiment name plus the command-line overrides that matter (not paths/logger settings)."""
     parts = [str(cfg.get("experiment_name") or "run")]
     if HydraConfig.initialized():
-        for o in HydraConfig.get().overrides.task:
+        hc = HydraConfig.get()
+        # the keys the job directory names leave out (paths, URLs, init_from, ...), and these
+        excluded = (*hc.job.config.override_dirname.exclude_keys, "experiment", "paths", "logger", "hydra",
+                    "data.dir", "data.source", "data.tokenizer", "init_from", "ckpt_path", "run_dir", "export_dir")
+        for o in hc.overrides.task:
             key = o.split("=", 1)[0].lstrip("+~")
-            if not key.startswith(("experiment", "paths", "logger", "hydra", "data.dir", "ckpt_path", "run_dir",
-                                   "export_dir")):
+            if not any(key == k or key.startswith(f"{k}.") for k in excluded):
                 parts.append(o)
     return "-".join(parts)
 
@@ -158,6 +184,30 @@ def check_vocab(model_vocab: int, data_vocab: int, init_from: str | None, tokeni
                     model_vocab, data_vocab, tokenizer)
 
 
+def check_base_tokenizer(init_from: str | None, data_tokenizer: str | Path | None) -> None:
+    """A base that names or holds its tokenizer must have been trained with the data's: the same pieces in the
+    same order, not only as many (ids would mean other text)."""
+    if not init_from or not data_tokenizer or not Path(data_tokenizer).is_file():
+        return
+    from llamalit.checkpoints import find_tokenizer
+    from llamalit.checkpoints.detect import fetch
+    from llamalit.data.tokenizer import Tokenizer, TokenizerError
+
+    found = find_tokenizer(fetch(str(init_from)))
+    if found is None or not Path(found).is_file() or Path(found).suffix != ".model":
+        return  # nothing to compare (a llama2.c .pt, a Hugging Face tokenizer.json): the vocab size check only
+    try:
+        base_tok = Tokenizer(found)
+    except TokenizerError:
+        return
+    data_tok = Tokenizer(data_tokenizer)
+    if not base_tok.same_as(data_tok):
+        raise ValueError(f"init_from={init_from}: the base model was trained with tokenizer {found} "
+                         f"({base_tok.vocab_size} pieces), which differs from the data's tokenizer {data_tokenizer} "
+                         f"({data_tok.vocab_size} pieces): its token ids would mean other text. Set "
+                         f"data.tokenizer={found} (and a new data.dir), or use a base trained with the data's tokenizer")
+
+
 def run_adherence(cfg: DictConfig, module: LlamaLitModule, model: Llama, dm) -> dict | None:
     """Instruction adherence on held-out TinyStories-format instructions (instruct data only)."""
     ev = cfg.get("evaluation") or {}
@@ -192,6 +242,9 @@ def train(cfg: DictConfig) -> dict:
     from llamalit.data.datamodule import LlamaDataModule
 
     start = time.time()
+    quiet_library_output()
+    expand_paths(cfg, TRAIN_PATH_KEYS)  # ~ and $VARS, from the user or a default (the cache dir)
+    check_train_settings(cfg)
     run_dir = Path(str(cfg.run_dir))
     run_dir.mkdir(parents=True, exist_ok=True)
     L.seed_everything(cfg.seed, workers=True)
@@ -213,14 +266,16 @@ def train(cfg: DictConfig) -> dict:
     settings = settings_for_model(plain, settings, module)
     log_device_settings(settings)
     check_vocab(module.model.cfg.vocab_size, dm.vocab_size, cfg.get("init_from"), dm.tokenizer_path)
+    check_base_tokenizer(cfg.get("init_from"), dm.tokenizer_path)
     if ckpt_path:
         check_resume(ckpt_path, module)
 
     logger = build_logger(cfg.logger, run_dir, run_name(cfg), sweep_group(cfg), resolved)
     callbacks = build_callbacks(cfg, has_logger=logger is not None)
-    trainer_cfg = resolved["trainer"]
+    trainer_cfg = dict(resolved["trainer"])
+    plugins = [*(trainer_cfg.pop("plugins", None) or []), AtomicCheckpointIO()]  # checkpoints never half-written
     trainer: L.Trainer = instantiate(trainer_cfg, callbacks=callbacks, logger=logger or False,
-                                     default_root_dir=str(run_dir))
+                                     default_root_dir=str(run_dir), plugins=plugins)
     try:
         trainer.fit(module, datamodule=dm, ckpt_path=ckpt_path)
         summary = finish_run(cfg, resolved, trainer, module, dm, run_dir, start)
@@ -232,6 +287,10 @@ def train(cfg: DictConfig) -> dict:
 def finish_run(cfg: DictConfig, resolved: dict, trainer: L.Trainer, module: LlamaLitModule, dm,
                run_dir: Path, start: float) -> dict:
     """Validate the best checkpoint, export its weights and write summary.json."""
+    if trainer.global_step == 0:  # e.g. trainer.limit_train_batches=0: the weights are the random init
+        where = f" nor published to export_dir={cfg.export_dir}" if cfg.get("export_dir") else ""
+        raise ValueError("the run made no optimizer step (see trainer.max_steps, trainer.limit_train_batches, "
+                         f"trainer.max_epochs): its untrained weights are not exported{where}")
     ckpt_cb = trainer.checkpoint_callback
     best = ckpt_cb.best_model_path if ckpt_cb is not None else ""
     last = ckpt_cb.last_model_path if ckpt_cb is not None else ""
