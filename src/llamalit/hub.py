@@ -16,6 +16,7 @@ import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import urlparse
 
 # Of a model repository: config, safetensors weights (or an adapter's), tokenizer; torch .bin weights only
 # when a repository has no safetensors.
@@ -24,6 +25,11 @@ MODEL_FALLBACK_FILES = ("pytorch_model*.bin",)
 
 _NAME = r"[A-Za-z0-9][A-Za-z0-9_.-]*"
 _HUB_ID = re.compile(rf"(?P<repo>{_NAME}/{_NAME})(?P<file>(?:/[^@/]+)*)(?:@(?P<revision>[A-Za-z0-9_./-]+))?")
+
+
+def is_url(text: str | Path) -> bool:
+    """Whether ``text`` is an http(s) or file URL (not a path, not a Hub id)."""
+    return urlparse(str(text)).scheme in ("http", "https", "file")
 
 
 class HubError(OSError):
@@ -45,8 +51,6 @@ class HubRef:
 
 def parse_hub_id(ref: str | Path | None) -> HubRef | None:
     """The Hub reference ``ref`` names, or None for a URL, a local path or anything else (see the module)."""
-    from llamalit.data.download import is_url
-
     if ref is None:
         return None
     text = str(ref)

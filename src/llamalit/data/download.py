@@ -14,15 +14,13 @@ from urllib.parse import unquote, urlparse
 
 from tqdm import tqdm
 
+from llamalit.hub import hub_dataset_file, is_url, parse_hub_id  # noqa: F401 - is_url: callers import it from here
+
 CHUNK = 1 << 20
 
 
 class DownloadError(RuntimeError):
     """A download or archive that cannot be used; the message says which and what to do."""
-
-
-def is_url(text: str) -> bool:
-    return urlparse(str(text)).scheme in ("http", "https", "file")
 
 
 def default_cache_dir() -> Path:
@@ -123,8 +121,6 @@ def source_path(cfg: dict, cache_dir: str | Path) -> Path:
     """The local file or directory of ``data.source``: a URL downloaded into ``cache_dir``, a Hugging Face
     Hub dataset id (``org/name[@revision]``; ``hub`` for the config's ``hub_id``) from the Hub cache, the
     files ``hub_files`` names, or a local path (which wins over a Hub id of the same name)."""
-    from llamalit.hub import hub_dataset_file, parse_hub_id
-
     source = str(cfg["source"])
     if is_url(source):
         return cached_download(source, cache_dir, sha256=cfg.get("sha256"))
