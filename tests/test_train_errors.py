@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import llamalit.cli
 from llamalit.model import ModelConfig
 from llamalit.training.module import LlamaLitModule
 from llamalit.training.run import check_resume, preflight
@@ -96,7 +97,7 @@ def test_copy_export_replaces_an_earlier_export_whole(tmp_path: Path) -> None:
     torch.testing.assert_close(load_checkpoint(dest).state_dict(), model.state_dict())
 
 
-CONF_DIR = ROOT / "conf"
+CONF_DIR = Path(llamalit.cli.CONF_DIR)
 SMALL_DATA = ["data.n_shards=2", "data.stories_per_shard=60", "data.tokenizer=train:384", "data.num_workers=1",
               "logger=none", "callbacks.samples=null", "evaluation.adherence_n=0", "model=tiny"]
 

@@ -256,7 +256,7 @@ def test_fused_adamw_is_clipped_under_mixed_precision_as_a_plain_loop_clips(prec
     dtype = torch.float16 if precision == "16-mixed" else torch.bfloat16
     for batch in islice(DataLoader(RandomRows(64, 12), batch_size=4), steps):
         with torch.autocast("cpu", dtype=dtype):
-            loss = batch_loss(ref, batch).loss
+            loss = batch_loss(ref, batch, loss_impl=module._train_impl).loss
         (scaler.scale(loss) if scaler else loss).backward()
         if scaler:
             scaler.unscale_(opt)
