@@ -178,7 +178,8 @@ class StepProgressBar(TQDMProgressBar):
 
 
 class SampleCallback(L.Callback):
-    """Generates from fixed prompts after each validation; prints them and logs a wandb table.
+    """Generates from fixed prompts after each validation, eagerly (a compiled run compiles nothing for it);
+    prints them and logs a wandb table.
 
     For instruct data a prompt is encoded without BOS and followed by BOS, as in the shards.
     """
