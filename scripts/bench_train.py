@@ -6,7 +6,10 @@
     python scripts/bench_train.py --configs 260k_cpu --resolve-as cuda        # the GPU settings, on the CPU
 
 Both paths train the same model (same init) on the same batches with the same optimizer, schedule,
-clipping and accumulation; each is timed over steady-state optimizer steps after warm-up. Pretraining
+clipping and accumulation, and the same step: with compile on and a traceable loss, the module's one compiled
+graph per micro-batch (embedding, blocks, head and loss; ``compile_step``), else compiled blocks (compile on)
+or eager, with the loss ``loss_impl=auto`` resolves to; the ``step`` column says which ran. Each path is
+timed over steady-state optimizer steps after warm-up. Pretraining
 configs read random-token rows; instruct configs read a real instruct shard (TinyStories-like lengths:
 prompt 30-60 tokens not counted, story 100-300 counted, rows of 350; see scripts/bench_packing.py) through
 the datasets training uses, once padded (one example per row, as llama2.c) and once packed (data.packing).
@@ -29,15 +32,19 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from llamalit import benchutil
+from llamalit.losses import resolve_loss_impl
 from llamalit.model import Llama, ModelConfig
 from llamalit.training.callbacks import SpeedMonitor, StepProgressBar, peak_flops
 from llamalit.training.device_settings import resolve_device_settings
 from llamalit.training.module import (
+    TRACEABLE_LOSSES,
     LlamaLitModule,
     add_counted_positions,
     batch_loss,
     compile_blocks,
+    compile_step,
     resolve_compile,
+    run_compiled_step,
 )
 from llamalit.training.optim import OptimConfig, build_optimizer, build_scheduler
 
@@ -148,9 +155,11 @@ def loader(data: Dataset, bc: BenchConfig, device: str, workers: int) -> DataLoa
 
 
 def bench_lightning(bc: BenchConfig, data: Dataset, steps: int, device: str, precision: str,
-                    compile_: bool, run_dir: Path, workers: int = 0, fused: bool | None = None) -> list[float]:
+                    compile_: bool, run_dir: Path, workers: int = 0, fused: bool | None = None,
+                    compile_mode: str | None = None) -> tuple[list[float], str]:
+    """Seconds of each optimizer step of the Lightning path, and the step the module ran (:func:`step_name`)."""
     torch.manual_seed(0)
-    module = LlamaLitModule({**run_cfg(bc, steps, fused), "compile": compile_})
+    module = LlamaLitModule({**run_cfg(bc, steps, fused), "compile": compile_, "compile_mode": compile_mode})
     timer = StepTimer()
     callbacks = [timer, SpeedMonitor(log_every=10), L.pytorch.callbacks.LearningRateMonitor("step"),
                  StepProgressBar(refresh_steps=10)]  # as conf/callbacks: the bar users see, read every 10 steps
@@ -160,7 +169,36 @@ def bench_lightning(bc: BenchConfig, data: Dataset, steps: int, device: str, pre
                         callbacks=callbacks, enable_checkpointing=False, enable_progress_bar=True,
                         enable_model_summary=False, log_every_n_steps=10, num_sanity_val_steps=0)
     trainer.fit(module, loader(data, bc, device, workers))
-    return [b - a for a, b in zip(timer.times, timer.times[1:])]
+    ran = "one graph" if getattr(module, "_step", None) is not None else "blocks" if module._compiled else "eager"
+    return [b - a for a, b in zip(timer.times, timer.times[1:])], step_name(ran, module._train_impl)
+
+
+def step_name(kind: str, loss_impl: str) -> str:
+    """How a micro-batch ran: ``one graph`` (compile_step), ``blocks`` (compile_blocks) or ``eager``, + the loss."""
+    return f"{kind}/{loss_impl}"
+
+
+def training_step(model: Llama, device: str, compile_: bool, compile_mode: str | None = None):
+    """The loss function of one micro-batch as :class:`LlamaLitModule` runs it in training, and its
+    :func:`step_name`: the module's ``on_fit_start`` and ``_loss`` for ``compile`` and ``loss_impl=auto``."""
+    compiled = resolve_compile(compile_, torch.device(device))
+    impl = resolve_loss_impl("auto", torch.device(device).type, compiled)
+    if compiled and impl in TRACEABLE_LOSSES:
+        mode = compile_mode or "default"
+        step = compile_step(mode)
+        cudagraphs = mode == "reduce-overhead" and torch.device(device).type == "cuda"
+
+        def one_graph(batch):  # the module always asks the compiled step for the correct count: one graph
+            return run_compiled_step(step, model, batch, True, impl, cudagraphs=cudagraphs).loss
+
+        return one_graph, step_name("one graph", impl)
+    if compiled:
+        compile_blocks(model)
+
+    def eager_loss(batch):
+        return batch_loss(model, batch, False, impl).loss
+
+    return eager_loss, step_name("blocks" if compiled else "eager", impl)
 
 
 def plain_loop(model: torch.nn.Module, batch_loss, bc: BenchConfig, data: Dataset, steps: int, device: str,
@@ -194,32 +232,32 @@ def plain_loop(model: torch.nn.Module, batch_loss, bc: BenchConfig, data: Datase
 
 
 def bench_plain(bc: BenchConfig, data: Dataset, steps: int, device: str, precision: str,
-                compile_: bool, on_step=None, workers: int = 0, fused: bool | None = None) -> list[float]:
-    """Our model (built as the module builds it, LoRA included) in the plain loop, with our schedule."""
+                compile_: bool, on_step=None, workers: int = 0, fused: bool | None = None,
+                compile_mode: str | None = None) -> tuple[list[float], str]:
+    """Our model (built as the module builds it, LoRA included) in the plain loop, with our schedule and the
+    module's training step (:func:`training_step`); the seconds of each optimizer step and the step's name."""
     torch.manual_seed(0)
     cfg = run_cfg(bc, steps, fused)
     model: Llama = LlamaLitModule(cfg).model.to(device)
-    if resolve_compile(compile_, torch.device(device)):
-        compile_blocks(model)
-
-    def loss_of(batch):
-        return batch_loss(model, batch).loss
-
+    loss_of, ran = training_step(model, device, compile_, compile_mode)
     optim = OptimConfig.from_dict(cfg["optim"])
-    return plain_loop(model, loss_of, bc, data, steps, device, precision,
-                      scheduler_of=lambda opt: build_scheduler(opt, optim, steps), on_step=on_step, workers=workers,
-                      fused=fused)
+    times = plain_loop(model, loss_of, bc, data, steps, device, precision,
+                       scheduler_of=lambda opt: build_scheduler(opt, optim, steps), on_step=on_step, workers=workers,
+                       fused=fused)
+    return times, ran
 
 
 def profile_plain(bc: BenchConfig, data: Dataset, device: str, precision: str, compile_: bool,
-                  out: Path, warmup: int = 3, active: int = 3, fused: bool | None = None) -> str:
+                  out: Path, warmup: int = 3, active: int = 3, fused: bool | None = None,
+                  compile_mode: str | None = None) -> str:
     """Where a step's time goes: ``torch.profiler`` over ``active`` steps of the plain loop after ``warmup``;
     the top operators by self time (device time on CUDA), also written to ``out``."""
     from torch.profiler import ProfilerActivity, profile, schedule
 
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
     with profile(activities=activities, schedule=schedule(wait=0, warmup=warmup, active=active, repeat=1)) as prof:
-        bench_plain(bc, data, warmup + active, device, precision, compile_, on_step=prof.step, fused=fused)
+        bench_plain(bc, data, warmup + active, device, precision, compile_, on_step=prof.step, fused=fused,
+                    compile_mode=compile_mode)
     key = "self_cuda_time_total" if device == "cuda" else "self_cpu_time_total"
     table = prof.key_averages().table(sort_by=key, row_limit=20)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -267,7 +305,10 @@ def main(argv: list[str] | None = None) -> list[dict]:
                    help="llama2.c's model.py (from a checkout): also time it in the same run")
     p.add_argument("--repeats", type=int, default=2, help="alternating rounds of both paths; best kept")
     p.add_argument("--compile", default="auto", choices=["auto", "on", "off"],
-                   help="torch.compile (our blocks; llama2.c's whole model): auto = on CUDA, as train.py")
+                   help="torch.compile (our training step; llama2.c's whole model): auto = on CUDA, as train.py")
+    p.add_argument("--compile-mode", default=None, choices=["default", "reduce-overhead", "max-autotune",
+                                                             "max-autotune-no-cudagraphs"],
+                   help="compile_mode of the one-graph step, both paths (default: default)")
     p.add_argument("--layouts", default="padded,packed", help="instruct configs: padded and/or packed rows")
     p.add_argument("--profile", action="store_true",
                    help="also profile the plain loop of each config (top operators; run-dir/profile_*.txt)")
@@ -316,17 +357,34 @@ def main(argv: list[str] | None = None) -> list[dict]:
                 data = RandomTokens(n_rows, bc.seq, ModelConfig.preset(bc.preset).vocab_size)
                 useful = bc.batch * bc.seq * bc.accum
             rows.append(bench_one(bc, data, layout, useful, padded_useful, args, precision, compile_))
+            if layout == "packed":
+                same_run_reference(rows)
             if args.json:  # after every row: a run stopped by a time limit keeps what it measured
                 benchutil.write_json(args.json, args, rows)
             if args.profile:
                 profiles.append((bc, data, args.run_dir / f"profile_{key}_{layout}.txt"))
+    if args.json:
+        benchutil.write_json(args.json, args, rows)
     print_table(rows)
+    print_checks(rows)
     warm = max(1, min(3, args.steps // 2))  # the data holds steps + 1 steps of rows
     for bc, data, out in profiles:  # after every row is measured: a time limit costs profiles first
         print(f"== {out.name}")
         print(profile_plain(bc, data, args.device, precision, compile_, out, warmup=warm,
-                            active=max(1, min(3, args.steps - warm)), fused=args.fused))
+                            active=max(1, min(3, args.steps - warm)), fused=args.fused,
+                            compile_mode=args.compile_mode))
     return rows
+
+
+def same_run_reference(rows: list[dict]) -> None:
+    """A packed row's llama2.c reference: llama2.c's useful tokens/s on the padded row of the same config, same
+    run (llama2.c has no packing; it pads every example to its row)."""
+    packed = rows[-1]
+    padded = next((r for r in rows if r["config"] == packed["config"] and r["layout"] == "padded"), None)
+    ref = padded and padded["llama2c_same_run_useful_tokens_per_s"]
+    if ref:
+        packed["llama2c_same_run_useful_tokens_per_s"] = ref
+        packed["useful_ratio_vs_llama2c_same_run"] = packed["useful_tokens_per_s"] / ref
 
 
 def bench_one(bc: BenchConfig, data: Dataset, layout: str, useful: float, padded_useful: float | None,
@@ -340,10 +398,12 @@ def bench_one(bc: BenchConfig, data: Dataset, layout: str, useful: float, padded
         if run_l2c:
             ref = min(ref, steady(bench_llama2c(bc, data, args.steps, args.device, precision, args.llama2c_model,
                                                 compile_, workers, args.fused), args.warmup))
-        plain = min(plain, steady(bench_plain(bc, data, args.steps, args.device, precision, compile_,
-                                              workers=workers, fused=args.fused), args.warmup))
-        lit = min(lit, steady(bench_lightning(bc, data, args.steps, args.device, precision, compile_,
-                                              args.run_dir, workers, args.fused), args.warmup))
+        times, plain_step = bench_plain(bc, data, args.steps, args.device, precision, compile_, workers=workers,
+                                        fused=args.fused, compile_mode=args.compile_mode)
+        plain = min(plain, steady(times, args.warmup))
+        times, lightning_step = bench_lightning(bc, data, args.steps, args.device, precision, compile_,
+                                                args.run_dir, workers, args.fused, args.compile_mode)
+        lit = min(lit, steady(times, args.warmup))
     peak = peak_flops(torch.device(args.device))
     fpt = Llama(ModelConfig.preset(bc.preset, max_seq_len=max(bc.seq, 256))).flops_per_token(bc.seq) \
         if peak else None
@@ -353,7 +413,8 @@ def bench_one(bc: BenchConfig, data: Dataset, layout: str, useful: float, padded
         l2c_useful = bc.llama2c_tokens_per_s * ((padded_useful / tokens_per_step) if bc.instruct else 1.0)
     return {
         "config": bc.name, "layout": layout, "device": args.device, "precision": precision, "compile": compile_,
-        "fused_adamw": args.fused,
+        "fused_adamw": args.fused, "compile_mode": args.compile_mode or "default",
+        "plain_step": plain_step, "lightning_step": lightning_step,
         "plain_tokens_per_s": tokens_per_step / plain, "lightning_tokens_per_s": tokens_per_step / lit,
         "useful_tokens_per_s": useful / lit, "useful_fraction": useful / tokens_per_step,
         "lightning_overhead_pct": 100 * (lit / plain - 1),
@@ -363,6 +424,9 @@ def bench_one(bc: BenchConfig, data: Dataset, layout: str, useful: float, padded
         "useful_ratio_vs_llama2c": (useful / lit) / l2c_useful if l2c_useful else None,
         "llama2c_same_run_tokens_per_s": tokens_per_step / ref if run_l2c else None,
         "ratio_vs_llama2c_same_run": ref / lit if run_l2c else None,
+        # llama2.c's useful tokens/s on these (padded) rows; a packed row gets its padded row's (same_run_reference)
+        "llama2c_same_run_useful_tokens_per_s": useful / ref if run_l2c else None,
+        "useful_ratio_vs_llama2c_same_run": ref / lit if run_l2c else None,
         "mfu": (fpt * tokens_per_step / lit / peak) if peak else None,
     }
 
@@ -371,17 +435,35 @@ def print_table(rows: list[dict]) -> None:
     def f(v, fmt):
         return format(v, fmt) if v is not None else "-"
 
-    head = (f"{'config':26} {'layout':7} {'plain tok/s':>12} {'lightning':>10} {'overhead':>9} {'useful/s':>10} "
-            f"{'llama2.c':>10} {'ratio':>6} {'useful ratio':>12} {'llama2.c here':>14} {'ratio':>6} {'MFU':>6}")
+    head = (f"{'config':26} {'layout':7} {'step (plain | lightning)':33} {'plain tok/s':>12} {'lightning':>10} "
+            f"{'overhead':>9} {'useful/s':>10} {'llama2.c':>10} {'ratio':>6} {'useful ratio':>12} "
+            f"{'llama2.c here':>14} {'ratio':>6} {'MFU':>6}")
     print(head)
     print("-" * len(head))
     for r in rows:
-        print(f"{r['config']:26} {r['layout']:7} {r['plain_tokens_per_s']:>12,.0f} {r['lightning_tokens_per_s']:>10,.0f} "
+        steps = r["plain_step"] if r["plain_step"] == r["lightning_step"] else f"{r['plain_step']} | {r['lightning_step']}"
+        print(f"{r['config']:26} {r['layout']:7} {steps:33} {r['plain_tokens_per_s']:>12,.0f} "
+              f"{r['lightning_tokens_per_s']:>10,.0f} "
               f"{r['lightning_overhead_pct']:>8.1f}% {r['useful_tokens_per_s']:>10,.0f} "
               f"{f(r['llama2c_tokens_per_s'], ',.0f'):>10} {f(r['ratio_vs_llama2c'], '.2f'):>6} "
               f"{f(r['useful_ratio_vs_llama2c'], '.2f'):>12} {f(r['llama2c_same_run_tokens_per_s'], ',.0f'):>14} "
               f"{f(r['ratio_vs_llama2c_same_run'], '.2f'):>6} "
               f"{f(r['mfu'] and 100 * r['mfu'], '.1f'):>6}")
+
+
+def print_checks(rows: list[dict]) -> None:
+    """Per row: the Lightning path against llama2.c's model timed in this run (tokens/s; useful tokens/s for
+    instruct rows) and against the plain loop (issue 15's targets; gpu_bench_all.sh scores them)."""
+    for r in rows:
+        parts = [f"Lightning vs plain loop {r['lightning_overhead_pct']:+.1f}%"]
+        if r["ratio_vs_llama2c_same_run"] is not None and r["layout"] == "dense":
+            parts.append(f"{r['ratio_vs_llama2c_same_run']:.2f}x llama2.c's tokens/s (same run)")
+        if r.get("useful_ratio_vs_llama2c_same_run") is not None and r["layout"] != "dense":
+            parts.append(f"{r['useful_ratio_vs_llama2c_same_run']:.2f}x llama2.c's useful tokens/s (same run, "
+                         "its padded rows)")
+        if r["mfu"] is not None:
+            parts.append(f"MFU {100 * r['mfu']:.1f}%")
+        print(f"{r['config']} {r['layout']} [{r['lightning_step']}]: " + ", ".join(parts))
 
 
 if __name__ == "__main__":

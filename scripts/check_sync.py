@@ -3,10 +3,12 @@
     python scripts/check_sync.py [--preset stories15m] [--packed] [--compile]
     python scripts/check_sync.py --lightning [--packed] [--compile]
 
-The step is what the Lightning module and the plain loop of ``bench_train.py`` run: the batch gets its
-host-side ``counted`` index (``add_counted_positions``), moves to the GPU (pinned, non-blocking), then
-loss (chunked head + cross-entropy on counted positions), backward, clip 1.0, fused AdamW. Any operation
-that synchronises with the host raises, with the stack of the culprit. CUDA only.
+The step is what the Lightning module and the plain loop of ``bench_train.py`` run (``bench_train.training_step``):
+the batch gets its host-side ``counted`` index (``add_counted_positions``), moves to the GPU (pinned,
+non-blocking), then the loss ``loss_impl=auto`` resolves to (with ``--compile``: the one compiled graph of
+embedding, blocks, head and masked loss; without: eager, plain head + cross-entropy on counted positions),
+backward, clip 1.0, fused AdamW. Any operation that synchronises with the host raises, with the stack of the
+culprit. CUDA only.
 
 ``--lightning`` checks the whole Lightning path instead: ``LlamaLitModule`` in a ``Trainer`` with what train.py
 adds around it (progress bar, speed/MFU monitor, LR monitor, a CSV logger, accumulation, clipping, bf16), under
@@ -26,9 +28,10 @@ from pathlib import Path
 
 import lightning as L
 import torch
+from bench_train import training_step
 
 from llamalit.model import IGNORE_INDEX, Llama, ModelConfig
-from llamalit.training.module import add_counted_positions, batch_loss, compile_blocks
+from llamalit.training.module import add_counted_positions
 from llamalit.training.optim import OptimConfig, build_optimizer
 
 
@@ -53,6 +56,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seq", type=int, default=349)
     p.add_argument("--packed", action="store_true")
     p.add_argument("--compile", action="store_true")
+    p.add_argument("--compile-mode", default=None, help="compile_mode of the one-graph step (default: default)")
     p.add_argument("--lightning", action="store_true", help="the Trainer path with train.py's callbacks")
     p.add_argument("--steps", type=int, default=20, help="--lightning: optimizer steps checked after warm-up")
     p.add_argument("--log-every", type=int, default=10, help="--lightning: trainer.log_every_n_steps")
@@ -63,8 +67,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.lightning:
         return check_lightning(args)
     model = Llama(ModelConfig.preset(args.preset, max_seq_len=args.seq + 1)).cuda()
-    if args.compile:
-        compile_blocks(model)
+    loss_of, ran = training_step(model, "cuda", args.compile, args.compile_mode)
     opt = build_optimizer(model, OptimConfig(lr=1e-4))
     g = torch.Generator().manual_seed(0)
     batches = [host_batch(args.batch, args.seq, model.cfg.vocab_size, args.packed, g) for _ in range(4)]
@@ -73,7 +76,7 @@ def main(argv: list[str] | None = None) -> int:
         batch = add_counted_positions(dict(host), pin=True)
         batch = {k: v.cuda(non_blocking=True) for k, v in batch.items()}
         with torch.autocast("cuda", dtype=torch.bfloat16):
-            loss = batch_loss(model, batch).loss
+            loss = loss_of(batch)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
@@ -88,7 +91,8 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         torch.cuda.set_sync_debug_mode("default")
     torch.cuda.synchronize()
-    print(f"no host sync in {len(batches) - 1} steps ({args.preset}, packed={args.packed}, compile={args.compile})")
+    print(f"no host sync in {len(batches) - 1} steps ({args.preset}, packed={args.packed}, compile={args.compile}, "
+          f"step {ran})")
     return 0
 
 
@@ -138,7 +142,7 @@ def check_lightning(args: argparse.Namespace) -> int:
     accum, warm = 4, 3
     cfg = {"model": ModelConfig.preset(args.preset, max_seq_len=args.seq + 1).to_dict(), "init_from": None,
            "lora": {"enabled": False}, "trainer": {"max_steps": warm + args.steps}, "compile": args.compile,
-           "optim": {"warmup_steps": 2}}
+           "compile_mode": args.compile_mode, "optim": {"warmup_steps": 2}}
     module = LlamaLitModule(cfg)
     watch = SyncWatch(start=warm)
     trainer = L.Trainer(accelerator="cuda", devices=1, precision="bf16-mixed", max_steps=warm + args.steps,

@@ -178,7 +178,8 @@ class StepProgressBar(TQDMProgressBar):
 
 
 class SampleCallback(L.Callback):
-    """Generates from fixed prompts after each validation; prints them and logs a wandb table.
+    """Generates from fixed prompts after each validation, eagerly (a compiled run compiles nothing for it);
+    prints them and logs a wandb table.
 
     For instruct data a prompt is encoded without BOS and followed by BOS, as in the shards.
     """
@@ -203,10 +204,12 @@ class SampleCallback(L.Callback):
         dm = trainer.datamodule
         if dm is None or not getattr(dm, "tokenizer_path", None):
             return
-        self.last_samples = sample_texts(pl_module.model, dm.tokenizer_path, self.prompts,
-                                         instruct=dm.manifest.get("kind") == "instruct",
-                                         max_new_tokens=self.max_new_tokens,
-                                         temperature=self.temperature, top_k=self.top_k, seed=self.seed)
+        # eagerly: compiled blocks would compile again for inference mode and for every new cache length
+        with torch.compiler.set_stance("force_eager"):
+            self.last_samples = sample_texts(pl_module.model, dm.tokenizer_path, self.prompts,
+                                             instruct=dm.manifest.get("kind") == "instruct",
+                                             max_new_tokens=self.max_new_tokens,
+                                             temperature=self.temperature, top_k=self.top_k, seed=self.seed)
         logger = trainer.logger
         if logger is not None and hasattr(logger, "log_text"):
             logger.log_text(key="samples", columns=["step", "prompt", "sample"],
