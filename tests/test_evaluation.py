@@ -153,6 +153,7 @@ def test_synthetic_reference_stories_show_foreshadowing(corpus):
                for r in records)
 
 
+@pytest.mark.slow
 def test_cli_writes_table_and_json(corpus, tok, model, tmp_path):
     ckpt = tmp_path / "ckpt"
     save_model(model, ckpt, extra={"tokenizer": str(tok.path)})

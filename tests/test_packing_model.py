@@ -141,6 +141,7 @@ def test_attention_backend_is_a_constructor_argument() -> None:
         Llama(wide, attention="sparse")
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(tuple(int(v) for v in torch.__version__.split(".")[:2]) < (2, 8),
                     reason="torch 2.7's inductor writes C++ that does not compile for flex attention on the CPU "
                            "(bash .ci/min-versions); the CUDA path it stands in for uses Triton")
@@ -184,6 +185,7 @@ def test_compiled_block_mask_builder_matches_eager() -> None:
         assert torch.equal(compiled.mask_mod(torch.tensor(1), 0, q, kv), (segments[1][q] == segments[1][kv]) & (q >= kv))
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="flex attention trains on CUDA only")
 @pytest.mark.parametrize("compiled", [False, True, "step"])
 def test_flex_training_on_cuda_matches_the_dense_mask(compiled: bool | str) -> None:

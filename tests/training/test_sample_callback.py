@@ -17,6 +17,8 @@ from llamalit.model import Llama, ModelConfig
 from llamalit.training.callbacks import SampleCallback
 from llamalit.training.module import batch_loss, compile_step, run_compiled_step
 
+pytestmark = pytest.mark.slow
+
 
 def traced() -> tuple[int, int]:
     """Graphs dynamo has captured, and the operations it traced into them, so far."""

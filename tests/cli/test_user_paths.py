@@ -15,7 +15,9 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.slow
+
+ROOT = Path(__file__).resolve().parents[2]
 # tiny sizes; the experiments' own settings (data, LoRA, export_dir, init_from) stay
 TINY = ["model=tiny", "trainer.max_steps=2", "trainer.val_check_interval=2", "trainer.limit_val_batches=1",
         "trainer.log_every_n_steps=1", "data.n_shards=2", "data.stories_per_shard=60", "data.tokenizer=train:384",

@@ -8,6 +8,7 @@ Tiny overrides are added (and kept out of the job directory names); the base mod
 
 from __future__ import annotations
 
+import pytest
 import csv
 import json
 import os
@@ -23,7 +24,9 @@ from llamalit.checkpoints.native import save_model
 from llamalit.data.datamodule import LlamaDataModule
 from llamalit.model import Llama, ModelConfig
 
-REPO = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.slow
+
+REPO = Path(__file__).resolve().parents[2]
 TINY = {"trainer.accelerator": "cpu", "trainer.max_steps": "4", "trainer.val_check_interval": "4",
         "trainer.limit_val_batches": "1", "trainer.log_every_n_steps": "2", "trainer.enable_model_summary": "false",
         "data.n_shards": "3", "data.stories_per_shard": "60", "data.tokenizer": "train:384",

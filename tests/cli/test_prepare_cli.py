@@ -19,7 +19,7 @@ from llamalit.cli import CONF_DIR
 from llamalit.data.prepare import ManifestError, data_settings, load_manifest, run_prepare, verify_tokenizer
 from llamalit.data.tokenizer import Tokenizer, TokenizerError
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 NAMES = ["alpaca", "dolly", "synthetic", "tinystories", "tinystories_instruct"]
 SUMMARY = re.compile(r"prepared (\S+): (\d+) stories, (\d+) tokens, (\d+) dropped, [\d.]+ s")
 

@@ -19,7 +19,7 @@ from omegaconf import OmegaConf
 import llamalit.cli
 from llamalit.lora import LoraConfig
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 CONF = Path(llamalit.cli.CONF_DIR)
 EXPERIMENT = "demo_lora" if (CONF / "experiment" / "demo_lora.yaml").is_file() else "instruct_lora"
 
@@ -105,6 +105,7 @@ def test_slurm_job_script_asks_for_one_task_per_gpu(slurm_plugin, tmp_path, monk
         assert f"#SBATCH {line}" in script, (line, script)
 
 
+@pytest.mark.slow
 def test_optuna_sweep_runs_a_study(tmp_path):
     """A real Optuna study through our config tree, with a stand-in task that returns a known objective."""
     app = tmp_path / "app.py"

@@ -19,7 +19,7 @@ from llamalit.data.pretokenize import IGNORE_INDEX, ShardJob, instruct_rows, run
 from llamalit.data.text_formats import ALPACA_TEMPLATE_NO_INPUT, DataFormatError, read_records, shorten_prompt
 from llamalit.model import IGNORE_INDEX as MODEL_IGNORE_INDEX
 
-SRC = Path(__file__).resolve().parents[1] / "src"
+SRC = Path(__file__).resolve().parents[2] / "src"
 
 
 def _rows(shard: dict, seq_len: int) -> tuple[np.ndarray, np.ndarray]:

@@ -77,6 +77,7 @@ def test_flex_path_forward_has_no_graph_break() -> None:
     assert explain.graph_count == 1
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind, backend", [("packed", "inductor"), ("padded", "aot_eager")])
 def test_compiled_step_matches_the_eager_reference_loss_and_grads(kind: str, backend: str) -> None:
     """The one-graph step == the eager mean over counted positions (inductor on packed rows, the slower

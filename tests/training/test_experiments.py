@@ -311,6 +311,7 @@ def test_run_name_and_sweep_group(env, tmp_path):
     assert run_name(compose_cfg(overrides)) == "demo_lora"  # outside Hydra: the experiment name
 
 
+@pytest.mark.slow
 def test_alpaca_qlora_trains_a_4bit_base_and_exports_a_merged_hf_model(env, tmp_path):
     """The issue-9 command on the CPU: a 4-bit NF4 base (bitsandbytes), LoRA on every block linear, packed
     Alpaca rows, then run_dir/merged_hf: a bf16 Hugging Face model that transformers loads."""

@@ -16,7 +16,7 @@ from omegaconf import OmegaConf
 
 import llamalit.cli
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 ENTRY_POINTS = ("train", "prepare", "generate", "export", "evaluate")
 
 

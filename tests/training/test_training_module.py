@@ -166,6 +166,7 @@ def test_compile_defaults_to_cuda_only():
     assert resolve_compile(True, torch.device("cpu")) and not resolve_compile(False, torch.device("cuda"))
 
 
+@pytest.mark.slow
 def test_compiled_blocks_match_eager_loss_and_grads():
     """Regional compilation (each block) changes no result, packed rows included (inductor on the CPU)."""
     torch.manual_seed(0)

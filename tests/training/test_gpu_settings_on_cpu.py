@@ -20,7 +20,7 @@ import torch
 
 from llamalit.training.device_settings import apply_device_settings, resolve_device_settings
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def run_cfg(**top) -> dict:
@@ -86,6 +86,7 @@ def env(tmp_path_factory) -> dict:
             "TORCHINDUCTOR_CACHE_DIR": str(tmp_path_factory.mktemp("inductor"))}
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not hasattr(torch, "compiler") or not hasattr(torch.compiler, "set_stance"),
                     reason="torch.compiler.set_stance (torch >= 2.6)")
 def test_train_py_runs_with_the_cuda_settings_on_the_cpu(tmp_path: Path, env: dict):
@@ -120,6 +121,7 @@ def test_train_py_runs_with_the_cuda_settings_on_the_cpu(tmp_path: Path, env: di
     assert all(g["fused"] for g in ckpt["optimizer_states"][0]["param_groups"])  # fused AdamW stepped
 
 
+@pytest.mark.slow
 def test_bench_train_runs_with_the_cuda_settings_on_the_cpu(tmp_path: Path, env: dict):
     out = tmp_path / "bench.json"
     """bench_train's Lightning path crashed on a GPU as train.py did. A pretraining config of the 260K model keeps

@@ -19,7 +19,7 @@ from llamalit.data.tokenizer import Tokenizer, TokenizerError, fetch_tokenizer, 
 from llamalit.generate import generate, generate_stream
 from llamalit.model import Llama, ModelConfig
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")

@@ -22,7 +22,9 @@ import torch
 import llamalit.cli
 from llamalit.fileio import atomic_write_json
 
-REPO = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.slow
+
+REPO = Path(__file__).resolve().parents[2]
 STEPS, BATCH = 3, 4
 
 

@@ -15,7 +15,7 @@ from llamalit.model import ModelConfig
 from llamalit.training.module import LlamaLitModule
 from llamalit.training.run import check_resume, preflight
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.mark.parametrize("bad, match", [({"n_heads": 0}, "n_heads=0"), ({"dim": -32}, "dim=-32"),
@@ -132,6 +132,7 @@ def cli_env(home: Path) -> dict[str, str]:
     return {**env, "HOME": str(home), "PYTHONPATH": str(ROOT / "src"), "WANDB_MODE": "disabled"}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("override, expected", [
     ("trainer.max_steps=0", "error: trainer.max_steps=0: must be an integer >= 1 or -1"),
     ("data.batch_size=0", "error: data.batch_size=0: must be an integer >= 1"),

@@ -20,7 +20,7 @@ from llamalit.generate import generate
 from llamalit.lora import LoraConfig, apply_lora
 from llamalit.model import Llama, ModelConfig
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 VOCAB = 300
 
 
