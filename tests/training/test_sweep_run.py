@@ -8,7 +8,6 @@ Tiny overrides are added (and kept out of the job directory names); the base mod
 
 from __future__ import annotations
 
-import pytest
 import csv
 import json
 import os
@@ -16,6 +15,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 from hydra import compose, initialize_config_dir
 
