@@ -16,6 +16,8 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf, open_dict
 from omegaconf.errors import InterpolationToMissingValueError, MissingMandatoryValue
 
+from llamalit.hub import is_url
+
 _ABSENT = object()
 MISSING = "???"  # what OmegaConf.to_container leaves for a mandatory key nobody set
 
@@ -27,8 +29,6 @@ TRAIN_PATH_KEYS = (*DATA_PATH_KEYS, "init_from", "ckpt_path", "export_dir", "run
 
 def expand_path(value: str) -> str:
     """``value`` with ``$VAR``/``${VAR}`` and a leading ``~`` expanded; URLs and ``train:N`` specs unchanged."""
-    from llamalit.data.download import is_url
-
     if is_url(value) or value.startswith("train:"):
         return value
     return os.path.expanduser(os.path.expandvars(value))
