@@ -330,7 +330,7 @@ def test_alpaca_qlora_trains_a_4bit_base_and_exports_a_merged_hf_model(env, tmp_
     assert summary["step"] == 3 and math.isfinite(summary["val/loss"])
     ckpt = torch.load(summary["last_checkpoint"], weights_only=True, map_location="cpu")
     assert ckpt["state_dict"] and all(k.endswith(("lora_A", "lora_B")) for k in ckpt["state_dict"])  # no 4-bit base
-    assert ckpt["hyper_parameters"]["cfg"]["model"]["quantize"] == "nf4"  # a resume quantizes the base again
+    assert ckpt["hyper_parameters"]["quantize"] == "nf4"  # a resume quantizes the base again
     merged = Path(summary["files"]["merged_hf"])
     assert merged == run_dir / "merged_hf" and (merged / "config.json").is_file()
     hf = transformers.LlamaForCausalLM.from_pretrained(merged, dtype="auto")  # as stored
