@@ -150,7 +150,7 @@ def loader(data: Dataset, bc: BenchConfig, device: str, workers: int) -> DataLoa
 def bench_lightning(bc: BenchConfig, data: Dataset, steps: int, device: str, precision: str,
                     compile_: bool, run_dir: Path, workers: int = 0, fused: bool | None = None) -> list[float]:
     torch.manual_seed(0)
-    module = LlamaLitModule({**run_cfg(bc, steps, fused), "compile": compile_})
+    module = LlamaLitModule((cfg := run_cfg(bc, steps, fused))["model"], cfg["optim"], cfg["lora"], compile=compile_)
     timer = StepTimer()
     callbacks = [timer, SpeedMonitor(log_every=10), L.pytorch.callbacks.LearningRateMonitor("step"),
                  StepProgressBar(refresh_steps=10)]  # as conf/callbacks: the bar users see, read every 10 steps
@@ -198,7 +198,7 @@ def bench_plain(bc: BenchConfig, data: Dataset, steps: int, device: str, precisi
     """Our model (built as the module builds it, LoRA included) in the plain loop, with our schedule."""
     torch.manual_seed(0)
     cfg = run_cfg(bc, steps, fused)
-    model: Llama = LlamaLitModule(cfg).model.to(device)
+    model: Llama = LlamaLitModule(cfg["model"], cfg["optim"], cfg["lora"]).model.to(device)
     if resolve_compile(compile_, torch.device(device)):
         compile_blocks(model)
 

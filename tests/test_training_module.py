@@ -282,3 +282,34 @@ def test_fused_adamw_is_clipped_under_mixed_precision_as_a_plain_loop_clips(prec
     assert any(not torch.equal(p, s) for p, s in zip(ref.parameters(), start))  # no step was skipped as inf
     for (name, a), b in zip(module.model.named_parameters(), ref.parameters()):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_the_module_node_builds_the_module_from_the_run_settings(tmp_path):
+    """conf/train.yaml's ``module:`` node takes the user-facing keys as given on the command line; ``train()``
+    instantiates it with the device settings' resolved values in those keys (build_module)."""
+    from hydra import compose, initialize_config_dir
+    from hydra.utils import instantiate
+    from omegaconf import OmegaConf
+
+    from llamalit.cli import CONF_DIR
+    from llamalit.training.run import build_module
+
+    overrides = ["model=tiny", "model.dim=64", "model.gradient_checkpointing=true", "optim.lr=0.1", "lora=qkvo",
+                 "compile=false", "compile_mode=reduce-overhead", "attention=dense", "loss_impl=plain",
+                 f"run_dir={tmp_path}"]
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        cfg = compose("train", overrides=overrides)
+    module = instantiate(cfg.module)
+    hp = module.hparams
+    assert hp["model_cfg"] == module.model.cfg.to_dict() and module.model.cfg.dim == 64
+    assert module.optim_cfg.lr == 0.1 and module.lora_cfg.rank == 2 and hp["lora_cfg"]["targets"] == ["wq", "wk",
+                                                                                                       "wv", "wo"]
+    assert (hp["compile"], hp["compile_mode"], hp["attention"], hp["loss_impl"], hp["gradient_checkpointing"]) == \
+        (False, "reduce-overhead", "dense", "plain", True)
+    assert module.model.attention_backend == "dense" and hp["init_from"] is None and hp["quantize"] is None
+
+    resolved = OmegaConf.to_container(cfg, resolve=True)
+    resolved = {**resolved, "compile": True, "attention": "auto", "optim": {**resolved["optim"], "fused": True}}
+    module = build_module(cfg, resolved)
+    assert (module.hparams["compile"], module.model.attention_backend, module.optim_cfg.fused) == (True, "auto", True)
+    assert resolved["module"]["compile"] is True  # what the logger records is what the module got
