@@ -19,6 +19,7 @@ import torch
 from hydra import compose, initialize_config_dir
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
+from hydra.utils import instantiate
 from omegaconf import DictConfig, open_dict
 
 import llamalit.cli
@@ -178,6 +179,15 @@ def check_adapter_checkpoint(ckpt_path: Path, run_dir: Path) -> None:
     x = torch.randint(0, VOCAB, (2, 16), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         assert torch.allclose(load_checkpoint(ckpt_path).eval()(x), load_checkpoint(run_dir).eval()(x), atol=1e-6)
+
+
+@pytest.mark.parametrize("name", EXPERIMENTS)
+def test_experiment_schedule_spans_its_max_steps(name):
+    """The LR schedule spans trainer.estimated_stepping_batches: for every experiment, its trainer.max_steps."""
+    cfg = compose_cfg([f"experiment={name}", "trainer.accelerator=cpu", "trainer.precision=32-true",
+                       "trainer.strategy=auto", "trainer.devices=1", "trainer.num_nodes=1"])
+    trainer = instantiate(cfg.trainer, logger=False, callbacks=[], enable_progress_bar=False)
+    assert trainer.estimated_stepping_batches == cfg.trainer.max_steps > 0
 
 
 def test_experiment_names_cover_the_contract():
