@@ -107,13 +107,14 @@ def test_copy_export_replaces_an_earlier_export_whole(tmp_path: Path) -> None:
     torch.testing.assert_close(load_checkpoint(dest).state_dict(), model.state_dict())
 
 
-CONF_DIR = ROOT / "conf"
 SMALL_DATA = ["data.n_shards=2", "data.stories_per_shard=60", "data.tokenizer=train:384", "data.num_workers=1",
               "logger=none", "callbacks.samples=null", "evaluation.adherence_n=0", "model=tiny"]
 
 
 def compose_train(overrides: list[str]):
     from hydra import compose, initialize_config_dir
+
+    from llamalit.cli import CONF_DIR
 
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         return compose("train", overrides=overrides)
