@@ -159,7 +159,8 @@ def bench_lightning(bc: BenchConfig, data: Dataset, steps: int, device: str, pre
                     compile_mode: str | None = None) -> tuple[list[float], str]:
     """Seconds of each optimizer step of the Lightning path, and the step the module ran (:func:`step_name`)."""
     torch.manual_seed(0)
-    module = LlamaLitModule({**run_cfg(bc, steps, fused), "compile": compile_, "compile_mode": compile_mode})
+    module = LlamaLitModule((cfg := run_cfg(bc, steps, fused))["model"], cfg["optim"], cfg["lora"], compile=compile_,
+                            compile_mode=compile_mode)
     timer = StepTimer()
     callbacks = [timer, SpeedMonitor(log_every=10), L.pytorch.callbacks.LearningRateMonitor("step"),
                  StepProgressBar(refresh_steps=10)]  # as conf/callbacks: the bar users see, read every 10 steps
@@ -238,7 +239,7 @@ def bench_plain(bc: BenchConfig, data: Dataset, steps: int, device: str, precisi
     module's training step (:func:`training_step`); the seconds of each optimizer step and the step's name."""
     torch.manual_seed(0)
     cfg = run_cfg(bc, steps, fused)
-    model: Llama = LlamaLitModule(cfg).model.to(device)
+    model: Llama = LlamaLitModule(cfg["model"], cfg["optim"], cfg["lora"]).model.to(device)
     loss_of, ran = training_step(model, device, compile_, compile_mode)
     optim = OptimConfig.from_dict(cfg["optim"])
     times = plain_loop(model, loss_of, bc, data, steps, device, precision,

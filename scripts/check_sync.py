@@ -143,7 +143,8 @@ def check_lightning(args: argparse.Namespace) -> int:
     cfg = {"model": ModelConfig.preset(args.preset, max_seq_len=args.seq + 1).to_dict(), "init_from": None,
            "lora": {"enabled": False}, "trainer": {"max_steps": warm + args.steps}, "compile": args.compile,
            "compile_mode": args.compile_mode, "optim": {"warmup_steps": 2}}
-    module = LlamaLitModule(cfg)
+    module = LlamaLitModule(cfg["model"], cfg["optim"], cfg["lora"], compile=cfg["compile"],
+                            compile_mode=cfg["compile_mode"])
     watch = SyncWatch(start=warm)
     trainer = L.Trainer(accelerator="cuda", devices=1, precision="bf16-mixed", max_steps=warm + args.steps,
                         accumulate_grad_batches=accum, gradient_clip_val=1.0, log_every_n_steps=args.log_every,

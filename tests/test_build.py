@@ -69,3 +69,18 @@ def test_bad_settings_name_the_problem():
         build_model(None)
     with pytest.raises(ValueError, match="rank"):
         lora_config({"enabled": True, "rank": 0, "alpha": 1.0})
+
+
+def test_attention_backend_is_given_to_the_model_it_builds():
+    """New models get ``attention`` from Llama's constructor; a loaded model is checked against its own heads; None
+    keeps a loaded model's backend."""
+    wide, narrow = ModelConfig.preset("tiny", dim=64), ModelConfig.preset("tiny")  # head_dim 16, 8
+    assert build_model(wide, attention="flex").attention_backend == "flex"
+    assert build_model(narrow).attention_backend == "auto"
+    with pytest.raises(ValueError, match="head_dim 8"):
+        build_model(narrow, attention="flex")
+    loaded = Llama(narrow, attention="dense")
+    assert build_model(None, init_from=loaded).attention_backend == "dense"
+    assert build_model(None, init_from=loaded, attention="auto").attention_backend == "auto"
+    with pytest.raises(ValueError, match="head_dim 8"):
+        build_model(wide, init_from=Llama(narrow), attention="flex")  # the loaded heads decide, not model_cfg's

@@ -123,10 +123,9 @@ def test_auto_picks_flex_only_where_its_kernel_runs() -> None:
     assert narrow.mask_backend(cuda) == "dense"
     narrow.attention_backend = "dense"
     assert wide.mask_backend(cuda) == "flex" and narrow.mask_backend(cuda) == "dense"
-    cfg = {"model": ModelConfig.preset("tiny").to_dict(), "init_from": None, "attention": "flex"}
     with pytest.raises(ValueError, match="head_dim 8"):
-        build_model(cfg)
-    assert build_model({**cfg, "model": ModelConfig.preset("tiny", dim=64).to_dict()}).attention_backend == "flex"
+        build_model(ModelConfig.preset("tiny"), attention="flex")
+    assert build_model(ModelConfig.preset("tiny", dim=64), attention="flex").attention_backend == "flex"
 
 
 def test_attention_backend_is_a_constructor_argument() -> None:

@@ -52,6 +52,8 @@ def test_native_llama2c_and_hf_sources(tmp_path):
 
 
 def lightning_ckpt(model: Llama, lora: dict | None = None, init_from=None) -> dict:
+    """A ``.ckpt`` as versions before the module's typed arguments wrote it: the whole run config in
+    ``hyper_parameters["cfg"]``."""
     cfg = {"model": model.cfg.to_dict(), "lora": lora or {"enabled": False, "rank": 0, "alpha": 0,
                                                           "dropout": 0.0, "targets": []},
            "init_from": init_from, "trainer": {"max_steps": 10}, "optim": {"lr": 1e-3}}
@@ -61,7 +63,38 @@ def lightning_ckpt(model: Llama, lora: dict | None = None, init_from=None) -> di
             "loops": {"fit_loop": {"state_dict": {}}}, "callbacks": {"TokenCounter": {"tokens_seen": 123}}}
 
 
+@pytest.mark.parametrize("lora", [False, True])
+def test_lightning_ckpt_of_the_module_loads(tmp_path, lora):
+    """A checkpoint the module writes now (its arguments as hyper_parameters) rebuilds the model; a LoRA run
+    on init_from saves the adapters only, and its base is read from the saved init_from again."""
+    import lightning as L
+    from torch.utils.data import DataLoader
+
+    from llamalit.training.module import LlamaLitModule
+
+    base = tiny(5)
+    save_model(base, tmp_path / "base")
+    adapter = {"enabled": True, "rank": 2, "alpha": 4.0, "targets": ["wq", "wv"]} if lora else {"enabled": False}
+    module = LlamaLitModule(base.cfg, {"lr": 1e-2, "warmup_steps": 1}, adapter,
+                            str(tmp_path / "base") if lora else None)
+    rows = [{"input_ids": t, "labels": t.roll(-1)} for t in torch.randint(0, 256, (4, 12))]
+    trainer = L.Trainer(accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                        enable_model_summary=False, max_steps=2)
+    trainer.fit(module, DataLoader(rows, batch_size=2))
+    trainer.save_checkpoint(tmp_path / "run.ckpt")
+    ckpt = torch.load(tmp_path / "run.ckpt", weights_only=True)
+    assert "cfg" not in ckpt["hyper_parameters"] and ckpt["hyper_parameters"]["model_cfg"] == base.cfg.to_dict()
+    assert ("base_fingerprint" in ckpt) == lora
+    loaded = load_checkpoint(tmp_path / "run.ckpt", merge=False)
+    assert bool(lora_layers(loaded)) == lora
+    tokens = torch.randint(0, 256, (1, 16))
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(tokens), module.model.eval()(tokens), atol=0, rtol=0)
+        assert not torch.equal(loaded(tokens), base(tokens))  # the trained weights, not the base's
+
+
 def test_lightning_ckpt_plain_and_lora(tmp_path):
+    """Old-style ``.ckpt`` files (``hyper_parameters["cfg"]``) keep loading."""
     model = tiny(2)
     torch.save(lightning_ckpt(model), tmp_path / "plain.ckpt")
     assert same_weights(load_checkpoint(tmp_path / "plain.ckpt"), model)

@@ -25,32 +25,43 @@ def test_model_config_names_the_bad_field(bad: dict, match: str) -> None:
         ModelConfig.preset("tiny", **bad)
 
 
-def module_cfg(**model) -> dict:
-    return {"model": ModelConfig.preset("tiny", **model).to_dict(), "init_from": None, "lora": {"enabled": False},
-            "trainer": {"max_steps": 4}}
+def tiny_module(lora: dict | None = None, **model) -> LlamaLitModule:
+    return LlamaLitModule(ModelConfig.preset("tiny", **model), {}, lora)
 
 
-def save_ckpt(path: Path, cfg: dict) -> Path:
-    module = LlamaLitModule(cfg)  # a Lightning checkpoint's parts that resuming reads
-    torch.save({"state_dict": module.state_dict(), "hyper_parameters": {"cfg": module.cfg}}, path)
+def save_ckpt(path: Path, module: LlamaLitModule, old_style: bool = False) -> Path:
+    """A Lightning checkpoint's parts that resuming reads; ``old_style``: hyper_parameters as versions before the
+    typed module arguments wrote them (the whole run config under ``cfg``)."""
+    hp = dict(module.hparams)
+    if old_style:
+        lora = {"enabled": True, **hp["lora_cfg"]} if hp["lora_cfg"] else {"enabled": False}
+        hp = {"cfg": {"model": hp["model_cfg"], "lora": lora, "init_from": None, "trainer": {"max_steps": 4}}}
+    torch.save({"state_dict": module.state_dict(), "hyper_parameters": hp}, path)
     return path
 
 
-def test_resume_of_another_shape_names_the_setting(tmp_path: Path) -> None:
-    ckpt = save_ckpt(tmp_path / "last.ckpt", module_cfg(dim=64))
-    check_resume(str(ckpt), LlamaLitModule(module_cfg(dim=64)))  # the same shape resumes
+@pytest.mark.parametrize("old_style", [False, True])
+def test_resume_of_another_shape_names_the_setting(tmp_path: Path, old_style: bool) -> None:
+    ckpt = save_ckpt(tmp_path / "last.ckpt", tiny_module(dim=64), old_style)
+    check_resume(str(ckpt), tiny_module(dim=64))  # the same shape resumes
     with pytest.raises(ValueError, match=r"does not fit.*model\.dim=64 \(this run: 32\)"):
-        check_resume(str(ckpt), LlamaLitModule(module_cfg()))
+        check_resume(str(ckpt), tiny_module())
+    lora = {"enabled": True, "rank": 2, "alpha": 4.0, "targets": ["wq"]}
+    ckpt = save_ckpt(tmp_path / "lora.ckpt", tiny_module(lora), old_style)
+    with pytest.raises(ValueError, match=r"lora\.rank=2 \(this run: 4\)"):
+        check_resume(str(ckpt), tiny_module({**lora, "rank": 4}))
+    with pytest.raises(ValueError, match=r"lora\.enabled=True \(this run: False\)"):
+        check_resume(str(ckpt), tiny_module())
 
 
 def test_resume_from_a_non_checkpoint_says_to_use_init_from(tmp_path: Path) -> None:
     weights = tmp_path / "model.bin"
     weights.write_bytes(b"\0" * 64)
     with pytest.raises(ValueError, match="not a training checkpoint.*init_from="):
-        check_resume(str(weights), LlamaLitModule(module_cfg()))
+        check_resume(str(weights), tiny_module())
     torch.save({"model": {}}, tmp_path / "other.pt")
     with pytest.raises(ValueError, match="no 'state_dict'"):
-        check_resume(str(tmp_path / "other.pt"), LlamaLitModule(module_cfg()))
+        check_resume(str(tmp_path / "other.pt"), tiny_module())
 
 
 def test_preflight_checks_init_from_and_the_shape_before_any_data(tmp_path: Path) -> None:

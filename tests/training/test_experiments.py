@@ -19,6 +19,7 @@ import torch
 from hydra import compose, initialize_config_dir
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
+from hydra.utils import instantiate
 from omegaconf import DictConfig, open_dict
 
 import llamalit.cli
@@ -180,6 +181,15 @@ def check_adapter_checkpoint(ckpt_path: Path, run_dir: Path) -> None:
         assert torch.allclose(load_checkpoint(ckpt_path).eval()(x), load_checkpoint(run_dir).eval()(x), atol=1e-6)
 
 
+@pytest.mark.parametrize("name", EXPERIMENTS)
+def test_experiment_schedule_spans_its_max_steps(name):
+    """The LR schedule spans trainer.estimated_stepping_batches: for every experiment, its trainer.max_steps."""
+    cfg = compose_cfg([f"experiment={name}", "trainer.accelerator=cpu", "trainer.precision=32-true",
+                       "trainer.strategy=auto", "trainer.devices=1", "trainer.num_nodes=1"])
+    trainer = instantiate(cfg.trainer, logger=False, callbacks=[], enable_progress_bar=False)
+    assert trainer.estimated_stepping_batches == cfg.trainer.max_steps > 0
+
+
 def test_experiment_names_cover_the_contract():
     assert {"pretrain", "instruct_scratch", "instruct_lora", "demo", "demo_lora"} <= set(EXPERIMENTS)
 
@@ -331,7 +341,7 @@ def test_alpaca_qlora_trains_a_4bit_base_and_exports_a_merged_hf_model(env, tmp_
     assert summary["step"] == 3 and math.isfinite(summary["val/loss"])
     ckpt = torch.load(summary["last_checkpoint"], weights_only=True, map_location="cpu")
     assert ckpt["state_dict"] and all(k.endswith(("lora_A", "lora_B")) for k in ckpt["state_dict"])  # no 4-bit base
-    assert ckpt["hyper_parameters"]["cfg"]["model"]["quantize"] == "nf4"  # a resume quantizes the base again
+    assert ckpt["hyper_parameters"]["quantize"] == "nf4"  # a resume quantizes the base again
     merged = Path(summary["files"]["merged_hf"])
     assert merged == run_dir / "merged_hf" and (merged / "config.json").is_file()
     hf = transformers.LlamaForCausalLM.from_pretrained(merged, dtype="auto")  # as stored

@@ -32,11 +32,9 @@ def _batches() -> dict[str, dict]:
             "packed": {"input_ids": x, "labels": packed_y, "positions": positions, "segments": segments}}
 
 
-def _module_step(**cfg) -> LlamaLitModule:
+def _module_step(**settings) -> LlamaLitModule:
     """A module with compile on, as ``on_fit_start`` sets it up on this device."""
-    cfg = {"model": ModelConfig.preset("tiny", max_seq_len=32).to_dict(), "optim": {}, "lora": {"enabled": False},
-           "init_from": None, "trainer": {"max_steps": 2}, "compile": True, **cfg}
-    module = LlamaLitModule(cfg)
+    module = LlamaLitModule(ModelConfig.preset("tiny", max_seq_len=32), {}, **{"compile": True, **settings})
     module.on_fit_start()
     return module
 

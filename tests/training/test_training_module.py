@@ -13,7 +13,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from llamalit.model import Llama, ModelConfig
 from llamalit.training.module import LlamaLitModule, compile_blocks, resolve_compile
-from llamalit.training.optim import OptimConfig, lr_at, param_groups
+from llamalit.training.optim import OptimConfig, build_optimizer, lr_at, param_groups
 
 VOCAB = 64
 
@@ -32,22 +32,24 @@ class RandomRows(Dataset):
         return {"input_ids": self.x[i], "labels": y}
 
 
-def make_cfg(max_steps: int = 10, **optim) -> dict:
-    model = ModelConfig(dim=16, n_layers=1, n_heads=2, vocab_size=VOCAB, multiple_of=8, max_seq_len=16)
-    return {"model": model.to_dict(), "optim": {"warmup_steps": 3, "lr": 1e-2, "min_lr": 1e-3, **optim},
-            "lora": {"enabled": False}, "init_from": None, "trainer": {"max_steps": max_steps}}
+MODEL = ModelConfig(dim=16, n_layers=1, n_heads=2, vocab_size=VOCAB, multiple_of=8, max_seq_len=16)
+OPTIM = {"warmup_steps": 3, "lr": 1e-2, "min_lr": 1e-3}
 
 
-def fit(module: LlamaLitModule, callbacks=(), **trainer_kw) -> L.Trainer:
+def make_module(lora: dict | None = None, model: dict | None = None, **optim) -> LlamaLitModule:
+    return LlamaLitModule({**MODEL.to_dict(), **(model or {})}, {**OPTIM, **optim}, lora)
+
+
+def fit(module: LlamaLitModule, callbacks=(), max_steps: int = 10, **trainer_kw) -> L.Trainer:
     trainer = L.Trainer(accelerator="cpu", logger=False, enable_checkpointing=False,
                         enable_progress_bar=False, enable_model_summary=False, callbacks=list(callbacks),
-                        max_steps=module.max_steps, **trainer_kw)
+                        max_steps=max_steps, **trainer_kw)
     trainer.fit(module, DataLoader(RandomRows(64, 12), batch_size=4))
     return trainer
 
 
 def test_param_groups_decay_only_matrices_and_only_trainable():
-    module = LlamaLitModule(make_cfg())
+    module = make_module()
     model = module.model
     model.layers[0].attention.wq.weight.requires_grad_(False)
     decay, no_decay = param_groups(model, 0.1)
@@ -60,7 +62,7 @@ def test_param_groups_decay_only_matrices_and_only_trainable():
     # The tied embedding/output weight is one parameter, listed once.
     assert len(decay_ids) == len(decay["params"])
     assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
-    optimizer = module.configure_optimizers()["optimizer"]
+    optimizer = build_optimizer(model, module.optim_cfg)
     assert optimizer.defaults["betas"] == (0.9, 0.95)
 
 
@@ -91,9 +93,9 @@ class LrRecorder(L.Callback):
 
 
 def test_scheduler_steps_per_optimizer_step_under_accumulation():
-    module = LlamaLitModule(make_cfg(max_steps=8))
+    module = make_module()
     rec = LrRecorder()
-    fit(module, [rec], accumulate_grad_batches=4)
+    fit(module, [rec], max_steps=8, accumulate_grad_batches=4)
     expected = [lr_at(s, module.optim_cfg, 8) for s in range(8)]
     assert rec.batches == 32
     assert rec.lrs == pytest.approx(expected)
@@ -101,8 +103,19 @@ def test_scheduler_steps_per_optimizer_step_under_accumulation():
     assert lr_at(8, module.optim_cfg, 8) == pytest.approx(1e-3)  # the end of the schedule
 
 
+def test_schedule_spans_the_steps_the_trainer_will_make():
+    """The schedule's length is Lightning's estimated_stepping_batches: max_steps, or fewer when max_epochs ends
+    the run first (64 rows in batches of 4 with accumulation 4: 4 optimizer steps an epoch)."""
+    module = make_module(warmup_steps=1)
+    rec = LrRecorder()
+    fit(module, [rec], max_steps=100, max_epochs=2, accumulate_grad_batches=4)
+    assert module.trainer.estimated_stepping_batches == 8 == len(rec.lrs)
+    assert rec.lrs == pytest.approx([lr_at(s, module.optim_cfg, 8) for s in range(8)])
+    assert rec.lrs[-1] < 2e-3  # decayed to near min_lr, not a 100-step schedule's ~9.9e-3
+
+
 def test_nan_loss_stops_the_run_naming_the_step():
-    module = LlamaLitModule(make_cfg(max_steps=10))
+    module = make_module()
     real = module.model.hidden
 
     def poisoned(tokens, **kw):
@@ -115,7 +128,7 @@ def test_nan_loss_stops_the_run_naming_the_step():
 
 
 def test_training_reduces_loss_and_validation_metrics():
-    module = LlamaLitModule(make_cfg(max_steps=30, lr=3e-2))
+    module = make_module(lr=3e-2)
     trainer = L.Trainer(accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
                         enable_model_summary=False, max_steps=30)
     loader = DataLoader(RandomRows(8, 12), batch_size=4)  # memorisable
@@ -129,7 +142,7 @@ def test_training_reduces_loss_and_validation_metrics():
 
 
 def test_validation_loss_is_token_weighted_cross_entropy():
-    module = LlamaLitModule(make_cfg())
+    module = make_module()
     loader = DataLoader(RandomRows(6, 12), batch_size=4)  # batches of 4 and 2 rows
     trainer = L.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False)
     got = trainer.validate(module, loader, verbose=False)[0]["val/loss"]
@@ -142,11 +155,10 @@ def test_validation_loss_is_token_weighted_cross_entropy():
 
 
 def test_gradient_checkpointing_gives_the_same_gradients():
-    cfg = make_cfg()
     grads = []
     for ckpt in (False, True):
         torch.manual_seed(0)
-        module = LlamaLitModule({**cfg, "model": {**cfg["model"], "gradient_checkpointing": ckpt}})
+        module = LlamaLitModule(MODEL, OPTIM, gradient_checkpointing=ckpt)
         batch = RandomRows(2, 12)[0]
         x, y = batch["input_ids"][None], batch["labels"][None]
         module.model.loss(x, y).backward()
@@ -158,7 +170,7 @@ def test_gradient_checkpointing_gives_the_same_gradients():
 
 def test_quantize_without_a_base_is_refused():
     with pytest.raises(ValueError, match="init_from"):
-        LlamaLitModule({**make_cfg(), "model": {**make_cfg()["model"], "quantize": "nf4"}})
+        LlamaLitModule(MODEL, OPTIM, quantize="nf4")
 
 
 def test_compile_defaults_to_cuda_only():
@@ -189,16 +201,15 @@ def test_compiled_blocks_match_eager_loss_and_grads():
 @pytest.mark.parametrize("lora", [False, True])
 def test_model_from_module_state_rebuilds_the_trained_model(lora):
     """What an FSDP run exports: the gathered LightningModule state dict as one plain (LoRA) model."""
+    from llamalit.checkpoints.lightning_ckpt import run_settings
     from llamalit.training.run import model_from_module_state
 
-    cfg = make_cfg(max_steps=2)
-    if lora:
-        cfg["lora"] = {"enabled": True, "rank": 2, "alpha": 4.0, "dropout": 0.0, "targets": ["wq", "wv"]}
-    module = LlamaLitModule(cfg)
+    adapter = {"enabled": True, "rank": 2, "alpha": 4.0, "dropout": 0.0, "targets": ["wq", "wv"]}
+    module = make_module(lora=adapter if lora else None)
     with torch.no_grad():
         for p in module.parameters():
             p.add_(torch.randn_like(p) * 0.01)  # trained-looking weights, LoRA B no longer zero
-    rebuilt = model_from_module_state(module.cfg, module.state_dict())
+    rebuilt = model_from_module_state(run_settings(module.hparams), module.state_dict())
     x = torch.randint(0, module.model.cfg.vocab_size, (2, 10))
     with torch.no_grad():
         torch.testing.assert_close(rebuilt.eval()(x), module.model.eval()(x), rtol=0, atol=0)
@@ -220,7 +231,7 @@ def test_progress_bar_reads_metrics_once_per_refresh_steps_not_per_micro_batch()
         return shown[-1]
 
     bar.get_metrics = spy
-    module = LlamaLitModule(make_cfg(max_steps=6))
+    module = make_module()
     trainer = L.Trainer(accelerator="cpu", logger=False, enable_checkpointing=False, enable_model_summary=False,
                         callbacks=[bar], max_steps=6, accumulate_grad_batches=4, limit_val_batches=0)
     trainer.fit(module, DataLoader(RandomRows(64, 12), batch_size=2))
@@ -239,19 +250,19 @@ def test_fused_adamw_is_clipped_under_mixed_precision_as_a_plain_loop_clips(prec
     from itertools import islice
 
     from llamalit.training.module import batch_loss
-    from llamalit.training.optim import build_optimizer, build_scheduler
+    from llamalit.training.optim import build_scheduler
 
     clip, steps = 0.05, 3
     torch.manual_seed(0)
-    module = LlamaLitModule(make_cfg(max_steps=steps, fused=True))
+    module = make_module(fused=True)
     ref = copy.deepcopy(module.model)
     start = [p.detach().clone() for p in ref.parameters()]
     # Lightning turns precision="16-mixed" into bf16 on the CPU: the plugin given as such keeps fp16 + GradScaler
-    trainer = fit(module, plugins=[MixedPrecision(precision, "cpu")], gradient_clip_val=clip)
+    trainer = fit(module, max_steps=steps, plugins=[MixedPrecision(precision, "cpu")], gradient_clip_val=clip)
     assert trainer.optimizers[0].defaults["fused"] and trainer.global_step == steps
     assert (trainer.precision_plugin.scaler is not None) == (precision == "16-mixed")
 
-    opt = build_optimizer(ref, OptimConfig.from_dict({**make_cfg()["optim"], "fused": False}))
+    opt = build_optimizer(ref, OptimConfig.from_dict({**OPTIM, "fused": False}))
     sched = build_scheduler(opt, module.optim_cfg, steps)
     scaler = torch.amp.GradScaler("cpu") if precision == "16-mixed" else None
     dtype = torch.float16 if precision == "16-mixed" else torch.bfloat16
@@ -272,3 +283,34 @@ def test_fused_adamw_is_clipped_under_mixed_precision_as_a_plain_loop_clips(prec
     assert any(not torch.equal(p, s) for p, s in zip(ref.parameters(), start))  # no step was skipped as inf
     for (name, a), b in zip(module.model.named_parameters(), ref.parameters()):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_the_module_node_builds_the_module_from_the_run_settings(tmp_path):
+    """conf/train.yaml's ``module:`` node takes the user-facing keys as given on the command line; ``train()``
+    instantiates it with the device settings' resolved values in those keys (build_module)."""
+    from hydra import compose, initialize_config_dir
+    from hydra.utils import instantiate
+    from omegaconf import OmegaConf
+
+    from llamalit.cli import CONF_DIR
+    from llamalit.training.run import build_module
+
+    overrides = ["model=tiny", "model.dim=64", "model.gradient_checkpointing=true", "optim.lr=0.1", "lora=qkvo",
+                 "compile=false", "compile_mode=reduce-overhead", "attention=dense", "loss_impl=plain",
+                 f"run_dir={tmp_path}"]
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        cfg = compose("train", overrides=overrides)
+    module = instantiate(cfg.module)
+    hp = module.hparams
+    assert hp["model_cfg"] == module.model.cfg.to_dict() and module.model.cfg.dim == 64
+    assert module.optim_cfg.lr == 0.1 and module.lora_cfg.rank == 2 and hp["lora_cfg"]["targets"] == ["wq", "wk",
+                                                                                                       "wv", "wo"]
+    assert (hp["compile"], hp["compile_mode"], hp["attention"], hp["loss_impl"], hp["gradient_checkpointing"]) == \
+        (False, "reduce-overhead", "dense", "plain", True)
+    assert module.model.attention_backend == "dense" and hp["init_from"] is None and hp["quantize"] is None
+
+    resolved = OmegaConf.to_container(cfg, resolve=True)
+    resolved = {**resolved, "compile": True, "attention": "auto", "optim": {**resolved["optim"], "fused": True}}
+    module = build_module(cfg, resolved)
+    assert (module.hparams["compile"], module.model.attention_backend, module.optim_cfg.fused) == (True, "auto", True)
+    assert resolved["module"]["compile"] is True  # what the logger records is what the module got

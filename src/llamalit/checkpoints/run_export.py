@@ -15,6 +15,7 @@ from llamalit.build import build_model
 from llamalit.checkpoints.adapter import save_adapter
 from llamalit.checkpoints.common import fetch
 from llamalit.checkpoints.fingerprint import base_fingerprint, file_sha256
+from llamalit.checkpoints.lightning_ckpt import run_settings
 from llamalit.checkpoints.native import save_model
 from llamalit.fileio import atomic_checkpoint_dir
 from llamalit.lora import LoraConfig
@@ -44,7 +45,7 @@ def exportable_model(trainer: L.Trainer, module: L.LightningModule) -> Llama | N
     if not isinstance(trainer.strategy, FSDPStrategy):
         return module.model if trainer.is_global_zero else None
     state = trainer.strategy.lightning_module_state_dict()  # full_state_dict, gathered on rank 0
-    return model_from_module_state(module.cfg, state) if trainer.is_global_zero else None
+    return model_from_module_state(run_settings(module.hparams), state) if trainer.is_global_zero else None
 
 
 def export_weights(model: Llama, out_dir: Path, tokenizer_path: str | None, cfg: dict) -> dict:

@@ -7,6 +7,7 @@ import logging
 import math
 import random
 from collections.abc import Mapping
+from dataclasses import asdict
 
 import lightning as L
 import numpy as np
@@ -15,57 +16,38 @@ from lightning.pytorch.plugins.precision import MixedPrecision
 from lightning.pytorch.utilities import GradClipAlgorithmType
 from torchmetrics import MeanMetric
 
+from llamalit import build
+from llamalit.lora import LoraConfig
 from llamalit.losses import LossOutput, resolve_loss_impl
-from llamalit.model import FLEX_MIN_HEAD_DIM, IGNORE_INDEX, Llama, ModelConfig, counted_positions, rope_tables
+from llamalit.model import IGNORE_INDEX, Llama, ModelConfig, counted_positions
 from llamalit.training.optim import OptimConfig, build_optimizer, build_scheduler
 
 log = logging.getLogger(__name__)
 
 
-def set_max_seq_len(model: Llama, max_seq_len: int) -> None:
-    """Grow (or shrink) the RoPE tables; RoPE is not learned, so a longer context needs only new tables."""
-    if max_seq_len == model.cfg.max_seq_len:
-        return
-    model.cfg.max_seq_len = max_seq_len
-    cos, sin = rope_tables(model.cfg.head_dim, max_seq_len, model.cfg.rope_theta)
-    model.freqs_cos = cos.to(model.freqs_cos.device)
-    model.freqs_sin = sin.to(model.freqs_sin.device)
-
-
-def build_model(cfg: Mapping) -> Llama:
-    """The model a run trains: ``init_from`` loaded (or ``cfg['model']`` at random init), then LoRA if enabled."""
-    model_cfg = ModelConfig.from_dict(cfg["model"])
-    quantize, checkpointing = cfg["model"].get("quantize"), cfg["model"].get("gradient_checkpointing")
-    if quantize and not cfg.get("init_from"):
+def build_model(model_cfg: ModelConfig | Mapping, lora_cfg: LoraConfig | Mapping | None = None,
+                init_from: str | None = None, *, attention: str = "auto", quantize: str | None = None,
+                gradient_checkpointing: bool = False) -> Llama:
+    """The model a run trains: :func:`llamalit.build.build_model` (``init_from`` loaded, or ``model_cfg`` at
+    random init, then LoRA), with a quantized base (``model.quantize``, read straight into bf16) and
+    recomputed block activations (``model.gradient_checkpointing``) around it."""
+    if quantize and not init_from:
         raise ValueError(f"model.quantize={quantize} needs a pretrained base: set init_from=DIR")
-    if cfg.get("init_from"):
-        from llamalit.checkpoints import load_checkpoint
-        from llamalit.checkpoints.merged import load_base
-
-        # A base to quantize is read straight into bf16 (one copy: ~14 GB for 7B, not float32's ~27 GB).
-        model = load_base(cfg["init_from"]).train() if quantize else load_checkpoint(cfg["init_from"])
-        set_max_seq_len(model, max(model.cfg.max_seq_len, model_cfg.max_seq_len))
-    else:
-        model = Llama(model_cfg)
-    if quantize:
-        from llamalit.quantize import quantize_linears
-
-        quantize_linears(model, kind=quantize)
-    lora = cfg.get("lora") or {}
-    if lora.get("enabled"):
-        from llamalit.lora import LoraConfig, apply_lora
-
-        apply_lora(model, LoraConfig.from_dict(lora))
-    if checkpointing:
+    load = functools.partial(_load_quantized, kind=quantize) if quantize else None
+    model = build.build_model(model_cfg, lora_cfg, init_from or None, load=load, attention=attention)
+    if gradient_checkpointing:
         enable_gradient_checkpointing(model)
-    backend = cfg.get("attention") or "auto"
-    if backend not in ("auto", "flex", "dense"):
-        raise ValueError(f"attention={backend!r}: choose auto, flex (CUDA) or dense")
-    if backend == "flex" and model.cfg.head_dim < FLEX_MIN_HEAD_DIM:
-        raise ValueError(f"attention=flex: head_dim {model.cfg.head_dim} (model.dim / model.n_heads) is below the "
-                         f"{FLEX_MIN_HEAD_DIM} flex attention's kernel needs; use attention=auto or dense")
-    model.attention_backend = backend
     return model.train()  # a loaded base comes back in eval mode, and LoRA layers copy it (dropout off)
+
+
+def _load_quantized(ref: str, kind: str) -> Llama:
+    """A base read straight into bf16 (one copy: ~14 GB for 7B, not float32's ~27 GB), its linears in 4 bits."""
+    from llamalit.checkpoints.merged import load_base
+    from llamalit.quantize import quantize_linears
+
+    model = load_base(ref).train()
+    quantize_linears(model, kind=kind)
+    return model
 
 
 def _at_least_one(n: torch.Tensor | int) -> torch.Tensor | int:
@@ -149,21 +131,35 @@ def enable_gradient_checkpointing(model: Llama) -> None:
 
 
 class LlamaLitModule(L.LightningModule):
-    """Trains ``build_model(cfg)`` with cross-entropy over counted positions (label != -100).
+    """Trains :func:`build_model`'s Llama with cross-entropy over counted positions (label != -100).
 
-    ``cfg`` is the resolved run config as a plain dict (keys ``model``, ``optim``, ``lora``,
-    ``init_from``, ``trainer.max_steps``, ``compile``); it is saved in every checkpoint.
+    Built by Hydra from the ``module:`` node of ``conf/train.yaml``, whose fields are the run's settings:
+    ``model_cfg`` (``model``: the shape; ignored but for ``max_seq_len`` with ``init_from``), ``optim_cfg``
+    (``optim``), ``lora_cfg`` (``lora``; None or ``enabled: false`` for none), ``init_from`` (a base
+    checkpoint), ``compile`` (None: on CUDA), ``compile_mode``, ``loss_impl``, ``attention``, and
+    ``quantize`` / ``gradient_checkpointing`` (``model.*``). They are saved in every checkpoint, the model
+    shape as built. The learning-rate schedule spans ``trainer.estimated_stepping_batches``.
     """
 
-    def __init__(self, cfg: dict):
+    def __init__(self, model_cfg: ModelConfig | Mapping, optim_cfg: OptimConfig | Mapping | None = None,
+                 lora_cfg: LoraConfig | Mapping | None = None, init_from: str | None = None, *,
+                 compile: bool | None = None, compile_mode: str | None = None, loss_impl: str = "auto",
+                 attention: str = "auto", quantize: str | None = None, gradient_checkpointing: bool = False):
         super().__init__()
-        self.model = build_model(cfg)
-        # the checkpoint describes the real shape (and keeps model.quantize / gradient_checkpointing)
-        cfg = {**cfg, "model": {**cfg["model"], **self.model.cfg.to_dict()}}
-        self.save_hyperparameters({"cfg": cfg})
-        self.cfg = cfg
-        self.optim_cfg = OptimConfig.from_dict(cfg.get("optim") or {})
-        self.max_steps = int(cfg["trainer"]["max_steps"])
+        self.model = build_model(model_cfg, lora_cfg, init_from, attention=attention, quantize=quantize,
+                                 gradient_checkpointing=gradient_checkpointing)
+        self.optim_cfg = optim_cfg if isinstance(optim_cfg, OptimConfig) else OptimConfig.from_dict(optim_cfg or {})
+        self.lora_cfg = build.lora_config(lora_cfg)
+        self.init_from = str(init_from) if init_from else None
+        self.compile_setting, self.compile_mode = compile, compile_mode
+        self.quantize = quantize
+        self.loss_impl = str(loss_impl or "auto")  # llamalit.losses: auto | compiled | plain | chunked | liger | cce
+        # plain values only (a checkpoint loads with weights_only=True); the model shape as built (a base's)
+        self.save_hyperparameters({
+            "model_cfg": self.model.cfg.to_dict(), "optim_cfg": asdict(self.optim_cfg),
+            "lora_cfg": self.lora_cfg.to_dict() if self.lora_cfg else None, "init_from": self.init_from,
+            "compile": compile, "compile_mode": compile_mode, "loss_impl": self.loss_impl, "attention": attention,
+            "quantize": quantize, "gradient_checkpointing": bool(gradient_checkpointing)})
         self.val_loss = MeanMetric()
         self.val_acc = MeanMetric()
         self.train_acc = MeanMetric()
@@ -175,14 +171,13 @@ class LlamaLitModule(L.LightningModule):
         self._base_keys = frozen_base_keys(self)
         self.strict_loading = not self._base_keys  # on_load_checkpoint checks the keys itself
         self._compiled = False
-        self.loss_impl = str(cfg.get("loss_impl") or "auto")  # llamalit.losses: auto | plain | chunked | liger
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         return self.model(tokens)
 
     def on_fit_start(self) -> None:
-        setting = self.cfg.get("compile")
-        if setting is None and self.cfg["model"].get("quantize"):
+        setting = self.compile_setting
+        if setting is None and self.quantize:
             setting = False  # auto stays off for 4-bit bases: bitsandbytes layers under compile are unmeasured
         compiled = resolve_compile(setting, self.device)
         self._train_impl = resolve_loss_impl(self.loss_impl, self.device.type, compiled)
@@ -192,7 +187,7 @@ class LlamaLitModule(L.LightningModule):
             return
         self._compiled = True
         if self._train_impl in TRACEABLE_LOSSES:
-            mode = self.cfg.get("compile_mode") or "default"
+            mode = self.compile_mode or "default"
             self._step = compile_step(mode)
             self._step_cudagraphs = mode == "reduce-overhead" and self.device.type == "cuda"
             log.info("compiling the training step as one graph (loss_impl=%s, compile_mode=%s)", self._train_impl, mode)
@@ -307,8 +302,16 @@ class LlamaLitModule(L.LightningModule):
 
     def configure_optimizers(self):
         optimizer = build_optimizer(self.model, self.optim_cfg)
-        scheduler = build_scheduler(optimizer, self.optim_cfg, self.max_steps)
+        scheduler = build_scheduler(optimizer, self.optim_cfg, self.total_steps())
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def total_steps(self) -> int:
+        """Optimizer steps the run makes (what the schedule spans): ``trainer.max_steps``, or fewer when
+        ``trainer.max_epochs`` ends the run first (accumulation and devices counted)."""
+        steps = self.trainer.estimated_stepping_batches
+        if math.isinf(steps):
+            raise ValueError("the learning-rate schedule needs a length: set trainer.max_steps or trainer.max_epochs")
+        return int(steps)
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         # Lightning does not keep RNG states; an exact resume needs them (dropout, sampling).
@@ -339,7 +342,7 @@ class LlamaLitModule(L.LightningModule):
         changed = [k for k in sorted(self._base_keys)
                    if not math.isclose(saved.get(k, math.nan), float(sd[k].detach().double().sum()), rel_tol=1e-9)]
         if changed:
-            raise ValueError(f"init_from={self.cfg.get('init_from')} is not the base this checkpoint was trained "
+            raise ValueError(f"init_from={self.init_from} is not the base this checkpoint was trained "
                              f"on (weights differ: {changed[:3]}); point init_from at the original base model")
 
     def on_train_batch_start(self, batch: Mapping, batch_idx: int) -> None:
@@ -350,8 +353,7 @@ class LlamaLitModule(L.LightningModule):
 
 def frozen_base_keys(module: LlamaLitModule) -> set[str]:
     """State-dict keys of a LoRA run's frozen parameters, when ``init_from`` can rebuild them (else empty)."""
-    cfg = module.cfg
-    if not ((cfg.get("lora") or {}).get("enabled") and cfg.get("init_from")):
+    if not (module.lora_cfg and module.init_from):
         return set()
     trainable = {f"model.{n}" for n, p in module.model.named_parameters(remove_duplicate=False) if p.requires_grad}
     # every other entry, 4-bit bases' quantization state (absmax, quant_map, ...) included

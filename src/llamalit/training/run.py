@@ -13,6 +13,7 @@ from hydra.utils import instantiate
 from lightning.pytorch.callbacks import LearningRateMonitor, ProgressBar
 from omegaconf import DictConfig, OmegaConf
 
+from llamalit.checkpoints.lightning_ckpt import run_settings
 from llamalit.checkpoints.run_export import (  # noqa: F401 - the run's export, imported by callers from here
     EXPORT_NAMES,
     copy_export,
@@ -21,6 +22,7 @@ from llamalit.checkpoints.run_export import (  # noqa: F401 - the run's export, 
     model_from_module_state,
 )
 from llamalit.fileio import atomic_write_json
+from llamalit.lora import LoraConfig
 from llamalit.model import Llama, ModelConfig
 from llamalit.settings_checks import TRAIN_PATH_KEYS, check_train_settings, expand_paths
 from llamalit.training.checkpoint_io import AtomicCheckpointIO
@@ -77,12 +79,21 @@ def unreadable(path: Path) -> str | None:
 
 def settings_for_model(cfg: dict, settings: DeviceSettings, module: LlamaLitModule) -> DeviceSettings:
     """``settings`` with the attention backend resolved for the built model's heads (an ``init_from`` base's
-    shape is known only once loaded), set on the model."""
+    shape is known only once loaded; the module was built with the run's own ``attention``), set on the model."""
     if not cfg.get("init_from"):
         return settings
     settings = resolve_device_settings(cfg, settings.device, head_dim=module.model.cfg.head_dim)
     module.model.attention_backend = settings.attention
     return settings
+
+
+def build_module(cfg: DictConfig, resolved: dict) -> LlamaLitModule:
+    """The ``module:`` node of ``cfg`` instantiated with its interpolations (``${compile}``, ``${optim}``, ...)
+    read from ``resolved``, the run's settings as resolved for the device; ``resolved["module"]`` becomes
+    the node so resolved (what the logger records)."""
+    node = OmegaConf.to_container(cfg.module, resolve=False)
+    resolved["module"] = OmegaConf.to_container(OmegaConf.create({**resolved, "module": node}).module, resolve=True)
+    return instantiate(resolved["module"])
 
 
 def run_name(cfg: DictConfig) -> str:
@@ -138,15 +149,37 @@ def check_resume(ckpt_path: str, module: LlamaLitModule) -> None:
     wrong = sorted(k for k, v in ckpt["state_dict"].items() if k in own and tuple(v.shape) != tuple(own[k].shape))
     if not unexpected and not wrong:
         return
-    saved = ((ckpt.get("hyper_parameters") or {}).get("cfg") or {})
-    differ = [f"{group}.{key}={saved[group][key]!r} (this run: {module.cfg[group].get(key)!r})"
-              for group in ("model", "lora") if isinstance(saved.get(group), dict)
-              for key in saved[group] if saved[group][key] != (module.cfg.get(group) or {}).get(key)]
+    differ = settings_differ(run_settings(ckpt.get("hyper_parameters")), module)
     what = (f"{wrong[0]} is {tuple(ckpt['state_dict'][wrong[0]].shape)} there but "
             f"{tuple(own[wrong[0]].shape)} here" if wrong else f"it has {unexpected[0]}, which this model lacks")
     raise ValueError(f"ckpt_path={ckpt_path} does not fit this run's model: {what}. Resume with the settings "
-                     f"that wrote it" + (f": {'; '.join(differ[:6])}" if differ else " (its config is in the "
-                                         "checkpoint's hyper_parameters['cfg'])"))
+                     f"that wrote it" + (f": {'; '.join(differ[:6])}" if differ else " (its settings are in the "
+                                         "checkpoint's hyper_parameters)"))
+
+
+def settings_differ(saved: dict | None, module: LlamaLitModule) -> list[str]:
+    """``model.KEY=saved (this run: ours)`` for each model shape or LoRA setting where a checkpoint's
+    :func:`~llamalit.checkpoints.lightning_ckpt.run_settings` and this run's module differ."""
+    if saved is None:
+        return []
+    ours = run_settings(module.hparams)
+    differ = []
+    for group, normal in (("model", _shape), ("lora", _adapter)):
+        try:
+            theirs, mine = normal(saved[group]), normal(ours[group])
+        except (TypeError, ValueError):
+            continue  # settings this version cannot read: the shapes in the message say enough
+        differ += [f"{group}.{key}={theirs.get(key)!r} (this run: {mine.get(key)!r})"
+                   for key in dict.fromkeys([*theirs, *mine]) if theirs.get(key) != mine.get(key)]
+    return differ
+
+
+def _shape(model: dict) -> dict:
+    return ModelConfig.from_dict(model).to_dict()
+
+
+def _adapter(lora: dict | None) -> dict:
+    return {"enabled": True, **LoraConfig.from_dict(lora).to_dict()} if lora else {"enabled": False}
 
 
 def preflight(cfg: DictConfig) -> None:
@@ -262,7 +295,7 @@ def train(cfg: DictConfig) -> dict:
     resolved = apply_device_settings(plain, settings)
     if cfg.get("init_from"):  # the base's heads, not the preset's, decide the attention backend
         resolved["attention"] = plain.get("attention") or "auto"
-    module = LlamaLitModule(resolved)
+    module = build_module(cfg, resolved)
     settings = settings_for_model(plain, settings, module)
     log_device_settings(settings)
     check_vocab(module.model.cfg.vocab_size, dm.vocab_size, cfg.get("init_from"), dm.tokenizer_path)
