@@ -32,10 +32,10 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from llamalit import benchutil
+from llamalit.device_settings import resolve_device_settings
 from llamalit.losses import resolve_loss_impl
 from llamalit.model import Llama, ModelConfig
 from llamalit.training.callbacks import SpeedMonitor, StepProgressBar, peak_flops
-from llamalit.training.device_settings import resolve_device_settings
 from llamalit.training.module import (
     TRACEABLE_LOSSES,
     LlamaLitModule,

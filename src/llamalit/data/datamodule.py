@@ -41,6 +41,7 @@ from llamalit.data.datasets import (
 from llamalit.data.manifest import ManifestMissing, check_tokenizer
 from llamalit.data.packing import PackedInstructRows, cached_split_lengths
 from llamalit.data.prepare import check_data_dir, stale_settings
+from llamalit.device_settings import DEVICE_TYPES, resolve_device_settings
 
 log = logging.getLogger(__name__)
 
@@ -309,8 +310,6 @@ class LlamaDataModule(L.LightningDataModule):
             raise ValueError(f"data.packing=true but {manifest_path(self.data_dir)} holds pretraining shards: "
                              "their windows are already dense (no padding). Set data.packing=false.")
         if setting is None:  # train.py passes the resolved value; a DataModule used alone resolves it here
-            from llamalit.training.device_settings import DEVICE_TYPES, resolve_device_settings
-
             device = getattr(getattr(getattr(self.trainer, "strategy", None), "root_device", None), "type", "cpu")
             setting = resolve_device_settings({"data": {"kind": kind, "packing": None}},
                                               device if device in DEVICE_TYPES else "cpu").packing

@@ -21,18 +21,18 @@ from llamalit.checkpoints.run_export import (  # noqa: F401 - the run's export, 
     exportable_model,
     model_from_module_state,
 )
-from llamalit.fileio import atomic_write_json
-from llamalit.lora import LoraConfig
-from llamalit.model import Llama, ModelConfig
-from llamalit.settings_checks import TRAIN_PATH_KEYS, check_train_settings, expand_paths
-from llamalit.training.checkpoint_io import AtomicCheckpointIO
-from llamalit.training.device_settings import (
+from llamalit.device_settings import (
     DeviceSettings,
     apply_device_settings,
     device_type_of,
     log_device_settings,
     resolve_device_settings,
 )
+from llamalit.fileio import atomic_write_json
+from llamalit.lora import LoraConfig
+from llamalit.model import Llama, ModelConfig
+from llamalit.settings_checks import TRAIN_PATH_KEYS, check_train_settings, expand_paths
+from llamalit.training.checkpoint_io import AtomicCheckpointIO
 from llamalit.training.loggers import build_logger, finish_wandb, quiet_library_output
 from llamalit.training.module import LlamaLitModule
 
