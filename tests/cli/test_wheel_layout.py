@@ -3,7 +3,7 @@ point finds it by package, and a user's own config directory joins it through ``
 
 from __future__ import annotations
 
-import importlib.util
+import importlib.metadata
 import shutil
 import subprocess
 import sys
@@ -18,6 +18,17 @@ import llamalit.cli
 
 ROOT = Path(__file__).resolve().parents[2]
 ENTRY_POINTS = ("train", "prepare", "generate", "export", "evaluate")
+
+
+def _installed(dist: str) -> bool:
+    """Whether ``dist`` is installed, read from its metadata. Not ``importlib.util.find_spec("pip")``: setuptools'
+    distutils shim answers a lookup of pip by turning itself off for the whole process, and inductor's next
+    C++ build (``import setuptools``) then fails its assertion."""
+    try:
+        importlib.metadata.version(dist)
+    except importlib.metadata.PackageNotFoundError:
+        return False
+    return True
 
 
 def _run(code: str, cwd: Path, *args: str) -> subprocess.CompletedProcess:
@@ -66,7 +77,7 @@ def test_user_experiment_found_through_hydra_searchpath(tmp_path):
     assert without.returncode != 0 and "my_tiny" in without.stderr
 
 
-@pytest.mark.skipif(importlib.util.find_spec("pip") is None, reason="pip builds the wheel")
+@pytest.mark.skipif(not _installed("pip"), reason="pip builds the wheel")
 def test_wheel_holds_the_config_tree_and_kernels(tmp_path):
     """The built wheel ships every file of conf/ and the kernels' sources (built from a copy: no build/ left)."""
     src = tmp_path / "src_copy"
