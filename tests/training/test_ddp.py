@@ -59,7 +59,8 @@ def test_two_process_ddp_run_splits_the_data(tmp_path):
         "data.num_workers=1", "data.loader_workers=0", "evaluation.adherence_n=0", "callbacks.samples=null",
         "+callbacks.batch_hashes._target_=test_ddp.BatchHashRecorder", f"+callbacks.batch_hashes.out_dir={hashes}",
     ]
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO / "tests"), os.environ.get("PYTHONPATH", "")]),
+    here = str(Path(__file__).resolve().parent)  # where train.py's Hydra finds test_ddp.BatchHashRecorder
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([here, os.environ.get("PYTHONPATH", "")]),
            "WANDB_MODE": "disabled", "OMP_NUM_THREADS": "1"}  # no thread oversubscription on a shared CPU
     proc = subprocess.run([sys.executable, str(REPO / "train.py"), *overrides], cwd=REPO, env=env,
                           capture_output=True, text=True, timeout=240)
