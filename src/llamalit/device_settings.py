@@ -39,6 +39,7 @@ class DeviceSettings:
     loss_impl: str              # llamalit.losses: compiled | plain | chunked | liger | cce
     loader_workers: int
     eval_device: str            # where the end-of-run evaluation generates
+    eval_batching: str          # padded (left-padded batches, CUDA) | length (prompts of equal length)
     why: dict[str, str] = field(default_factory=dict, compare=False)
 
     def table(self) -> str:
@@ -141,9 +142,11 @@ def resolve_device_settings(cfg: Mapping, device_type: str, head_dim: int | None
     workers = int(workers)
 
     why["eval_device"] = "the training device"
+    eval_batching = "padded" if target == "cuda" else "length"
+    why["eval_batching"] = tag
     return DeviceSettings(device=device, resolved_as=target, precision=precision, fused_adamw=bool(fused),
                           compile=bool(compile_), packing=bool(packing), attention=attention, loss_impl=loss_impl,
-                          loader_workers=workers, eval_device=device, why=why)
+                          loader_workers=workers, eval_device=device, eval_batching=eval_batching, why=why)
 
 
 def apply_device_settings(cfg: dict, settings: DeviceSettings) -> dict:
@@ -151,6 +154,7 @@ def apply_device_settings(cfg: dict, settings: DeviceSettings) -> dict:
     out = {**cfg, "compile": settings.compile, "attention": settings.attention, "loss_impl": settings.loss_impl}
     out["trainer"] = {**(cfg.get("trainer") or {}), "precision": settings.precision}
     out["optim"] = {**(cfg.get("optim") or {}), "fused": settings.fused_adamw}
+    out["evaluation"] = {**(cfg.get("evaluation") or {}), "batching": settings.eval_batching}
     data = cfg.get("data") or {}
     # explicit packing=true on pretraining data stays true: the DataModule refuses it with the reason
     out["data"] = {**data, "packing": settings.packing or bool(data.get("packing")),

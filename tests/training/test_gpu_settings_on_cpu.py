@@ -32,10 +32,12 @@ def run_cfg(**top) -> dict:
 
 def test_auto_settings_resolve_per_device_and_as_cuda_on_the_cpu():
     cpu = resolve_device_settings(run_cfg(), "cpu")
+    assert cpu.eval_batching == "length"
     assert (cpu.precision, cpu.fused_adamw, cpu.compile, cpu.packing, cpu.attention, cpu.loader_workers,
             cpu.eval_device) == ("32-true", False, False, False, "dense", 0, "cpu")
     as_cuda = resolve_device_settings(run_cfg(resolve_as="cuda"), "cpu")
-    assert (as_cuda.device, as_cuda.resolved_as, as_cuda.eval_device) == ("cpu", "cuda", "cpu")
+    assert (as_cuda.device, as_cuda.resolved_as, as_cuda.eval_device, as_cuda.eval_batching) == \
+        ("cpu", "cuda", "cpu", "padded")
     assert (as_cuda.precision, as_cuda.fused_adamw, as_cuda.compile, as_cuda.packing) == ("bf16-mixed", True, True,
                                                                                         True)
     assert as_cuda.loader_workers >= 1 and as_cuda.loss_impl == "compiled"
@@ -108,11 +110,11 @@ def test_train_py_runs_with_the_cuda_settings_on_the_cpu(tmp_path: Path, env: di
     assert summary["step"] == 3 and math.isfinite(summary["val/loss"]) and summary["tokens_per_s"] > 0
     assert summary["adherence"]["n_stories"] == 2
     log = (run_dir / "train.log").read_text()
-    table = log[log.index("device settings"):].splitlines()[:9]
+    table = log[log.index("device settings"):].splitlines()[:11]
     rows = {line.split()[0]: line.split()[1] for line in table[1:]}
     assert "resolved as cuda" in table[0]
-    assert (rows["precision"], rows["fused_adamw"], rows["compile"], rows["packing"], rows["attention"]) == \
-        ("bf16-mixed", "True", "True", "True", "dense")
+    assert (rows["precision"], rows["fused_adamw"], rows["compile"], rows["packing"], rows["attention"],
+            rows["eval_batching"]) == ("bf16-mixed", "True", "True", "True", "dense", "padded")
     assert "no backward on the cpu" in log  # flex attention's fallback, with its reason
     assert "'enabled': True" in log[log.index("data.packing:"):].splitlines()[0]  # the train split was packed
     assert "Using bfloat16 Automatic Mixed Precision" in out

@@ -241,8 +241,9 @@ def check_base_tokenizer(init_from: str | None, data_tokenizer: str | Path | Non
                          f"data.tokenizer={found} (and a new data.dir), or use a base trained with the data's tokenizer")
 
 
-def run_adherence(cfg: DictConfig, module: LlamaLitModule, model: Llama, dm) -> dict | None:
-    """Instruction adherence on held-out TinyStories-format instructions (instruct data only)."""
+def run_adherence(cfg: DictConfig, module: LlamaLitModule, model: Llama, dm, batching: str = "auto") -> dict | None:
+    """Instruction adherence on held-out TinyStories-format instructions (instruct data only); ``batching`` as
+    the device settings resolved it (left-padded batches on CUDA)."""
     ev = cfg.get("evaluation") or {}
     if not ev.get("adherence_n") or dm.manifest.get("kind") != "instruct" or \
             cfg.data.get("format", "tinystories") != "tinystories":
@@ -259,7 +260,7 @@ def run_adherence(cfg: DictConfig, module: LlamaLitModule, model: Llama, dm) -> 
         with torch.compiler.set_stance("force_eager"):
             result = evaluate_adherence(model.to(device), Tokenizer(dm.tokenizer_path), records,
                                         max_new_tokens=ev.get("max_new_tokens", 200), n_examples=2,
-                                        batch_size=ev.get("batch_size", 32))
+                                        batch_size=ev.get("batch_size", 32), batching=batching)
     finally:
         model.to(home)
     if module.logger is not None:
@@ -361,7 +362,8 @@ def finish_run(cfg: DictConfig, resolved: dict, trainer: L.Trainer, module: Llam
             copy_export(files, Path(str(cfg.export_dir)).expanduser())
     adherence = None
     if trainer.is_global_zero:
-        adherence = run_adherence(cfg, module, model, dm)
+        adherence = run_adherence(cfg, module, model, dm,
+                                  batching=(resolved.get("evaluation") or {}).get("batching", "auto"))
     summary = {
         "experiment": cfg.get("experiment_name"),
         "val/loss": float(metrics["val/loss"]) if "val/loss" in metrics else None,
