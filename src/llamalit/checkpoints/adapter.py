@@ -8,7 +8,6 @@ the adapter to it.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
@@ -20,6 +19,7 @@ from llamalit.checkpoints.common import (
     BaseLoader,
     CheckpointError,
     fetch,
+    format_tag,
     model_from_state_dict,
     resolve_relative,
 )
@@ -101,29 +101,21 @@ def save_adapter(model: nn.Module, out_dir: str | Path, base: str | None, lora_c
     return out_dir
 
 
-def _format_of(path: Path) -> str | None:
-    try:
-        meta = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError, UnicodeDecodeError):
-        return None
-    return meta.get("format") if isinstance(meta, dict) else None
-
-
 def is_adapter_dir(path: str | Path) -> bool:
     """True when ``path`` holds a complete adapter written by :func:`save_adapter` (or an earlier version)."""
     path = Path(path)
     if not path.is_dir():
         return False
     if (path / ADAPTER_META).is_file():
-        return (_format_of(path / ADAPTER_META) == ADAPTER_FORMAT and (path / PEFT_WEIGHTS).is_file()
+        return (format_tag(path / ADAPTER_META) == ADAPTER_FORMAT and (path / PEFT_WEIGHTS).is_file()
                 and (path / ADAPTER_CONFIG).is_file())
-    return (path / ADAPTER_WEIGHTS).is_file() and _format_of(path / ADAPTER_CONFIG) == LEGACY_ADAPTER_FORMAT
+    return (path / ADAPTER_WEIGHTS).is_file() and format_tag(path / ADAPTER_CONFIG) == LEGACY_ADAPTER_FORMAT
 
 
 def load_adapter(path: str | Path, map_location: str = "cpu") -> tuple[LoraConfig, dict[str, torch.Tensor], dict]:
     """Read an adapter directory: its LoraConfig, the adapter tensors (our names) and our config JSON."""
     path = Path(path)
-    legacy = not (path / ADAPTER_META).is_file() and _format_of(path / ADAPTER_CONFIG) == LEGACY_ADAPTER_FORMAT
+    legacy = not (path / ADAPTER_META).is_file() and format_tag(path / ADAPTER_CONFIG) == LEGACY_ADAPTER_FORMAT
     cfg_path = path / (ADAPTER_CONFIG if legacy else ADAPTER_META)
     meta = read_tagged_json(cfg_path, LEGACY_ADAPTER_FORMAT if legacy else ADAPTER_FORMAT, "lora",
                             "llamalit adapter")

@@ -6,6 +6,7 @@ Format modules import from here (never from each other, nor from the loader that
 
 from __future__ import annotations
 
+import json
 import pickle
 from collections.abc import Callable
 from pathlib import Path
@@ -137,3 +138,12 @@ def fetch(path_or_url: str | Path) -> Path:
             return hub_checkpoint(ref, "checkpoint")
         raise FileNotFoundError(f"checkpoint {path}: no such file or directory")
     return path
+
+
+def format_tag(path: Path) -> str | None:
+    """The ``format`` field of the JSON file ``path`` (our metadata files' tag), or None when it has none."""
+    try:
+        meta = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError):
+        return None
+    return meta.get("format") if isinstance(meta, dict) else None

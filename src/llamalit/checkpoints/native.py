@@ -9,7 +9,6 @@ is ``llamalit.json``. Earlier versions wrote ``model.safetensors`` in our tensor
 
 from __future__ import annotations
 
-import json
 import shutil
 from collections.abc import Mapping
 from pathlib import Path
@@ -17,7 +16,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-from llamalit.checkpoints.common import CheckpointError, model_from_state_dict
+from llamalit.checkpoints.common import CheckpointError, format_tag, model_from_state_dict
 from llamalit.checkpoints.hf import HF_FILES, load_hf, write_hf_files
 from llamalit.fileio import atomic_checkpoint_dir, atomic_write_json, read_tagged_json
 from llamalit.model import Llama, ModelConfig
@@ -63,21 +62,13 @@ def is_native_dir(path: str | Path) -> bool:
     """A directory :func:`save_model` wrote (or an earlier version's ``llamalit/1`` directory)."""
     path = Path(path)
     if (path / META).is_file():
-        return _format(path / META) == FORMAT and (path / WEIGHTS).is_file() and (path / CONFIG).is_file()
-    return (path / WEIGHTS).is_file() and _format(path / CONFIG) == LEGACY_FORMAT
+        return format_tag(path / META) == FORMAT and (path / WEIGHTS).is_file() and (path / CONFIG).is_file()
+    return (path / WEIGHTS).is_file() and format_tag(path / CONFIG) == LEGACY_FORMAT
 
 
 def is_legacy_dir(path: str | Path) -> bool:
     """An earlier version's directory: our tensor names in ``model.safetensors``, our ``config.json``."""
-    return not (Path(path) / META).is_file() and _format(Path(path) / CONFIG) == LEGACY_FORMAT
-
-
-def _format(path: Path) -> str | None:
-    try:
-        meta = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError, UnicodeDecodeError):
-        return None
-    return meta.get("format") if isinstance(meta, dict) else None
+    return not (Path(path) / META).is_file() and format_tag(Path(path) / CONFIG) == LEGACY_FORMAT
 
 
 def read_config(path: str | Path) -> dict:
