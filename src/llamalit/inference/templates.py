@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Protocol
 
 from llamalit.data.text_formats import alpaca_prompt, prompt_format, shorten_prompt
+from llamalit.inference.streaming import StopScanner
 
 Message = Mapping[str, str]
 ROLES = ("system", "user", "assistant")
@@ -346,28 +347,6 @@ def template_for(ckpt: str | Path, override: str | None = None) -> Template:
     return Plain()
 
 
-class StopScanner:
-    """Cuts streamed text at the first stop string. :meth:`push` returns what can be shown now, holding back
-    a tail that may be the start of a stop string; ``stopped`` turns True once one appeared."""
 
-    def __init__(self, stop: Sequence[str]):
-        self.stop = [s for s in stop if s]
-        self.held = ""
-        self.stopped = False
-
-    def push(self, text: str) -> str:
-        if self.stopped:
-            return ""
-        self.held += text
-        hits = [i for s in self.stop if (i := self.held.find(s)) >= 0]
-        if hits:
-            out, self.held, self.stopped = self.held[:min(hits)], "", True
-            return out
-        keep = max((k for s in self.stop for k in range(1, len(s)) if self.held.endswith(s[:k])), default=0)
-        out, self.held = self.held[:len(self.held) - keep], self.held[len(self.held) - keep:]
-        return out
-
-    def flush(self) -> str:
-        """The held-back tail, once the text has ended without a stop string."""
-        out, self.held = ("" if self.stopped else self.held), ""
-        return out
+__all__ = ["TEMPLATES", "Alpaca", "HFChatTemplate", "InstructStories", "Llama2Chat", "Plain", "StopScanner",
+           "Template", "check_messages", "recorded_template", "stories_prompt", "template_for"]
