@@ -27,13 +27,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
-from llamalit.data.text_formats import alpaca_prompt, prompt_format, shorten_prompt
+from llamalit.data.text_formats import ALPACA_TEMPLATE_NO_INPUT, alpaca_prompt, prompt_format, shorten_prompt
 from llamalit.inference.streaming import StopScanner
 
 Message = Mapping[str, str]
 ROLES = ("system", "user", "assistant")
 STORY_START = "Write a story."
 STORY_END = "Possible story:"
+ALPACA_REPLY = ALPACA_TEMPLATE_NO_INPUT.rsplit("\n\n", 1)[-1]  # "### Response:\n": where the response starts
 # end-of-turn markers of common chat templates: a stop string when the template writes one
 _TURN_ENDS = ("<|im_end|>", "<|eot_id|>", "<|end|>", "<end_of_turn>", "<|endoftext|>")
 
@@ -93,8 +94,13 @@ class Template:
             elif part == self.eos_token:
                 ids.append(tok.eos_id)
             elif part:
-                ids += tok.encode(part, bos=False, eos=False)
+                for piece in self._pieces(part):
+                    ids += tok.encode(piece, bos=False, eos=False)
         return ids
+
+    def _pieces(self, text: str) -> list[str]:
+        """Parts of ``text`` the training data encoded separately (between BOS/EOS markers: one)."""
+        return [text]
 
 
 def stories_prompt(text: str) -> str:
@@ -142,6 +148,11 @@ class Alpaca(Template):
 
     def format_instruction(self, instruction: str, input: str = "") -> str:  # noqa: A002
         return self._render([("user", instruction, input)])
+
+    def _pieces(self, text: str) -> list[str]:
+        """The prompt and the response are encoded apart, as the data encodes them (so a reply in the
+        history has the ids training saw)."""
+        return [p for p in re.split(f"(?<={re.escape(ALPACA_REPLY)})", text) if p]
 
     def _render(self, turns: list[tuple[str, str, str]]) -> str:
         out, system = "", ""
