@@ -182,6 +182,9 @@ def test_a_run_export_records_its_template(kind, fmt, lora, expected, tiny_token
     meta = "llamalit_adapter.json" if lora else "llamalit.json"
     assert json.loads((tmp_path / "run" / meta).read_text())["template"] == expected
     assert template_for(tmp_path / "run").name == expected
+    from llamalit.checkpoints import load_checkpoint
+
+    assert load_checkpoint(tmp_path / "run").cfg == model.cfg  # the new field does not disturb loading
     (tmp_path / "run" / "checkpoints").mkdir()  # a Lightning checkpoint inside the run directory
     assert template_for(tmp_path / "run" / "checkpoints" / "last.ckpt").name == expected
 
