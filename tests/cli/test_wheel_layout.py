@@ -18,7 +18,7 @@ from omegaconf import OmegaConf
 import llamalit.cli
 
 ROOT = Path(__file__).resolve().parents[2]
-ENTRY_POINTS = ("train", "prepare", "generate", "export", "evaluate")
+ENTRY_POINTS = ("train", "prepare", "generate", "export", "evaluate", "chat")
 
 
 def _installed(dist: str) -> bool:

@@ -10,13 +10,18 @@ from __future__ import annotations
 import sys
 from collections.abc import Mapping
 from pathlib import Path
-from typing import TextIO
+from typing import TYPE_CHECKING, TextIO
 
 import hydra
 import torch
 from omegaconf import DictConfig, OmegaConf
 
 from llamalit.cli import CONFIG_PATH
+from llamalit.inference.streaming import StreamDecoder
+
+if TYPE_CHECKING:
+    from llamalit.data.tokenizer import Tokenizer
+    from llamalit.model.llama import Llama
 
 LLAMA2_TOKENIZER_URL = "https://raw.githubusercontent.com/karpathy/llama2.c/master/tokenizer.model"
 LLAMA2_TOKENIZER_SHA256 = "9e556afd44213b6bd1be2b850ebbbd98f5481437a8021afaf58ee7fb1818d347"
@@ -74,48 +79,25 @@ def resolve_tokenizer(given: str | None, ckpt_local: Path, vocab_size: int, cach
     )
 
 
-class StreamDecoder:
-    """Turns token ids into text as they arrive, holding back incomplete multi-byte characters.
+def load_for_sampling(cfg: Mapping) -> tuple[Llama, Tokenizer, Path]:
+    """The model of ``cfg["ckpt"]`` (anything ``load_checkpoint`` reads) on ``cfg["device"]`` and its tokenizer
+    (``cfg["tokenizer"]`` or :func:`resolve_tokenizer`'s), checked to agree; and the checkpoint's local path."""
+    from llamalit.checkpoints.detect import fetch, load_checkpoint
+    from llamalit.data.download import default_cache_dir
+    from llamalit.data.tokenizer import Tokenizer
 
-    It decodes the whole sequence (prompt included, so leading spaces come out right) and emits
-    what is new; text ending in U+FFFD (an unfinished UTF-8 byte sequence) waits for more bytes.
-    """
-
-    def __init__(self, tokenizer, prefix_ids: list[int]):
-        self.tok = tokenizer
-        self.ids = list(prefix_ids)
-        self.emitted = tokenizer.decode(self.ids)
-
-    def push(self, token_id: int) -> str:
-        self.ids.append(int(token_id))
-        text = self.tok.decode(self.ids)
-        if text.endswith("\ufffd"):
-            return ""
-        return self._emit(text)
-
-    def flush(self) -> str:
-        return self._emit(self.tok.decode(self.ids))
-
-    def _emit(self, text: str) -> str:
-        n = len(self.emitted) if text.startswith(self.emitted) else _common_prefix(text, self.emitted)
-        new, self.emitted = text[n:], text
-        return new
-
-
-def _common_prefix(a: str, b: str) -> int:
-    n = 0
-    for x, y in zip(a, b):
-        if x != y:
-            break
-        n += 1
-    return n
+    device = resolve_device(cfg.get("device"))
+    local = fetch(cfg["ckpt"])
+    model = load_checkpoint(local)
+    tok = Tokenizer(resolve_tokenizer(cfg.get("tokenizer"), local, model.cfg.vocab_size, default_cache_dir()))
+    if tok.vocab_size != model.cfg.vocab_size:
+        raise ValueError(f"tokenizer {tok.path} has {tok.vocab_size} pieces but the model's vocab_size is "
+                         f"{model.cfg.vocab_size}; pass the tokenizer the model was trained with")
+    return model.to(device), tok, local
 
 
 def run_generate(cfg: Mapping, out: TextIO | None = None) -> list[int]:
     """Load, encode the prompt, stream the sample to ``out`` (stdout); return the new token ids."""
-    from llamalit.checkpoints.detect import fetch, load_checkpoint
-    from llamalit.data.download import default_cache_dir
-    from llamalit.data.tokenizer import Tokenizer
     from llamalit.inference.generate import check_sampling_args, generate_stream
     from llamalit.settings.checks import expand_paths, require
 
@@ -128,14 +110,7 @@ def run_generate(cfg: Mapping, out: TextIO | None = None) -> list[int]:
     temperature = cfg.get("temperature", 1.0)
     # every setting is checked before anything is loaded or printed (1 stands in for a null max_new_tokens)
     check_sampling_args(1 if max_new_setting is None else max_new_setting, temperature, top_k, top_p, seed)
-    device = resolve_device(cfg.get("device"))
-    local = fetch(cfg["ckpt"])
-    model = load_checkpoint(local)
-    tok = Tokenizer(resolve_tokenizer(cfg.get("tokenizer"), local, model.cfg.vocab_size, default_cache_dir()))
-    if tok.vocab_size != model.cfg.vocab_size:
-        raise ValueError(f"tokenizer {tok.path} has {tok.vocab_size} pieces but the model's vocab_size is "
-                         f"{model.cfg.vocab_size}; pass the tokenizer the model was trained with")
-    model.to(device)
+    model, tok, _ = load_for_sampling(cfg)
     prompt_ids = tok.encode(cfg.get("prompt") or "", bos=True, eos=False)
     room = model.cfg.max_seq_len - len(prompt_ids)
     if room < 1:
