@@ -151,3 +151,14 @@ def test_past_the_queue_a_429_with_a_clear_message(server, client):
     busy = next(r for r in answers if r.status_code == 429).json()["error"]["message"]
     assert "server busy" in busy and "max_queue=2" in busy
     assert client.completions.create(model="tiny260k", prompt="hi", max_tokens=2).choices[0].text is not None
+
+
+def test_serve_cli_names_a_missing_checkpoint(tmp_path):
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    res = subprocess.run([sys.executable, str(ROOT / "serve.py"), f"ckpt={tmp_path / 'nope'}", "port=1"],
+                         capture_output=True, text=True, timeout=120)
+    assert res.returncode == 1 and res.stderr.startswith("error: ") and "nope" in res.stderr.splitlines()[0]

@@ -202,9 +202,10 @@ class Engine:
         if self.static is not None:
             logits = self.static.step(tok_t, pos)
         else:
-            views = [_SlotCache(c.k[:rows], c.v[:rows]) for c in self.caches]
+            keys = max(pos) + 1  # eager: attend over the keys some row can see, not the whole context
+            views = [_SlotCache(c.k[:rows, :, :keys], c.v[:rows, :, :keys]) for c in self.caches]
             pos_t = torch.tensor(pos, dtype=torch.long, device=self.device)
-            logits = self.weights.static_step(tok_t, pos_t, views, self.positions)
+            logits = self.weights.static_step(tok_t, pos_t, views, self.positions[:keys])
         self.steps += 1
         greedy = logits.argmax(dim=-1).tolist()
         for r in reqs:
