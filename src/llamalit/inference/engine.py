@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 import torch
 
 from llamalit.decode import StaticDecoder, decode_weights
-from llamalit.generate import check_sampling_args, sample_next
+from llamalit.generate import check_sampling_args, filter_logits, sample_next
 from llamalit.model import KVCache, Llama
 
 log = logging.getLogger(__name__)
@@ -207,16 +207,39 @@ class Engine:
             pos_t = torch.tensor(pos, dtype=torch.long, device=self.device)
             logits = self.weights.static_step(tok_t, pos_t, views, self.positions[:keys])
         self.steps += 1
-        greedy = logits.argmax(dim=-1).tolist()
+        picked = self._sample(reqs, logits)
         for r in reqs:
             r.pos += 1
-            self._take(r, logits[r.slot:r.slot + 1], greedy[r.slot])
+            self._take(r, logits[r.slot:r.slot + 1], picked[r.slot])
 
-    def _take(self, req: Request, logits: torch.Tensor, greedy: int | None = None) -> None:
-        """Sample ``req``'s next token from its logits (1, vocab), hand it over, end the request when due."""
+    def _sample(self, reqs: list[Request], logits: torch.Tensor) -> dict[int, int]:
+        """Next token per slot: argmax rows at once; sampled rows filtered and softmaxed together per
+        (top_k, top_p), then drawn each with its own generator, as :func:`sample_next` draws them."""
+        picked = {}
+        greedy = [r for r in reqs if r.params.temperature == 0]
+        if greedy:
+            best = logits.argmax(dim=-1).tolist()
+            picked.update({r.slot: best[r.slot] for r in greedy})
+        groups: dict[tuple, list[Request]] = {}
+        for r in reqs:
+            if r.params.temperature != 0:
+                groups.setdefault((r.params.top_k, r.params.top_p), []).append(r)
+        for (top_k, top_p), group in groups.items():
+            rows = torch.tensor([r.slot for r in group], device=logits.device)
+            temps = torch.tensor([[r.params.temperature] for r in group], device=logits.device)
+            probs = torch.softmax(filter_logits(logits.index_select(0, rows).float() / temps, top_k, top_p), dim=-1)
+            for i, r in enumerate(group):
+                picked[r.slot] = int(torch.multinomial(probs[i:i + 1], 1, generator=r.generator))
+        return picked
+
+    def _take(self, req: Request, logits: torch.Tensor, picked: int | None = None) -> None:
+        """Hand over ``req``'s next token (``picked``, else sampled from its logits (1, vocab)) and end the
+        request when due."""
         p = req.params
-        if p.temperature == 0:
-            nxt = greedy if greedy is not None else int(logits.argmax(dim=-1))
+        if picked is not None:
+            nxt = picked
+        elif p.temperature == 0:
+            nxt = int(logits.argmax(dim=-1))
         else:
             nxt = int(sample_next(logits, p.temperature, p.top_k, p.top_p, req.generator))
         if req.eos_id is not None and nxt == req.eos_id:

@@ -67,7 +67,11 @@ class _Run:
                         self.finish = "cancelled"
                         return
                     continue
-                text = decoder.flush() if item is None else decoder.push(item)
+                items = [item]
+                while item is not None and not self.queue.empty():  # a backlog goes out as one chunk
+                    item = self.queue.get_nowait()
+                    items.append(item)
+                text = "".join(decoder.flush() if i is None else decoder.push(i) for i in items)
                 if not started:  # a reply of its own: no leading whitespace
                     text = text.lstrip()
                     started = bool(text)
