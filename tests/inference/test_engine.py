@@ -76,3 +76,24 @@ def test_bad_settings_and_long_prompts_are_refused(served_model):
     with pytest.raises(ValueError, match="temperature"):
         engine.submit([1], SamplingParams(max_tokens=4, temperature=-1), EOS)
     engine.close()
+
+
+@pytest.mark.gpu
+def test_cuda_graph_slots_equal_generate_alone(served_model):
+    """On CUDA the whole slot batch is one CUDA graph with a position per row; same tokens as generate()."""
+    import copy
+
+    import torch
+
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    model = copy.deepcopy(served_model[1]).cuda()
+    engine = Engine(model, slots=4, max_queue=8).start()
+    try:
+        reqs = [engine.submit(p, SamplingParams(max_tokens=40, **s), EOS) for p, s in zip(PROMPTS, SETTINGS)]
+        outs = [list(tokens(r)) for r in reqs]
+    finally:
+        engine.close()
+    assert engine.static is not None and engine.static.graph is not None
+    for prompt, setting, out in zip(PROMPTS, SETTINGS, outs):
+        assert out == generate(model, prompt, 40, eos_id=EOS, **setting), (prompt, setting)

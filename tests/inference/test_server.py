@@ -156,9 +156,9 @@ def test_past_the_queue_a_429_with_a_clear_message(server, client):
 def test_serve_cli_names_a_missing_checkpoint(tmp_path):
     import subprocess
     import sys
+    from pathlib import Path
 
-    from conftest import ROOT
-
-    res = subprocess.run([sys.executable, str(ROOT / "serve.py"), f"ckpt={tmp_path / 'nope'}", "port=1"],
+    root = Path(__file__).resolve().parents[2]
+    res = subprocess.run([sys.executable, str(root / "serve.py"), f"ckpt={tmp_path / 'nope'}", "port=1"],
                          capture_output=True, text=True, timeout=120)
     assert res.returncode == 1 and res.stderr.startswith("error: ") and "nope" in res.stderr.splitlines()[0]
