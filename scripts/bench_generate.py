@@ -1,9 +1,9 @@
 """Batch-1 greedy generation speed on one model, measured in one run.
 
 Variants (tokens/s of new tokens, prompt = [BOS]):
-  kv          ours: ``llamalit.generate.generate`` (KV cache + the one-token decode path; on CPU
-              fp32 the compiled kernel of ``llamalit.kernels`` when it builds; on CUDA the static step
-              replayed from a CUDA graph, ``llamalit.decode.StaticDecoder``)
+  kv          ours: ``llamalit.inference.generate.generate`` (KV cache + the one-token decode path; on CPU
+              fp32 the compiled kernel of ``llamalit.inference.kernels`` when it builds; on CUDA the static step
+              replayed from a CUDA graph, ``llamalit.inference.decode.StaticDecoder``)
   kv_step     CUDA only: ``generate(..., static_decode=False)``: the KV path without CUDA graphs
   kv_torch    ``kv`` with the kernel switched off (LLAMALIT_DECODE_KERNEL=0): the PyTorch decode step
   kv_generic  ours: KV cache through the ordinary ``Llama.hidden`` forward (what decode_step replaces)
@@ -43,11 +43,11 @@ from contextlib import contextmanager
 
 import torch
 
-from llamalit.decode import DecodeWeights, StaticDecoder, decode_weights
-from llamalit.fileio import atomic_write_json
-from llamalit.generate import generate
-from llamalit.kernels import ENV_SWITCH
-from llamalit.model import Llama, ModelConfig
+from llamalit.inference.decode import DecodeWeights, StaticDecoder, decode_weights
+from llamalit.inference.generate import generate
+from llamalit.inference.kernels import ENV_SWITCH
+from llamalit.model.llama import Llama, ModelConfig
+from llamalit.utils.fileio import atomic_write_json
 
 CPU_VARIANTS = ("kv", "kv_torch", "kv_generic", "recompute", "hf")
 CUDA_VARIANTS = ("kv", "kv_step", "kv_generic", "recompute", "hf", "static", "cudagraph", "compile")

@@ -31,10 +31,9 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from llamalit import benchutil
-from llamalit.device_settings import resolve_device_settings
-from llamalit.losses import resolve_loss_impl
-from llamalit.model import Llama, ModelConfig
+from llamalit.model.llama import Llama, ModelConfig
+from llamalit.model.losses import resolve_loss_impl
+from llamalit.settings.device import resolve_device_settings
 from llamalit.training.callbacks import SpeedMonitor, StepProgressBar, peak_flops
 from llamalit.training.module import (
     TRACEABLE_LOSSES,
@@ -47,6 +46,7 @@ from llamalit.training.module import (
     run_compiled_step,
 )
 from llamalit.training.optim import OptimConfig, build_optimizer, build_scheduler
+from llamalit.utils import benchutil
 
 
 @dataclass

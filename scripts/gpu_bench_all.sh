@@ -180,7 +180,7 @@ run qlora 240 python scripts/bench_qlora.py --json "$OUT/bench_qlora.json"
 run sync 150 bash -c "python scripts/check_sync.py && python scripts/check_sync.py --packed --compile && \
     python scripts/check_sync.py --lightning --packed --compile"
 # -m "": the gpu-marked tests (flex training, the CUDA-graph decode) and the slow ones too
-run tests 150 python -m pytest -q -x -m "" tests/test_losses.py tests/test_packing_model.py tests/test_generate.py \
+run tests 150 python -m pytest -q -x -m "" tests/model/test_losses.py tests/model/test_packing_model.py tests/inference/test_generate.py \
     tests/training/test_one_graph.py
 # Lightning's FSDP refuses the CPU, so its first real run is here (one GPU): the demo fully sharded, exported whole
 # from the gathered state dict.

@@ -28,7 +28,7 @@ from llamalit.checkpoints.native import save_model
 from llamalit.data.datamodule import LlamaDataModule
 from llamalit.data.download import is_url
 from llamalit.data.synthetic import make_corpus
-from llamalit.model import Llama, ModelConfig
+from llamalit.model.llama import Llama, ModelConfig
 from llamalit.training.module import LlamaLitModule
 from llamalit.training.run import run_name, sweep_group, train
 
@@ -403,7 +403,7 @@ class LoraDropoutProbe(L.Callback):
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         if self.forwards_differ is not None:
             return
-        from llamalit.lora import lora_layers
+        from llamalit.model.lora import lora_layers
 
         self.modes = [layer.lora_dropout.training for layer in lora_layers(pl_module.model).values()]
         self.eval_modules = sum(not m.training for m in pl_module.modules())

@@ -11,15 +11,15 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from llamalit.build import build_model
 from llamalit.checkpoints.adapter import save_adapter
 from llamalit.checkpoints.common import fetch
 from llamalit.checkpoints.fingerprint import base_fingerprint, file_sha256
 from llamalit.checkpoints.lightning_ckpt import run_settings
 from llamalit.checkpoints.native import save_model
-from llamalit.fileio import atomic_checkpoint_dir
-from llamalit.lora import LoraConfig
-from llamalit.model import Llama
+from llamalit.model.build import build_model
+from llamalit.model.llama import Llama
+from llamalit.model.lora import LoraConfig
+from llamalit.utils.fileio import atomic_checkpoint_dir
 
 if TYPE_CHECKING:
     import lightning as L

@@ -68,9 +68,9 @@ def run_evaluate(cfg: Mapping, out: TextIO | None = None) -> dict:
     from llamalit.checkpoints.detect import fetch, load_checkpoint
     from llamalit.cli.generate import resolve_device
     from llamalit.data.tokenizer import Tokenizer
-    from llamalit.evaluation import evaluate_adherence, held_out_records
-    from llamalit.fileio import atomic_write_json
-    from llamalit.settings_checks import DATA_PATH_KEYS, check_evaluate_settings, expand_paths
+    from llamalit.inference.evaluation import evaluate_adherence, held_out_records
+    from llamalit.settings.checks import DATA_PATH_KEYS, check_evaluate_settings, expand_paths
+    from llamalit.utils.fileio import atomic_write_json
 
     check_evaluate_settings(cfg)
     cfg = copy.deepcopy(dict(cfg))

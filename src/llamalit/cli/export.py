@@ -20,7 +20,7 @@ import hydra
 from omegaconf import DictConfig, OmegaConf
 
 from llamalit.cli import CONFIG_PATH
-from llamalit.fileio import atomic_path
+from llamalit.utils.fileio import atomic_path
 
 BIN_VERSIONS = {"llama2c": 0, "llama2c_v1": 1, "llama2c_q8": 2}
 DIR_FORMATS = ("hf", "peft", "merged")
@@ -141,7 +141,7 @@ def _copy(src: Path, dest: Path) -> None:
 def run_export(cfg: Mapping) -> list[Path]:
     """Convert ``cfg['ckpt']`` to ``cfg['format']`` at ``cfg['out']``; return the files/dirs written."""
     from llamalit.checkpoints.detect import fetch, load_checkpoint
-    from llamalit.settings_checks import expand_paths, require
+    from llamalit.settings.checks import expand_paths, require
 
     require(cfg, "ckpt", "the checkpoint to convert (a path or URL)")
     require(cfg, "format", f"one of {list(FORMATS)}")
@@ -179,7 +179,7 @@ def _write(fmt: str, model, out: Path, local: Path, tok: Path | None, group_size
 
     written: list[Path] = []
     if fmt == "peft":
-        from llamalit.lora import lora_layers
+        from llamalit.model.lora import lora_layers
 
         if not lora_layers(model):
             raise CheckpointError(f"{local}: no LoRA adapters to export as PEFT; use format=hf for a plain model")

@@ -116,8 +116,8 @@ def run_generate(cfg: Mapping, out: TextIO | None = None) -> list[int]:
     from llamalit.checkpoints.detect import fetch, load_checkpoint
     from llamalit.data.download import default_cache_dir
     from llamalit.data.tokenizer import Tokenizer
-    from llamalit.generate import check_sampling_args, generate_stream
-    from llamalit.settings_checks import expand_paths, require
+    from llamalit.inference.generate import check_sampling_args, generate_stream
+    from llamalit.settings.checks import expand_paths, require
 
     require(cfg, "ckpt", "the checkpoint to sample from (a path or URL)")
     cfg = dict(cfg)

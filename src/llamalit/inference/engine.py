@@ -2,9 +2,9 @@
 
 A background thread admits waiting requests into free slots (each prompt's prefill runs alone into its
 slot, between two decode steps of the others), then runs one decode step for every active slot at once:
-:meth:`~llamalit.decode.DecodeWeights.static_step` with one RoPE position per row (a CUDA graph of the whole
-slot batch on CUDA, :class:`~llamalit.decode.StaticDecoder`). Each request samples with its own settings and
-generator (:func:`~llamalit.generate.sample_next`), so its tokens are those of ``generate()`` run alone.
+:meth:`~llamalit.inference.decode.DecodeWeights.static_step` with one RoPE position per row (a CUDA graph of the whole
+slot batch on CUDA, :class:`~llamalit.inference.decode.StaticDecoder`). Each request samples with its own settings and
+generator (:func:`~llamalit.inference.generate.sample_next`), so its tokens are those of ``generate()`` run alone.
 A slot is freed when its request reaches ``max_tokens`` or EOS, or is cancelled (a stop string, a client
 that went away). Past ``max_queue`` waiting requests, :meth:`Engine.submit` raises :class:`QueueFull`.
 """
@@ -21,8 +21,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from llamalit.decode import StaticDecoder, decode_weights
-from llamalit.generate import check_sampling_args, filter_logits, sample_next
+from llamalit.inference.decode import StaticDecoder, decode_weights
+from llamalit.inference.generate import check_sampling_args, filter_logits, sample_next
 from llamalit.model import KVCache, Llama
 
 log = logging.getLogger(__name__)
@@ -34,7 +34,7 @@ class QueueFull(RuntimeError):
 
 @dataclass
 class SamplingParams:
-    """Per-request settings, as :func:`~llamalit.generate.generate` takes them (temperature 0 = greedy)."""
+    """Per-request settings, as :func:`~llamalit.inference.generate.generate` takes them (temperature 0 = greedy)."""
 
     max_tokens: int
     temperature: float = 1.0

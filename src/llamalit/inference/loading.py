@@ -29,7 +29,7 @@ def load_for_serving(cfg: Mapping) -> Loaded:
     from llamalit.checkpoints.detect import fetch, load_checkpoint
     from llamalit.cli.generate import resolve_device, resolve_tokenizer
     from llamalit.data.download import default_cache_dir
-    from llamalit.settings_checks import expand_paths, require
+    from llamalit.settings.checks import expand_paths, require
 
     require(cfg, "ckpt", "the checkpoint to serve (a path, URL or Hub id)")
     cfg = dict(cfg)

@@ -16,10 +16,10 @@ from lightning.pytorch.plugins.precision import MixedPrecision
 from lightning.pytorch.utilities import GradClipAlgorithmType
 from torchmetrics import MeanMetric
 
-from llamalit import build
-from llamalit.lora import LoraConfig
-from llamalit.losses import LossOutput, resolve_loss_impl
-from llamalit.model import IGNORE_INDEX, Llama, ModelConfig, counted_positions
+from llamalit.model import build
+from llamalit.model.llama import IGNORE_INDEX, Llama, ModelConfig, counted_positions
+from llamalit.model.lora import LoraConfig
+from llamalit.model.losses import LossOutput, resolve_loss_impl
 from llamalit.training.optim import OptimConfig, build_optimizer, build_scheduler
 
 log = logging.getLogger(__name__)
@@ -28,22 +28,30 @@ log = logging.getLogger(__name__)
 def build_model(model_cfg: ModelConfig | Mapping, lora_cfg: LoraConfig | Mapping | None = None,
                 init_from: str | None = None, *, attention: str = "auto", quantize: str | None = None,
                 gradient_checkpointing: bool = False) -> Llama:
-    """The model a run trains: :func:`llamalit.build.build_model` (``init_from`` loaded, or ``model_cfg`` at
-    random init, then LoRA), with a quantized base (``model.quantize``, read straight into bf16) and
+    """The model a run trains: ``init_from`` loaded (any checkpoint ``load_checkpoint`` reads) or ``model_cfg`` at
+    random init, then LoRA (:func:`llamalit.model.build.build_model`), with a quantized base (``model.quantize``, read straight into bf16) and
     recomputed block activations (``model.gradient_checkpointing``) around it."""
     if quantize and not init_from:
         raise ValueError(f"model.quantize={quantize} needs a pretrained base: set init_from=DIR")
-    load = functools.partial(_load_quantized, kind=quantize) if quantize else None
-    model = build.build_model(model_cfg, lora_cfg, init_from or None, load=load, attention=attention)
+    base = None
+    if init_from:
+        base = _load_quantized(init_from, kind=quantize) if quantize else _load(init_from)
+    model = build.build_model(model_cfg, lora_cfg, base, attention=attention)
     if gradient_checkpointing:
         enable_gradient_checkpointing(model)
     return model.train()  # a loaded base comes back in eval mode, and LoRA layers copy it (dropout off)
 
 
+def _load(ref: str) -> Llama:
+    from llamalit.checkpoints import load_checkpoint  # training sits above the checkpoint readers
+
+    return load_checkpoint(ref)
+
+
 def _load_quantized(ref: str, kind: str) -> Llama:
     """A base read straight into bf16 (one copy: ~14 GB for 7B, not float32's ~27 GB), its linears in 4 bits."""
     from llamalit.checkpoints.merged import load_base
-    from llamalit.quantize import quantize_linears
+    from llamalit.model.quantize import quantize_linears
 
     model = load_base(ref).train()
     quantize_linears(model, kind=kind)
@@ -68,7 +76,7 @@ def batch_loss(model: Llama, batch: Mapping, accuracy: bool = False, loss_impl: 
 
 
 def add_counted_positions(batch: dict, pin: bool) -> dict:
-    """Add ``counted`` (:func:`~llamalit.model.counted_positions`) to a host batch, pinned when it goes to a GPU:
+    """Add ``counted`` (:func:`~llamalit.model.llama.counted_positions`) to a host batch, pinned when it goes to a GPU:
     its length is then known on the host, so the step never waits for the device to count (no sync)."""
     if isinstance(batch, dict) and "labels" in batch and "counted" not in batch and batch["labels"].device.type == "cpu":
         counted = counted_positions(batch["labels"])
@@ -153,7 +161,7 @@ class LlamaLitModule(L.LightningModule):
         self.init_from = str(init_from) if init_from else None
         self.compile_setting, self.compile_mode = compile, compile_mode
         self.quantize = quantize
-        self.loss_impl = str(loss_impl or "auto")  # llamalit.losses: auto | compiled | plain | chunked | liger | cce
+        self.loss_impl = str(loss_impl or "auto")  # llamalit.model.losses: auto | compiled | plain | chunked | liger | cce
         # plain values only (a checkpoint loads with weights_only=True); the model shape as built (a base's)
         self.save_hyperparameters({
             "model_cfg": self.model.cfg.to_dict(), "optim_cfg": asdict(self.optim_cfg),
