@@ -150,20 +150,22 @@ class DecodeWeights:
 
     def static_step(self, tok: torch.Tensor, pos: torch.Tensor, caches: list[KVCache],
                     positions: torch.Tensor) -> torch.Tensor:
-        """:meth:`step` with static shapes: ``pos`` a 1-element device tensor, attention over the whole
-        cache with the keys past ``pos`` masked (``positions``: ``arange(max_seq_len)``). No host sync."""
+        """:meth:`step` with static shapes: ``pos`` a device tensor, one position for all rows (1,) or one
+        per row (B,); attention over the whole cache with each row's keys past its ``pos`` masked
+        (``positions``: ``arange(max_seq_len)``). No host sync."""
         cfg = self.cfg
         b, hd, nh, nkv = tok.shape[0], cfg.head_dim, cfg.n_heads, cfg.n_kv_heads
         k_end = (nh + nkv) * hd
-        rot = self.rot.index_select(0, pos)
-        visible = (positions <= pos)[None]  # (1, max_seq_len): keys up to pos
+        rot = self.rot.index_select(0, pos)[:, None]  # (1 or B, 1, hd/2)
+        visible = (positions[None] <= pos[:, None])[:, None, None]  # (1 or B, 1, 1, max_seq_len): keys up to pos
+        rows = torch.arange(b, device=tok.device)
         x = self.embedding[tok]
         for (attn_norm, wqkv, wo, ffn_norm, w13, w2), cache in zip(self.layers, caches):
             qkv = self._norm(x, attn_norm) @ wqkv
             qk = torch.view_as_complex(_at_least_fp32(qkv[:, :k_end]).unflatten(-1, (nh + nkv, hd // 2, 2)))
             qk = torch.view_as_real(qk * rot).flatten(-2).type_as(x)
-            cache.k.index_copy_(2, pos, qk[:, nh:, None])
-            cache.v.index_copy_(2, pos, qkv[:, k_end:].view(b, nkv, 1, hd))
+            cache.k[rows, :, pos] = qk[:, nh:]  # row r's keys at its own position
+            cache.v[rows, :, pos] = qkv[:, k_end:].view(b, nkv, hd)
             out = F.scaled_dot_product_attention(qk[:, :nh, None], cache.k, cache.v, attn_mask=visible,
                                                  enable_gqa=nh != nkv)
             x = x + out.view(b, nh * hd) @ wo
@@ -186,7 +188,7 @@ class StaticDecoder:
             raise ValueError("StaticDecoder needs the PyTorch weight layout (decode_weights(model, kernel=False))")
         self.weights, self.caches = weights, caches
         self.tok = torch.zeros(batch, dtype=torch.long, device=device)
-        self.pos = torch.zeros(1, dtype=torch.long, device=device)
+        self.pos = torch.zeros(batch, dtype=torch.long, device=device)
         self.positions = torch.arange(weights.cfg.max_seq_len, device=device)
         self.graph: torch.cuda.CUDAGraph | None = None
         self.want_graph = graph and device.type == "cuda"
@@ -208,12 +210,17 @@ class StaticDecoder:
         with torch.cuda.graph(self.graph):
             self.logits = self._run()
 
-    def step(self, tokens: torch.Tensor, pos: int) -> torch.Tensor:
-        """Logits (B, vocab) of ``tokens`` (B,) at position ``pos``, appending to the caches."""
-        if pos >= self.weights.cfg.max_seq_len:
-            raise ValueError(f"position {pos} is past max_seq_len={self.weights.cfg.max_seq_len}")
+    def step(self, tokens: torch.Tensor, pos: int | list[int]) -> torch.Tensor:
+        """Logits (B, vocab) of ``tokens`` (B,) at position ``pos`` (one for all rows, or a list: one per
+        row), appending to the caches."""
+        last = max(pos) if isinstance(pos, list) else pos
+        if last >= self.weights.cfg.max_seq_len:
+            raise ValueError(f"position {last} is past max_seq_len={self.weights.cfg.max_seq_len}")
         self.tok.copy_(tokens)
-        self.pos.fill_(pos)
+        if isinstance(pos, list):
+            self.pos.copy_(torch.tensor(pos, dtype=torch.long))
+        else:
+            self.pos.fill_(pos)
         if not self.want_graph:
             return self._run()
         if self.graph is None:
