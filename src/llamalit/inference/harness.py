@@ -30,6 +30,9 @@ from typing import Any
 
 import torch
 
+from llamalit.evaluation import generate_left_padded
+from llamalit.model import Llama
+
 MISSING = "lm-evaluation-harness is not installed; pip install llamalit[eval] (or pip install lm-eval)"
 try:
     from lm_eval import utils as lm_utils
@@ -42,9 +45,6 @@ try:
     )
 except ImportError as e:  # the CLI turns this into one error line
     raise ImportError(MISSING) from e
-
-from llamalit.evaluation import generate_left_padded
-from llamalit.model import Llama
 
 log = logging.getLogger("llamalit.harness")
 GEN_KEYS = ("do_sample", "temperature", "top_k", "top_p")  # what generate_until honours besides until/max_gen_toks
