@@ -109,6 +109,8 @@ def test_layers_point_down():
         "llamalit.model": ("llamalit.checkpoints", "llamalit.data", "llamalit.training", "llamalit.cli",
                            "llamalit.inference"),
         "llamalit.checkpoints": ("llamalit.training", "llamalit.cli", "llamalit.inference"),
+        "llamalit.inference": ("llamalit.training", "llamalit.cli"),
+        "llamalit.training": ("llamalit.cli",),
         "llamalit.data": ("llamalit.training", "llamalit.cli", "llamalit.checkpoints", "llamalit.inference"),
         "llamalit.utils": ("llamalit.model", "llamalit.checkpoints", "llamalit.data", "llamalit.training",
                            "llamalit.cli", "llamalit.inference", "llamalit.settings"),

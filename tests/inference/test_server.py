@@ -138,16 +138,21 @@ def test_a_client_leaving_mid_stream_frees_its_slot(server):
 
 
 def test_past_the_queue_a_429_with_a_clear_message(server, client):
-    _wait_idle(server)
     body = {"prompt": "once", "max_tokens": 480, "temperature": 0.9}
 
     def post(_):
         return httpx.post(f"{server}/v1/completions", json=body, headers=_headers(), timeout=TIMEOUT)
 
-    with ThreadPoolExecutor(12) as pool:
-        answers = list(pool.map(post, range(12)))
-    codes = sorted(r.status_code for r in answers)
-    assert set(codes) == {200, 429} and codes.count(200) >= 6  # 4 slots + 2 waiting at least
+    # 24 at once against 4 slots + 2 waiting; a loaded machine may start the threads slowly enough for early
+    # requests to finish first, so up to three bursts (bounded) until one overflows
+    for _ in range(3):
+        _wait_idle(server)
+        with ThreadPoolExecutor(24) as pool:
+            answers = list(pool.map(post, range(24)))
+        codes = sorted(r.status_code for r in answers)
+        assert set(codes) <= {200, 429} and codes.count(200) >= 6  # 4 slots + 2 waiting at least
+        if 429 in codes:
+            break
     busy = next(r for r in answers if r.status_code == 429).json()["error"]["message"]
     assert "server busy" in busy and "max_queue=2" in busy
     assert client.completions.create(model="tiny260k", prompt="hi", max_tokens=2).choices[0].text is not None

@@ -1,6 +1,6 @@
 """``python chat.py ckpt=PATH`` / ``llamalit-chat``: a streamed terminal conversation with a checkpoint.
 
-The model and tokenizer load as in ``generate.py`` (:func:`llamalit.cli.generate.load_for_sampling`); the
+The model and tokenizer load as in ``generate.py`` (:func:`llamalit.inference.loading.load_for_sampling`); the
 prompt format is ``template=`` or the one the checkpoint says (:func:`llamalit.inference.templates.template_for`).
 """
 
@@ -20,8 +20,8 @@ def run_chat(cfg: Mapping, lines: Iterable[str] | None = None, out: TextIO | Non
              info: TextIO | None = None) -> None:
     """Check the settings, load, then converse: ``lines`` (default: the terminal) in, replies to ``out``
     (stdout), notices to ``info`` (stderr)."""
-    from llamalit.cli.generate import load_for_sampling
     from llamalit.inference.chat import HELP, ChatSession, run_session
+    from llamalit.inference.loading import load_for_sampling
     from llamalit.inference.templates import TEMPLATES, template_for
     from llamalit.settings.checks import expand_paths, require
 

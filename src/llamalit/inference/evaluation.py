@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import random
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -53,12 +53,16 @@ def _model_device(model: torch.nn.Module) -> torch.device:
 @torch.inference_mode()
 def generate_left_padded(model: Llama, prompts: Sequence[Sequence[int]], steps: Sequence[int],
                          temperature: float = 0.0, top_k: int | None = None, eos_id: int | None = None,
-                         generator: torch.Generator | None = None) -> list[list[int]]:
+                         generator: torch.Generator | None = None, top_p: float | None = None,
+                         stopped: Callable[[list[list[int]]], list[bool]] | None = None,
+                         check_every: int = 8) -> list[list[int]]:
     """New tokens for prompts of any lengths in one batch: row ``i`` gets up to ``steps[i]`` tokens (stopping
     after ``eos_id``, which is not returned).
 
     The prompts are left-padded into one KV-cached batch; each row attends only to its own tokens at its own
-    RoPE positions, so greedy results are those of generating each prompt alone.
+    RoPE positions, so greedy results are those of generating each prompt alone. ``stopped`` (needs
+    ``eos_id``): every ``check_every`` steps it gets each row's tokens so far and says which rows are done
+    (say, a stop string appeared); those rows get no more tokens, and the batch ends once all are done.
     """
     device = model.output.weight.device
     lengths = torch.tensor([len(p) for p in prompts], device=device)
@@ -84,12 +88,15 @@ def generate_left_padded(model: Llama, prompts: Sequence[Sequence[int]], steps: 
         done = torch.zeros(rows, dtype=torch.bool, device=device)
         out = []
         for step in range(max(steps)):
-            nxt = sample_next(logits, temperature, top_k, generator=generator)
+            nxt = sample_next(logits, temperature, top_k, top_p, generator=generator)
             done |= cap <= step
             if eos_id is not None:
                 nxt = nxt.masked_fill(done, eos_id)
                 done |= nxt == eos_id
             out.append(nxt)
+            if stopped is not None and eos_id is not None and (step + 1) % check_every == 0:
+                so_far = torch.stack(out, dim=1).tolist()
+                done |= torch.tensor(stopped([_until_stop(r, eos_id) for r in so_far]), device=device)
             if step + 1 == max(steps) or bool(done.all()):
                 break
             own = torch.cat([own, torch.ones(rows, 1, dtype=torch.bool, device=device)], dim=1)

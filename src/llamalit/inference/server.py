@@ -22,7 +22,6 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 
-from llamalit.cli.generate import StreamDecoder
 from llamalit.inference.engine import Engine, QueueFull
 from llamalit.inference.openai_api import (
     ApiError,
@@ -35,6 +34,7 @@ from llamalit.inference.openai_api import (
     parse_json,
     usage,
 )
+from llamalit.inference.streaming import StreamDecoder
 from llamalit.inference.templates import StopScanner, Template
 
 log = logging.getLogger(__name__)
