@@ -12,6 +12,8 @@ Variants (tokens/s of new tokens, prompt = [BOS]):
   run_c       with ``--run-c PATH``: llama2.c's ``run.c`` compiled here like ``make runfast``
               (``gcc -Ofast -march=native``), on the same weights exported as a llama2.c ``.bin``,
               1 thread, greedy; its own "achieved tok/s" (timed from its second token) is reported
+  run_c_omp   with ``--run-c PATH``, in the groups of more than one thread: the same ``run.c`` built with
+              ``-fopenmp`` (llama2.c's ``make runomp``), ``OMP_NUM_THREADS`` = the group's threads
   static      CUDA only: ``DecodeWeights.static_step`` (static shapes, full-cache masked attention), eager
   cudagraph   CUDA only: ``StaticDecoder`` (``static`` replayed from a CUDA graph) in a loop that keeps the
               ids on the device: what ``kv`` does less its per-token host read
@@ -149,12 +151,15 @@ def run_static(model: Llama, tokens: int, mode: str) -> list[int]:
 class RunC:
     """llama2.c's ``run.c`` built in a temp dir, with the model as a legacy ``.bin`` and a dummy tokenizer."""
 
-    def __init__(self, source: str, model: Llama, cflags: str = "-Ofast -march=native"):
+    def __init__(self, source: str, model: Llama, cflags: str = "-Ofast -march=native", threads: int = 1):
         from llamalit.checkpoints.llama2c import save_llama2c_bin
 
         cc = os.environ.get("CC") or shutil.which("gcc") or shutil.which("cc")
         if not cc:
             raise RuntimeError("--run-c needs a C compiler (gcc or $CC)")
+        self.threads = threads
+        if threads > 1:  # llama2.c's `make runomp`
+            cflags += " -fopenmp"
         self.dir = tempfile.mkdtemp(prefix="bench_run_c_")
         self.exe, self.bin, self.tok = (os.path.join(self.dir, n) for n in ("run", "model.bin", "tok.bin"))
         subprocess.run([cc, *cflags.split(), "-o", self.exe, source, "-lm"], check=True, capture_output=True)
@@ -169,7 +174,7 @@ class RunC:
         """Seconds for ``tokens`` new tokens at run.c's own achieved tok/s."""
         done = subprocess.run([self.exe, self.bin, "-t", "0", "-n", str(tokens + 1), "-z", self.tok],
                               capture_output=True, text=True, check=True,
-                              env={**os.environ, "OMP_NUM_THREADS": "1"})
+                              env={**os.environ, "OMP_NUM_THREADS": str(self.threads)})
         found = re.search(r"achieved tok/s: ([0-9.]+)", done.stderr)
         if not found:
             raise RuntimeError(f"run.c printed no tok/s: {done.stderr[-300:]}")
@@ -197,9 +202,9 @@ def bench_one(shape: str, device: str, threads: int, tokens: int, variants: list
     hf = build_hf(model) if "hf" in variants else None
     # its own copy: switching one model between layouts would rebuild its decode weights every run
     torch_model = copy.deepcopy(model) if "kv_torch" in variants else None
-    if run_c and device == "cpu" and threads == 1:
-        variants = [*variants, "run_c"]
-    runner = RunC(run_c, model) if "run_c" in variants else None
+    if run_c and device == "cpu":
+        variants = [*variants, "run_c" if threads == 1 else "run_c_omp"]
+    runner = RunC(run_c, model, threads=threads) if {"run_c", "run_c_omp"} & set(variants) else None
     fns: dict[str, Callable[[int], list[int]]] = {
         "kv": lambda n: generate(model, [1], n, temperature=0.0),
         "kv_step": lambda n: generate(model, [1], n, temperature=0.0, static_decode=False),
@@ -211,6 +216,7 @@ def bench_one(shape: str, device: str, threads: int, tokens: int, variants: list
         "cudagraph": lambda n: run_static(model, n, "cudagraph"),
         "compile": lambda n: run_static(model, n, "compile"),
         "run_c": lambda n: runner.run(n),
+        "run_c_omp": lambda n: runner.run(n),
     }
     load_before = os.getloadavg()[0]  # other processes on the machine: the noise of this group
     runs: dict[str, list[tuple[float, list[int] | None]]] = {name: [] for name in variants}
@@ -222,7 +228,7 @@ def bench_one(shape: str, device: str, threads: int, tokens: int, variants: list
             try:
                 if r == 0:
                     fns[name](8 if name != "compile" else tokens)  # warm-up (compile: also traces)
-                if name == "run_c":
+                if name in ("run_c", "run_c_omp"):
                     runs[name].append((runner.run(tokens), None))
                 else:
                     runs[name].append(timed(functools.partial(fns[name], tokens), device))
@@ -271,7 +277,7 @@ def summary(rows: list[dict]) -> list[str]:
     for key in sorted(groups, key=str):
         speed = {r["variant"]: r.get("tok_s") for r in rows if (r["shape"], r["device"], r["threads"]) == key}
         kv = speed.get("kv")
-        parts = [f"{v}: {kv / speed[v]:.2f}x" for v in ("run_c", "recompute", "hf", "kv_torch", "kv_generic")
+        parts = [f"{v}: {kv / speed[v]:.2f}x" for v in ("run_c", "run_c_omp", "recompute", "hf", "kv_torch", "kv_generic")
                  if kv and speed.get(v)]
         load = next((r.get("load_avg_1min") for r in rows if (r["shape"], r["device"], r["threads"]) == key
                      and r.get("load_avg_1min")), None)
@@ -291,7 +297,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--quick", action="store_true", help="32 tokens, stories15m only, 1 thread")
     p.add_argument("--json", default=None, help="write the rows and run details to this JSON file")
     p.add_argument("--run-c", default=None, metavar="PATH",
-                   help="llama2.c run.c source: adds the run_c variant (CPU, 1 thread)")
+                   help="llama2.c run.c source: adds the run_c variant (CPU, 1 thread) and run_c_omp "
+                        "(OpenMP, the groups of more than one thread)")
     args = p.parse_args(argv)
     if args.quick:
         args.tokens, args.shapes, args.threads = 32, "stories15m", "1"
