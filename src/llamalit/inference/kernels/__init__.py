@@ -29,7 +29,7 @@ log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("decode_cpu.cpp")
 PANEL = 64  # rows per packed panel; PANEL in decode_cpu.cpp
-ABI_VERSION = 3  # llk_abi_version() in decode_cpu.cpp
+ABI_VERSION = 4  # llk_abi_version() in decode_cpu.cpp
 ENV_SWITCH = "LLAMALIT_DECODE_KERNEL"
 _FLAGS = ["-O3", "-march=native", "-fopenmp-simd", "-fno-math-errno", "-shared", "-fPIC", "-std=c++17"]
 _P = ctypes.POINTER
