@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from llamalit.inference.kernels import DecodeKernel, load_decode_kernel
-from llamalit.inference.kernels.select import use_kernel
+from llamalit.inference.kernels.select import kernel_threads, use_kernel
 from llamalit.model.llama import KVCache, Llama, RMSNorm, _at_least_fp32
 
 
@@ -36,13 +36,15 @@ def decode_weights(model: Llama, kernel: bool | None = None) -> DecodeWeights | 
     if not plain:
         return None
     params = list(model.parameters())
-    kernel = use_kernel(kernel, model)
+    asked, kernel = kernel, use_kernel(kernel, model)
     cached = model.__dict__.get("_decode_weights")
     if cached is None or not cached.matches(params) or cached.kernel_requested != kernel:
         cached = None
         model.__dict__.pop("_decode_weights", None)  # free the old copies before building new ones
         cached = DecodeWeights(model, kernel)
         model.__dict__["_decode_weights"] = cached  # a plain attribute: not in state_dict
+        if cached.kernel is not None:
+            cached.kernel.threads = kernel_threads(asked)
     return cached
 
 
