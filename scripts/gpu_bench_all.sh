@@ -4,7 +4,7 @@
 # 1. bench_train's table (110M first, then 15M instruct padded and packed, 15M pretrain; per row the seconds the
 #    first step spent compiling and the recompiles, TORCH_LOGS=recompiles) with every ratio against llama2.c's
 #    own model.py timed in the same run (copy it to llama2c_model.py at the repository root and carry it);
-# 2. python train.py experiment=instruct_scratch for 200 steps, end to end (data preparation, training, validation,
+# 2. python train.py experiment=instruct_scratch for 150 steps, end to end (data preparation, training, validation,
 #    export, adherence evaluation on the GPU), offline: a synthetic TinyStories-format corpus and a Llama-2-style
 #    tokenizer (a BPE trained on that corpus, filled up with unused pieces to Llama 2's 32000, so the head has the
 #    shape of the real run's; ids 0/1/2 = unk/bos/eos as Llama 2's);

@@ -76,7 +76,8 @@ def probe_choice(threads: int) -> dict:
                 return cached
         except (OSError, ValueError):
             pass
-    result = {**measure(), "threads": threads, "version": PROBE_VERSION}
+    with torch.inference_mode(False), torch.no_grad():  # generate() may ask from inside inference mode
+        result = {**measure(), "threads": threads, "version": PROBE_VERSION}
     log.info("decode probe (%d threads): kernel %.0f tok/s, PyTorch %.0f tok/s: using %s", threads,
              result["kernel_tok_s"], result["torch_tok_s"], "the kernel" if result["kernel"] else "PyTorch")
     try:
