@@ -180,7 +180,8 @@ def test_kernel_follows_new_caches(lib) -> None:
 
 def test_env_switch_turns_the_kernel_off(lib, monkeypatch: pytest.MonkeyPatch) -> None:
     model = _model()
-    assert decode_weights(model).kernel is not None  # on by default
+    monkeypatch.setenv("LLAMALIT_DECODE_KERNEL", "1")
+    assert decode_weights(model).kernel is not None
     monkeypatch.setenv("LLAMALIT_DECODE_KERNEL", "0")
     off = decode_weights(model)
     assert off.kernel is None and off.layers  # rebuilt with the PyTorch layout

@@ -15,7 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from llamalit.inference.kernels import DecodeKernel, kernel_enabled, load_decode_kernel
+from llamalit.inference.kernels import DecodeKernel, load_decode_kernel
+from llamalit.inference.kernels.select import kernel_threads, use_kernel
 from llamalit.model.llama import KVCache, Llama, RMSNorm, _at_least_fp32
 
 
@@ -23,7 +24,8 @@ def decode_weights(model: Llama, kernel: bool | None = None) -> DecodeWeights | 
     """Weight copies of ``model`` laid out for :func:`decode_step`, cached until a weight changes.
 
     fp32 on the CPU with ``kernel`` on: packed for the compiled step of ``llamalit.inference.kernels``
-    (None: on unless ``LLAMALIT_DECODE_KERNEL=0``; no compiler: the PyTorch layout). Otherwise
+    (None: ``LLAMALIT_DECODE_KERNEL`` 1 or 0, else the faster of the two on this machine, timed once and
+    cached: ``llamalit.inference.kernels.select``; no compiler: the PyTorch layout). Otherwise
     fused, pre-transposed copies for the PyTorch step. None when a projection is not a plain
     ``nn.Linear`` (e.g. LoRA-wrapped): then :func:`decode_step` runs the ordinary forward.
     """
@@ -34,13 +36,15 @@ def decode_weights(model: Llama, kernel: bool | None = None) -> DecodeWeights | 
     if not plain:
         return None
     params = list(model.parameters())
-    kernel = kernel_enabled(kernel)
+    asked, kernel = kernel, use_kernel(kernel, model)
     cached = model.__dict__.get("_decode_weights")
     if cached is None or not cached.matches(params) or cached.kernel_requested != kernel:
         cached = None
         model.__dict__.pop("_decode_weights", None)  # free the old copies before building new ones
         cached = DecodeWeights(model, kernel)
         model.__dict__["_decode_weights"] = cached  # a plain attribute: not in state_dict
+        if cached.kernel is not None:
+            cached.kernel.threads = kernel_threads(asked)
     return cached
 
 
@@ -207,7 +211,9 @@ class StaticDecoder:
                 self._run()
         torch.cuda.current_stream().wait_stream(stream)
         self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
+        # thread-local capture, as torch's own graph code does: loader threads may still run (the sample
+        # callback decodes at validation end), and global mode would fail on their CUDA calls
+        with torch.cuda.graph(self.graph, capture_error_mode="thread_local"):
             self.logits = self._run()
 
     def step(self, tokens: torch.Tensor, pos: int | list[int]) -> torch.Tensor:

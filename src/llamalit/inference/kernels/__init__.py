@@ -29,7 +29,7 @@ log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("decode_cpu.cpp")
 PANEL = 64  # rows per packed panel; PANEL in decode_cpu.cpp
-ABI_VERSION = 3  # llk_abi_version() in decode_cpu.cpp
+ABI_VERSION = 4  # llk_abi_version() in decode_cpu.cpp
 ENV_SWITCH = "LLAMALIT_DECODE_KERNEL"
 _FLAGS = ["-O3", "-march=native", "-fopenmp-simd", "-fno-math-errno", "-shared", "-fPIC", "-std=c++17"]
 _P = ctypes.POINTER
@@ -230,6 +230,7 @@ class DecodeKernel:
                             _ptr(cos_), _ptr(sin_), int(stream_output))
         self._model_addr = ctypes.addressof(self.model)
         self._bound: tuple | None = None  # the caches last checked, and their pointer arrays
+        self.threads: int | None = None  # threads a step uses (kernels.select's probe); None: torch's count
 
     def huge_pages(self) -> bool:
         """Whether the packed weights' memory is (at least partly) on transparent huge pages (Linux)."""
@@ -299,5 +300,5 @@ class DecodeKernel:
         ids_c = (_i64 * batch)(*ids)
         logits = torch.empty(batch, self.vocab)
         self.lib.llk_step(self._model_addr, ctypes.addressof(ids_c), batch, pos, bind[3], bind[4],
-                          logits.data_ptr(), torch.get_num_threads())
+                          logits.data_ptr(), self.threads or torch.get_num_threads())
         return logits

@@ -31,59 +31,83 @@ inline vec load(const float* p) { return *reinterpret_cast<const vec*>(p); }
 // layer weights stay in L3 between tokens.
 constexpr int64_t NTA_AHEAD = 512;
 
-// y[b, r] (+)= sum_i W[r, i] x[b, i] for the panels p0..p1 of the packed W.
-template <bool NTA>
-void gemv_panels(const float* x, int64_t batch, int64_t n, const float* wp, int64_t rows, float* y,
-                 bool accumulate, int64_t p0, int64_t p1) {
-  for (int64_t p = p0; p < p1; ++p) {
-    for (int64_t b = 0; b < batch; ++b) {  // rows after the first re-read the panel from L1/L2
-      const float* w = wp + p * n * PANEL;
-      const float* xb = x + b * n;
-      vec a0 = {}, a1 = {}, a2 = {}, a3 = {}, c0 = {}, c1 = {}, c2 = {}, c3 = {};
-      int64_t i = 0;
-      for (; i + 2 <= n; i += 2, w += 2 * PANEL) {  // two inputs a step: 8 independent sums
-        if (NTA && b == 0)
-          for (int k = 0; k < 2 * PANEL; k += 16) __builtin_prefetch(w + NTA_AHEAD + k, 0, 0);
-        const float x0 = xb[i], x1 = xb[i + 1];
-        a0 += load(w) * x0; a1 += load(w + 16) * x0; a2 += load(w + 32) * x0; a3 += load(w + 48) * x0;
-        c0 += load(w + 64) * x1; c1 += load(w + 80) * x1; c2 += load(w + 96) * x1; c3 += load(w + 112) * x1;
-      }
-      if (i < n) {
-        const float x0 = xb[i];
-        a0 += load(w) * x0; a1 += load(w + 16) * x0; a2 += load(w + 32) * x0; a3 += load(w + 48) * x0;
-      }
-      const vec sums[4] = {a0 + c0, a1 + c1, a2 + c2, a3 + c3};
-      const float* s = reinterpret_cast<const float*>(sums);
-      float* yb = y + b * rows + p * PANEL;
-      const int64_t m = std::min(PANEL, rows - p * PANEL);
-      for (int64_t k = 0; k < m; ++k) yb[k] = accumulate ? yb[k] + s[k] : s[k];
+constexpr int64_t STRIP = 16;  // rows of one vector: the unit the threads split a product into
+
+// y[b, r] (+)= sum_i W[r, i] x[b, i] for rows [r0, r0 + 16 C) of one packed panel `w` (n x PANEL).
+template <bool NTA, int C>
+void gemv_strip(const float* x, int64_t batch, int64_t n, const float* w0, int64_t rows, float* y,
+                bool accumulate, int64_t row0) {
+  for (int64_t b = 0; b < batch; ++b) {  // rows after the first re-read the panel from L1/L2
+    const float* w = w0;
+    const float* xb = x + b * n;
+    vec a[C] = {}, c[C] = {};
+    int64_t i = 0;
+    for (; i + 2 <= n; i += 2, w += 2 * PANEL) {  // two inputs a step: 2 C independent sums
+      if (NTA && b == 0)
+        for (int k = 0; k < 2 * PANEL; k += 16) __builtin_prefetch(w + NTA_AHEAD + k, 0, 0);
+      const float x0 = xb[i], x1 = xb[i + 1];
+      for (int k = 0; k < C; ++k) a[k] += load(w + 16 * k) * x0;
+      for (int k = 0; k < C; ++k) c[k] += load(w + PANEL + 16 * k) * x1;
     }
+    if (i < n)
+      for (int k = 0; k < C; ++k) a[k] += load(w + 16 * k) * xb[i];
+    vec sums[C];
+    for (int k = 0; k < C; ++k) sums[k] = a[k] + c[k];
+    const float* s = reinterpret_cast<const float*>(sums);
+    float* yb = y + b * rows + row0;
+    const int64_t m = std::min<int64_t>(16 * C, rows - row0);
+    for (int64_t k = 0; k < m; ++k) yb[k] = accumulate ? yb[k] + s[k] : s[k];
   }
 }
 
-void gemv(const float* x, int64_t batch, int64_t n, const float* wp, int64_t rows, float* y,
-          bool accumulate, int threads, bool nta = false) {
-  const int64_t panels = (rows + PANEL - 1) / PANEL;
-  const auto run = nta ? gemv_panels<true> : gemv_panels<false>;
-  // Only large products (the output head of the small models) are split: a fork per layer product
-  // costs more than it saves once another process holds a core.
-  if (threads <= 1 || panels < 2 || n * rows < (1 << 20)) {
-    run(x, batch, n, wp, rows, y, accumulate, 0, panels);
-    return;
+// The strips s0..s1 (16 rows each) of a packed W: whole panels at full width, partial ones narrower.
+template <bool NTA>
+void gemv_strips(const float* x, int64_t batch, int64_t n, const float* wp, int64_t rows, float* y,
+                 bool accumulate, int64_t s0, int64_t s1) {
+  constexpr int64_t per = PANEL / STRIP;
+  for (int64_t s = s0; s < s1;) {
+    const int64_t p = s / per, c0 = s - p * per, c1 = std::min(s1 - p * per, per);
+    const float* w = wp + p * n * PANEL + c0 * STRIP;
+    const int64_t row0 = p * PANEL + c0 * STRIP;
+    switch (c1 - c0) {
+      case 4: gemv_strip<NTA, 4>(x, batch, n, w, rows, y, accumulate, row0); break;
+      case 3: gemv_strip<NTA, 3>(x, batch, n, w, rows, y, accumulate, row0); break;
+      case 2: gemv_strip<NTA, 2>(x, batch, n, w, rows, y, accumulate, row0); break;
+      default: gemv_strip<NTA, 1>(x, batch, n, w, rows, y, accumulate, row0); break;
+    }
+    s = p * per + c1;
   }
+}
+
+// This thread's share (t of nt) of y (+)= W x: called by every thread of a team, no barrier.
+void gemv_part(const float* x, int64_t batch, int64_t n, const float* wp, int64_t rows, float* y,
+               bool accumulate, int t, int nt, bool nta = false) {
+  const int64_t strips = (rows + STRIP - 1) / STRIP;
+  const int64_t s0 = strips * t / nt, s1 = strips * (t + 1) / nt;
+  (nta ? gemv_strips<true> : gemv_strips<false>)(x, batch, n, wp, rows, y, accumulate, s0, s1);
+}
+
+// Team size for `threads` asked: OpenMP's dynamic adjustment gives fewer while the machine is busy
+// (libgomp: cores minus the load average), since a thread waiting for a core stalls every barrier.
+int team_size(int threads) {
 #ifdef _OPENMP
-  // Dynamic teams: the runtime gives fewer threads while the machine is busy (libgomp: cores minus
-  // the load average), since a thread waiting for a core costs a whole time slice per product.
+  return threads > 1 ? threads : 1;
+#else
+  (void)threads;
+  return 1;
+#endif
+}
+
+void gemv(const float* x, int64_t batch, int64_t n, const float* wp, int64_t rows, float* y,
+          bool accumulate, int threads) {
+#ifdef _OPENMP
   const int dynamic = omp_get_dynamic();
   omp_set_dynamic(1);
-#pragma omp parallel num_threads(threads)
-  {
-    const int t = omp_get_thread_num(), nt = omp_get_num_threads();
-    run(x, batch, n, wp, rows, y, accumulate, panels * t / nt, panels * (t + 1) / nt);
-  }
+#pragma omp parallel num_threads(team_size(threads)) if (threads > 1)
+  gemv_part(x, batch, n, wp, rows, y, accumulate, omp_get_thread_num(), omp_get_num_threads());
   omp_set_dynamic(dynamic);
 #else
-  run(x, batch, n, wp, rows, y, accumulate, 0, panels);
+  gemv_part(x, batch, n, wp, rows, y, accumulate, 0, 1);
 #endif
 }
 
@@ -225,7 +249,7 @@ struct LlkModel {
   int64_t stream_output;        // 1: read the output head with non-temporal prefetches
 };
 
-int llk_abi_version() { return 3; }
+int llk_abi_version() { return 4; }
 
 // Ask for transparent huge pages over [p, p + bytes) (p 2 MiB aligned, not yet touched): 4 KiB pages
 // cost a TLB miss and a restart of the hardware prefetcher every 4 KiB of a weight stream. 0 on success; -1 where
@@ -262,52 +286,76 @@ void llk_gemv(const float* x, int64_t batch, int64_t n, const float* wp, int64_t
 
 // Logits (batch, vocab) of tokens `tok` (batch,) at position `pos`; writes k and v of `pos` into
 // the caches k[l], v[l], each (batch, n_kv_heads, max_seq_len, head_dim) contiguous.
+//
+// One team of threads runs the whole token: each product is split by rows (16-row strips) over the
+// team, attention by (row, kv head); norms and SwiGLU are recomputed by every thread into its own
+// buffer (a few hundred floats) instead of a barrier. Five barriers a layer.
 void llk_step(const LlkModel* m, const int64_t* tok, int64_t batch, int64_t pos, float* const* k_cache,
               float* const* v_cache, float* logits, int threads) {
   const int64_t dim = m->dim, hd = m->head_dim, nh = m->n_heads, nkv = m->n_kv_heads;
-  const int64_t n_qkv = (nh + 2 * nkv) * hd, half = hd / 2, seq = m->max_seq_len;
+  const int64_t n_qkv = (nh + 2 * nkv) * hd, half = hd / 2, seq = m->max_seq_len, hidden = m->hidden;
   const int64_t group = nh / nkv;
   const float scale = 1.f / std::sqrt(static_cast<float>(hd));
-  std::vector<float> x(batch * dim), xn(batch * dim), qkv(batch * n_qkv), att(batch * nh * hd),
-      h13(batch * 2 * m->hidden), g(batch * m->hidden), scores((pos + 16) / 16 * 16);
+  std::vector<float> x(batch * dim), qkv(batch * n_qkv), att(batch * nh * hd), h13(batch * 2 * hidden);
   for (int64_t b = 0; b < batch; ++b)
     std::copy_n(m->embedding + tok[b] * dim, dim, x.data() + b * dim);
   const float* cos = m->cos + pos * half;
   const float* sin = m->sin + pos * half;
-  for (int64_t l = 0; l < m->n_layers; ++l) {
-    const float* const* w = m->layers + 6 * l;
-    for (int64_t b = 0; b < batch; ++b) rms_norm(&x[b * dim], w[0], dim, m->eps, &xn[b * dim]);
-    gemv(xn.data(), batch, dim, w[1], n_qkv, qkv.data(), false, threads);
-    for (int64_t b = 0; b < batch; ++b) {
-      float* q = &qkv[b * n_qkv];
-      for (int64_t h = 0; h < nh + nkv; ++h) {  // RoPE on adjacent pairs of q and k heads
-        float* v = q + h * hd;
-        for (int64_t j = 0; j < half; ++j) {
-          const float re = v[2 * j], im = v[2 * j + 1];
-          v[2 * j] = re * cos[j] - im * sin[j];
-          v[2 * j + 1] = re * sin[j] + im * cos[j];
+#ifdef _OPENMP
+  const int dynamic = omp_get_dynamic();
+  omp_set_dynamic(1);
+#pragma omp parallel num_threads(team_size(threads)) if (threads > 1)
+#endif
+  {
+#ifdef _OPENMP
+    const int t = omp_get_thread_num(), nt = omp_get_num_threads();
+#define LLK_BARRIER _Pragma("omp barrier")
+#else
+    const int t = 0, nt = 1;
+#define LLK_BARRIER
+#endif
+    std::vector<float> xn(batch * dim), g(batch * hidden), scores((pos + 16) / 16 * 16);
+    for (int64_t l = 0; l < m->n_layers; ++l) {
+      const float* const* w = m->layers + 6 * l;
+      for (int64_t b = 0; b < batch; ++b) rms_norm(&x[b * dim], w[0], dim, m->eps, &xn[b * dim]);
+      gemv_part(xn.data(), batch, dim, w[1], n_qkv, qkv.data(), false, t, nt);
+      LLK_BARRIER
+      for (int64_t job = t; job < batch * nkv; job += nt) {  // one kv head and its query heads
+        const int64_t b = job / nkv, kh = job % nkv;
+        float* q = &qkv[b * n_qkv];
+        for (int64_t h = -1; h < group; ++h) {  // RoPE on adjacent pairs: the k head, then its q heads
+          float* v = h < 0 ? q + (nh + kh) * hd : q + (kh * group + h) * hd;
+          for (int64_t j = 0; j < half; ++j) {
+            const float re = v[2 * j], im = v[2 * j + 1];
+            v[2 * j] = re * cos[j] - im * sin[j];
+            v[2 * j + 1] = re * sin[j] + im * cos[j];
+          }
         }
+        float* kc = k_cache[l] + (b * nkv + kh) * seq * hd;
+        float* vc = v_cache[l] + (b * nkv + kh) * seq * hd;
+        std::copy_n(q + (nh + kh) * hd, hd, kc + pos * hd);
+        std::copy_n(q + (nh + nkv + kh) * hd, hd, vc + pos * hd);
+        for (int64_t h = kh * group; h < (kh + 1) * group; ++h)  // softmax(q k^T / sqrt(hd)) v, 0..pos
+          attend(q + h * hd, kc, vc, pos + 1, hd, scale, scores.data(), &att[(b * nh + h) * hd]);
       }
-      float* kc = k_cache[l] + b * nkv * seq * hd;
-      float* vc = v_cache[l] + b * nkv * seq * hd;
-      for (int64_t h = 0; h < nkv; ++h) {
-        std::copy_n(q + (nh + h) * hd, hd, kc + (h * seq + pos) * hd);
-        std::copy_n(q + (nh + nkv + h) * hd, hd, vc + (h * seq + pos) * hd);
-      }
-      for (int64_t h = 0; h < nh; ++h)  // softmax(q k^T / sqrt(hd)) v over positions 0..pos
-        attend(q + h * hd, kc + (h / group) * seq * hd, vc + (h / group) * seq * hd, pos + 1, hd, scale,
-               scores.data(), &att[(b * nh + h) * hd]);
+      LLK_BARRIER
+      gemv_part(att.data(), batch, nh * hd, w[2], dim, x.data(), true, t, nt);
+      LLK_BARRIER
+      for (int64_t b = 0; b < batch; ++b) rms_norm(&x[b * dim], w[3], dim, m->eps, &xn[b * dim]);
+      gemv_part(xn.data(), batch, dim, w[4], 2 * hidden, h13.data(), false, t, nt);
+      LLK_BARRIER
+      for (int64_t b = 0; b < batch; ++b)
+        swiglu(&h13[b * 2 * hidden], &h13[b * 2 * hidden + hidden], hidden, &g[b * hidden]);
+      gemv_part(g.data(), batch, hidden, w[5], dim, x.data(), true, t, nt);
+      LLK_BARRIER
     }
-    gemv(att.data(), batch, nh * hd, w[2], dim, x.data(), true, threads);
-    for (int64_t b = 0; b < batch; ++b) rms_norm(&x[b * dim], w[3], dim, m->eps, &xn[b * dim]);
-    const int64_t hidden = m->hidden;
-    gemv(xn.data(), batch, dim, w[4], 2 * hidden, h13.data(), false, threads);
-    for (int64_t b = 0; b < batch; ++b)
-      swiglu(&h13[b * 2 * hidden], &h13[b * 2 * hidden + hidden], hidden, &g[b * hidden]);
-    gemv(g.data(), batch, hidden, w[5], dim, x.data(), true, threads);
+    for (int64_t b = 0; b < batch; ++b) rms_norm(&x[b * dim], m->norm, dim, m->eps, &xn[b * dim]);
+    gemv_part(xn.data(), batch, dim, m->output, m->vocab, logits, false, t, nt, m->stream_output != 0);
+#undef LLK_BARRIER
   }
-  for (int64_t b = 0; b < batch; ++b) rms_norm(&x[b * dim], m->norm, dim, m->eps, &xn[b * dim]);
-  gemv(xn.data(), batch, dim, m->output, m->vocab, logits, false, threads, m->stream_output != 0);
+#ifdef _OPENMP
+  omp_set_dynamic(dynamic);
+#endif
 }
 
 }  // extern "C"
