@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from llamalit.inference.kernels import DecodeKernel, load_decode_kernel
-from llamalit.inference.kernels.select import kernel_threads, use_kernel
+from llamalit.inference.kernels.select import kernel_threads, register_decode_weights, use_kernel
 from llamalit.model.llama import KVCache, Llama, RMSNorm, _at_least_fp32
 
 
@@ -176,6 +176,9 @@ class DecodeWeights:
             h1, h3 = (self._norm(x, ffn_norm) @ w13).chunk(2, dim=-1)
             x = x + F.linear(F.silu(h1) * h3, w2)
         return self._norm(x, self.norm) @ self.output_t
+
+
+register_decode_weights(lambda model, kernel: DecodeWeights(model, kernel=kernel))
 
 
 class StaticDecoder:

@@ -17,6 +17,7 @@ import json
 import logging
 import os
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -26,6 +27,15 @@ from llamalit.inference.kernels import ENV_SWITCH
 log = logging.getLogger(__name__)
 
 ENV_REPROBE = "LLAMALIT_DECODE_PROBE"
+# The decode weights the probe times, both layouts (llamalit.inference.decode.DecodeWeights), registered by that
+# module when it loads: decode imports this module, so this one may not import decode back.
+_decode_weights: Callable[[torch.nn.Module, bool], object] | None = None
+
+
+def register_decode_weights(factory: Callable[[torch.nn.Module, bool], object]) -> None:
+    """Set the ``(model, kernel) -> weights`` factory whose ``.step`` (and ``.kernel.step``) the probe times."""
+    global _decode_weights
+    _decode_weights = factory
 PROBE_VERSION = 2
 _ON, _OFF = ("1", "true", "yes", "on"), ("0", "false", "no", "off")
 
@@ -106,10 +116,10 @@ def probe_model() -> torch.nn.Module:
 def measure(tokens: int = 24, rounds: int = 3) -> dict:
     """Best tokens/s of the kernel and of PyTorch's decode step on :func:`probe_model`, rounds alternating
     (a burst of load from other processes then hits both alike)."""
-    from llamalit.inference.decode import DecodeWeights
-
+    if _decode_weights is None:
+        raise RuntimeError("the decode probe runs through llamalit.inference.decode; import it first")
     model = probe_model()
-    paths = {"kernel": DecodeWeights(model, kernel=True), "torch": DecodeWeights(model, kernel=False)}
+    paths = {"kernel": _decode_weights(model, True), "torch": _decode_weights(model, False)}
     if paths["kernel"].kernel is None:
         return {"kernel": False, "kernel_tok_s": 0.0, "torch_tok_s": 0.0}
     threads = torch.get_num_threads()
