@@ -70,9 +70,9 @@ def _results(summary: Mapping) -> list[tuple[str, object]]:
             ("uniform loss (ln vocab)", summary.get("uniform_loss")), ("optimizer steps", summary.get("step")),
             ("tokens seen", summary.get("tokens_seen")), ("tokens / s", summary.get("tokens_per_s")),
             ("parameters", summary.get("params")), ("trainable parameters", summary.get("trainable_params"))]
-    for key, value in sorted((summary.get("adherence") or {}).items()):
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            rows.append((f"adherence: {key}", value))
+    adherence = summary.get("adherence") or {}
+    rows += [(f"adherence: {key}", adherence.get(key)) for key in ("adherence", "word_recall", "feature_rate",
+                                                                     "n_stories")]
     return [(name, value) for name, value in rows if value is not None]
 
 
