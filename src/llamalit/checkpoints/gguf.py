@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import sys
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -27,7 +28,7 @@ from llamalit.fileio import atomic_path
 from llamalit.lora import lora_layers
 from llamalit.model import Llama
 
-__all__ = ["DTYPES", "GGUFError", "check_dtype", "chat_template_of", "gguf_tensor_name", "save_gguf",
+__all__ = ["DTYPES", "GGUFError", "GGUFVocab", "check_dtype", "chat_template_of", "gguf_tensor_name", "save_gguf",
            "read_gguf_metadata", "save_gguf_adapter", "sentencepiece_vocab"]
 
 DTYPES = ("f32", "f16", "bf16", "q8_0")
@@ -71,9 +72,25 @@ def _spm(tokenizer: Path):
     return sp, proto
 
 
-def sentencepiece_vocab(tokenizer: str | Path, vocab_size: int) -> tuple[list[bytes], list[float], list[int]]:
-    """Pieces, scores and llama.cpp token types of a SentencePiece BPE model, padded to ``vocab_size`` with
-    unused ``[PADn]`` entries (``convert_hf_to_gguf.py``'s ``_create_vocab_sentencepiece``)."""
+@dataclass
+class GGUFVocab:
+    """A SentencePiece-style ('llama') vocabulary as GGUF stores it: pieces, scores, llama.cpp token types,
+    the special ids (-1: none) and the normalizer's two flags llama.cpp reads."""
+
+    tokens: list[bytes]
+    scores: list[float]
+    types: list[int]
+    bos_id: int
+    eos_id: int
+    unk_id: int = -1
+    pad_id: int = -1
+    add_space_prefix: bool = True
+    remove_extra_whitespaces: bool = False
+
+
+def sentencepiece_vocab(tokenizer: str | Path, vocab_size: int) -> GGUFVocab:
+    """The vocabulary of a SentencePiece BPE model, padded to ``vocab_size`` with unused ``[PADn]`` entries
+    (``convert_hf_to_gguf.py``'s ``_create_vocab_sentencepiece``)."""
     import gguf
 
     sp, proto = _spm(Path(tokenizer))
@@ -102,7 +119,9 @@ def sentencepiece_vocab(tokenizer: str | Path, vocab_size: int) -> tuple[list[by
         elif proto.pieces[i].type == proto.pieces[i].USER_DEFINED:
             kind = types.USER_DEFINED
         tokens[i], scores[i], kinds[i] = sp.IdToPiece(i).encode("utf-8"), sp.GetScore(i), int(kind)
-    return tokens, scores, kinds
+    spec = proto.normalizer_spec
+    return GGUFVocab(tokens, scores, kinds, sp.bos_id(), sp.eos_id(), sp.unk_id(), sp.pad_id(),
+                     spec.add_dummy_prefix, spec.remove_extra_whitespaces)
 
 
 def chat_template_of(folder: str | Path) -> str | None:
@@ -162,19 +181,21 @@ def _model_tensors(model: Llama) -> Iterator[tuple[str, torch.Tensor]]:
         yield gguf_tensor_name(key), tensor
 
 
-def save_gguf(model: Llama, path: str | Path, tokenizer: str | Path, dtype: str = "f16",
+def save_gguf(model: Llama, path: str | Path, tokenizer: str | Path | GGUFVocab, dtype: str = "f16",
               chat_template: str | None = None, name: str | None = None) -> Path:
-    """Write ``model`` (plain, LoRA merged) with its SentencePiece ``tokenizer`` as a llama.cpp GGUF at ``path``
-    (atomically). ``dtype``: one of :data:`DTYPES`; ``chat_template``: a Jinja template for
-    ``tokenizer.chat_template``."""
+    """Write ``model`` (plain, LoRA merged) with its SentencePiece ``tokenizer`` (a ``.model`` path, or a
+    :class:`GGUFVocab`) as a llama.cpp GGUF at ``path`` (atomically). ``dtype``: one of :data:`DTYPES`;
+    ``chat_template``: a Jinja template for ``tokenizer.chat_template``."""
     import gguf
 
     if lora_layers(model):
         raise GGUFError("save_gguf: the model holds LoRA adapters; merge them (merge_lora) or write the adapter "
                         "alone with save_gguf_adapter")
     cfg, (_, ftype) = model.cfg, _qtypes(dtype)
-    tokens, scores, kinds = sentencepiece_vocab(tokenizer, cfg.vocab_size)
-    sp, proto = _spm(Path(tokenizer))
+    vocab = tokenizer if isinstance(tokenizer, GGUFVocab) else sentencepiece_vocab(tokenizer, cfg.vocab_size)
+    if len(vocab.tokens) != cfg.vocab_size:
+        raise GGUFError(f"the vocabulary has {len(vocab.tokens)} entries but the model's vocab_size is "
+                        f"{cfg.vocab_size}")
     path, fallbacks = Path(path), {}
     with atomic_path(path) as tmp:
         w = gguf.GGUFWriter(tmp, "llama")
@@ -194,17 +215,17 @@ def save_gguf(model: Llama, path: str | Path, tokenizer: str | Path, dtype: str 
         w.add_quantization_version(gguf.GGML_QUANT_VERSION)
         w.add_tokenizer_model("llama")
         w.add_tokenizer_pre("default")
-        w.add_token_list(tokens)
-        w.add_token_scores(scores)
-        w.add_token_types(kinds)
-        for add, token_id in ((w.add_bos_token_id, sp.bos_id()), (w.add_eos_token_id, sp.eos_id()),
-                              (w.add_unk_token_id, sp.unk_id()), (w.add_pad_token_id, sp.pad_id())):
+        w.add_token_list(vocab.tokens)
+        w.add_token_scores(vocab.scores)
+        w.add_token_types(vocab.types)
+        for add, token_id in ((w.add_bos_token_id, vocab.bos_id), (w.add_eos_token_id, vocab.eos_id),
+                              (w.add_unk_token_id, vocab.unk_id), (w.add_pad_token_id, vocab.pad_id)):
             if token_id >= 0:
                 add(token_id)
         w.add_add_bos_token(True)  # prompts start with BOS, as our generate and training rows do
         w.add_add_eos_token(False)
-        w.add_add_space_prefix(proto.normalizer_spec.add_dummy_prefix)
-        w.add_remove_extra_whitespaces(proto.normalizer_spec.remove_extra_whitespaces)
+        w.add_add_space_prefix(vocab.add_space_prefix)
+        w.add_remove_extra_whitespaces(vocab.remove_extra_whitespaces)
         if chat_template:
             w.add_chat_template(chat_template)
         for tensor_name, tensor in _model_tensors(model):
