@@ -9,6 +9,9 @@ Variants (tokens/s of new tokens, prompt = [BOS]):
   kv_generic  ours: KV cache through the ordinary ``Llama.hidden`` forward (what decode_step replaces)
   recompute   ours: the whole prefix through the model for every new token, no cache
   hf          transformers ``LlamaForCausalLM.generate`` on the same weights (greedy, use_cache=True)
+  llama_cpp   llama.cpp (llama-cpp-python) on the same weights exported by ``format=gguf`` (f32, the same
+              precision as ours; a synthetic Llama-2-like vocabulary), same thread count, batch 1, greedy
+              through its own sampler; skipped with a note when ``llama_cpp`` is not installed
   run_c       with ``--run-c PATH``: llama2.c's ``run.c`` compiled here like ``make runfast``
               (``gcc -Ofast -march=native``), on the same weights exported as a llama2.c ``.bin``,
               1 thread, greedy; its own "achieved tok/s" (timed from its second token) is reported
@@ -49,7 +52,7 @@ from llamalit.generate import generate
 from llamalit.kernels import ENV_SWITCH
 from llamalit.model import Llama, ModelConfig
 
-CPU_VARIANTS = ("kv", "kv_torch", "kv_generic", "recompute", "hf")
+CPU_VARIANTS = ("kv", "kv_torch", "kv_generic", "recompute", "hf", "llama_cpp")
 CUDA_VARIANTS = ("kv", "kv_step", "kv_generic", "recompute", "hf", "static", "cudagraph", "compile")
 
 
@@ -179,6 +182,38 @@ class RunC:
         shutil.rmtree(self.dir, ignore_errors=True)
 
 
+class LlamaCpp:
+    """llama.cpp through llama-cpp-python on ``model`` written as an f32 GGUF (our ``format=gguf`` writer)."""
+
+    def __init__(self, model: Llama, threads: int):
+        import llama_cpp
+
+        from llamalit.checkpoints.gguf import GGUFVocab, save_gguf
+
+        n = model.cfg.vocab_size  # Llama 2's layout: <unk> <s> </s>, 256 byte pieces, then words
+        pieces = [b"<unk>", b"<s>", b"</s>", *(f"<0x{b:02X}>".encode() for b in range(256))]
+        pieces += [f"\u2581w{i}".encode() for i in range(n - len(pieces))]
+        types = [2, 3, 3, *[6] * 256, *[1] * (n - 259)]  # gguf.TokenType: UNKNOWN, CONTROL, BYTE, NORMAL
+        self.dir = tempfile.mkdtemp(prefix="bench_llama_cpp_")
+        path = save_gguf(model, os.path.join(self.dir, "model.gguf"),
+                         GGUFVocab(pieces, [0.0] * n, types, bos_id=1, eos_id=2, unk_id=0), dtype="f32")
+        self.llm = llama_cpp.Llama(model_path=str(path), n_ctx=model.cfg.max_seq_len, n_threads=threads,
+                                   n_threads_batch=threads, n_batch=64, verbose=False)
+
+    def run(self, tokens: int) -> list[int]:
+        ids = []
+        for token in self.llm.generate([1], temp=0.0, top_k=1, top_p=1.0, min_p=0.0, repeat_penalty=1.0,
+                                       reset=True):
+            ids.append(int(token))
+            if len(ids) == tokens:
+                return ids
+        return ids
+
+    def close(self) -> None:
+        self.llm.close()
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
 def timed(fn: Callable[[], list[int]], device: str) -> tuple[float, list[int]]:
     _sync(device)
     t0 = time.perf_counter()
@@ -200,6 +235,13 @@ def bench_one(shape: str, device: str, threads: int, tokens: int, variants: list
     if run_c and device == "cpu" and threads == 1:
         variants = [*variants, "run_c"]
     runner = RunC(run_c, model) if "run_c" in variants else None
+    llama = None
+    if "llama_cpp" in variants:
+        try:
+            llama = LlamaCpp(model, threads)
+        except ImportError:
+            print("note: llama_cpp is not installed (pip install llama-cpp-python): no llama_cpp column")
+            variants = [v for v in variants if v != "llama_cpp"]
     fns: dict[str, Callable[[int], list[int]]] = {
         "kv": lambda n: generate(model, [1], n, temperature=0.0),
         "kv_step": lambda n: generate(model, [1], n, temperature=0.0, static_decode=False),
@@ -211,6 +253,7 @@ def bench_one(shape: str, device: str, threads: int, tokens: int, variants: list
         "cudagraph": lambda n: run_static(model, n, "cudagraph"),
         "compile": lambda n: run_static(model, n, "compile"),
         "run_c": lambda n: runner.run(n),
+        "llama_cpp": lambda n: llama.run(n),
     }
     load_before = os.getloadavg()[0]  # other processes on the machine: the noise of this group
     runs: dict[str, list[tuple[float, list[int] | None]]] = {name: [] for name in variants}
@@ -230,6 +273,8 @@ def bench_one(shape: str, device: str, threads: int, tokens: int, variants: list
                 errors[name] = f"{type(e).__name__}: {e}"[:300]
     if runner is not None:
         runner.close()
+    if llama is not None:
+        llama.close()
     load = (round(load_before, 2), round(os.getloadavg()[0], 2))
     rows, ref = [], None
     for name in variants:
@@ -271,13 +316,23 @@ def summary(rows: list[dict]) -> list[str]:
     for key in sorted(groups, key=str):
         speed = {r["variant"]: r.get("tok_s") for r in rows if (r["shape"], r["device"], r["threads"]) == key}
         kv = speed.get("kv")
-        parts = [f"{v}: {kv / speed[v]:.2f}x" for v in ("run_c", "recompute", "hf", "kv_torch", "kv_generic")
+        parts = [f"{v}: {kv / speed[v]:.2f}x" for v in ("llama_cpp", "run_c", "recompute", "hf", "kv_torch",
+                                                          "kv_generic")
                  if kv and speed.get(v)]
         load = next((r.get("load_avg_1min") for r in rows if (r["shape"], r["device"], r["threads"]) == key
                      and r.get("load_avg_1min")), None)
         lines.append(f"{key[0]} {key[1]} threads={key[2]}: kv vs " + ", ".join(parts)
                      + (f" (load average {load[0]} -> {load[1]})" if load else ""))
     return lines
+
+
+def _version(dist: str) -> str | None:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version(dist)
+    except PackageNotFoundError:
+        return None
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -320,6 +375,7 @@ def main(argv: list[str] | None = None) -> None:
             "date": datetime.datetime.now().isoformat(timespec="seconds"),
             "command": " ".join([os.path.basename(sys.executable), *sys.argv]),
             "torch": torch.__version__, "transformers": transformers.__version__,
+            "llama_cpp_python": _version("llama_cpp_python"),
             "cpu_count": all_threads,
             "cuda_device": torch.cuda.get_device_name() if "cuda" in devices else None,
             "rows": rows, "summary": lines,
