@@ -13,12 +13,13 @@ from llamalit.model import Llama
 
 
 def load_llama_cpp(path: Path, n_ctx: int, lora: Path | None = None, threads: int = 2):
-    """``llama_cpp.Llama`` on ``path`` keeping every position's logits (``logits_all``)."""
+    """``llama_cpp.Llama`` on ``path`` keeping every position's logits (``logits_all``), its KV cache in f32 as
+    ours is (llama.cpp's default f16 cache alone moves logits by ~1e-4..1e-2)."""
     import llama_cpp
 
     return llama_cpp.Llama(model_path=str(path), n_ctx=n_ctx, logits_all=True, n_threads=threads,
-                           n_threads_batch=threads, verbose=False, seed=0,
-                           **({"lora_path": str(lora)} if lora else {}))
+                           n_threads_batch=threads, verbose=False, seed=0, type_k=llama_cpp.GGML_TYPE_F32,
+                           type_v=llama_cpp.GGML_TYPE_F32, **({"lora_path": str(lora)} if lora else {}))
 
 
 def llama_cpp_logits(llm, ids: list[int]) -> np.ndarray:
@@ -57,11 +58,16 @@ def perplexity(logits: np.ndarray, ids: list[int]) -> float:
 def rounded(model: Llama, dtype: torch.dtype) -> Llama:
     """A copy of ``model`` whose matrices went through ``dtype`` and back (what a f16 / bf16 GGUF holds; norms
     stay f32 there too)."""
-    import copy
-
-    twin = copy.deepcopy(model)
+    twin = fresh_copy(model)
     with torch.no_grad():
         for p in twin.parameters():
             if p.dim() > 1:
                 p.copy_(p.to(dtype).float())
     return twin
+
+
+def fresh_copy(model: Llama) -> Llama:
+    """A new ``Llama`` with ``model``'s weights (``copy.deepcopy`` would also copy the decode kernel's cache)."""
+    twin = Llama(model.cfg)
+    twin.load_state_dict(model.state_dict())
+    return twin.eval()
