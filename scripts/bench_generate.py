@@ -10,8 +10,10 @@ Variants (tokens/s of new tokens, prompt = [BOS]):
   recompute   ours: the whole prefix through the model for every new token, no cache
   hf          transformers ``LlamaForCausalLM.generate`` on the same weights (greedy, use_cache=True)
   llama_cpp   llama.cpp (llama-cpp-python) on the same weights exported by ``format=gguf`` (f32, the same
-              precision as ours; a synthetic Llama-2-like vocabulary), same thread count, batch 1, greedy
-              through its own sampler; skipped with a note when ``llama_cpp`` is not installed
+              precision as ours; a synthetic Llama-2-like vocabulary; llama.cpp's default f16 KV cache), same
+              thread count, batch 1, greedy through its own sampler; skipped with a note when ``llama_cpp`` is
+              not installed
+  llama_cpp_q8  the same on the ``dtype=q8_0`` GGUF (what llama.cpp users mostly run; ids may differ)
   run_c       with ``--run-c PATH``: llama2.c's ``run.c`` compiled here like ``make runfast``
               (``gcc -Ofast -march=native``), on the same weights exported as a llama2.c ``.bin``,
               1 thread, greedy; its own "achieved tok/s" (timed from its second token) is reported
@@ -52,7 +54,7 @@ from llamalit.generate import generate
 from llamalit.kernels import ENV_SWITCH
 from llamalit.model import Llama, ModelConfig
 
-CPU_VARIANTS = ("kv", "kv_torch", "kv_generic", "recompute", "hf", "llama_cpp")
+CPU_VARIANTS = ("kv", "kv_torch", "kv_generic", "recompute", "hf", "llama_cpp", "llama_cpp_q8")
 CUDA_VARIANTS = ("kv", "kv_step", "kv_generic", "recompute", "hf", "static", "cudagraph", "compile")
 
 
@@ -183,9 +185,9 @@ class RunC:
 
 
 class LlamaCpp:
-    """llama.cpp through llama-cpp-python on ``model`` written as an f32 GGUF (our ``format=gguf`` writer)."""
+    """llama.cpp through llama-cpp-python on ``model`` written as a GGUF (our ``format=gguf`` writer)."""
 
-    def __init__(self, model: Llama, threads: int):
+    def __init__(self, model: Llama, threads: int, dtype: str = "f32"):
         import llama_cpp
 
         from llamalit.checkpoints.gguf import GGUFVocab, save_gguf
@@ -196,7 +198,7 @@ class LlamaCpp:
         types = [2, 3, 3, *[6] * 256, *[1] * (n - 259)]  # gguf.TokenType: UNKNOWN, CONTROL, BYTE, NORMAL
         self.dir = tempfile.mkdtemp(prefix="bench_llama_cpp_")
         path = save_gguf(model, os.path.join(self.dir, "model.gguf"),
-                         GGUFVocab(pieces, [0.0] * n, types, bos_id=1, eos_id=2, unk_id=0), dtype="f32")
+                         GGUFVocab(pieces, [0.0] * n, types, bos_id=1, eos_id=2, unk_id=0), dtype=dtype)
         self.llm = llama_cpp.Llama(model_path=str(path), n_ctx=model.cfg.max_seq_len, n_threads=threads,
                                    n_threads_batch=threads, n_batch=64, verbose=False)
 
@@ -235,13 +237,14 @@ def bench_one(shape: str, device: str, threads: int, tokens: int, variants: list
     if run_c and device == "cpu" and threads == 1:
         variants = [*variants, "run_c"]
     runner = RunC(run_c, model) if "run_c" in variants else None
-    llama = None
-    if "llama_cpp" in variants:
-        try:
-            llama = LlamaCpp(model, threads)
-        except ImportError:
-            print("note: llama_cpp is not installed (pip install llama-cpp-python): no llama_cpp column")
-            variants = [v for v in variants if v != "llama_cpp"]
+    llamas: dict[str, LlamaCpp] = {}
+    for name, dtype in (("llama_cpp", "f32"), ("llama_cpp_q8", "q8_0")):
+        if name in variants:
+            try:
+                llamas[name] = LlamaCpp(model, threads, dtype)
+            except ImportError:
+                print(f"note: llama_cpp is not installed (pip install llama-cpp-python): no {name} column")
+                variants = [v for v in variants if v != name]
     fns: dict[str, Callable[[int], list[int]]] = {
         "kv": lambda n: generate(model, [1], n, temperature=0.0),
         "kv_step": lambda n: generate(model, [1], n, temperature=0.0, static_decode=False),
@@ -253,7 +256,8 @@ def bench_one(shape: str, device: str, threads: int, tokens: int, variants: list
         "cudagraph": lambda n: run_static(model, n, "cudagraph"),
         "compile": lambda n: run_static(model, n, "compile"),
         "run_c": lambda n: runner.run(n),
-        "llama_cpp": lambda n: llama.run(n),
+        "llama_cpp": lambda n: llamas["llama_cpp"].run(n),
+        "llama_cpp_q8": lambda n: llamas["llama_cpp_q8"].run(n),
     }
     load_before = os.getloadavg()[0]  # other processes on the machine: the noise of this group
     runs: dict[str, list[tuple[float, list[int] | None]]] = {name: [] for name in variants}
@@ -273,7 +277,7 @@ def bench_one(shape: str, device: str, threads: int, tokens: int, variants: list
                 errors[name] = f"{type(e).__name__}: {e}"[:300]
     if runner is not None:
         runner.close()
-    if llama is not None:
+    for llama in llamas.values():
         llama.close()
     load = (round(load_before, 2), round(os.getloadavg()[0], 2))
     rows, ref = [], None
@@ -306,7 +310,7 @@ def _fmt(row: dict) -> str:
     extra = row.get("error") or ("" if row.get("match") is None else f"ids match kv: {row['match']}")
     if "kernel" in row:
         extra = f"compiled kernel: {row['kernel']}"
-    return f"| {row['shape']:<11} | {where:<8} | {row['variant']:<10} | {speed} | {extra} |"
+    return f"| {row['shape']:<11} | {where:<8} | {row['variant']:<12} | {speed} | {extra} |"
 
 
 def summary(rows: list[dict]) -> list[str]:
@@ -316,7 +320,7 @@ def summary(rows: list[dict]) -> list[str]:
     for key in sorted(groups, key=str):
         speed = {r["variant"]: r.get("tok_s") for r in rows if (r["shape"], r["device"], r["threads"]) == key}
         kv = speed.get("kv")
-        parts = [f"{v}: {kv / speed[v]:.2f}x" for v in ("llama_cpp", "run_c", "recompute", "hf", "kv_torch",
+        parts = [f"{v}: {kv / speed[v]:.2f}x" for v in ("llama_cpp", "llama_cpp_q8", "run_c", "recompute", "hf", "kv_torch",
                                                           "kv_generic")
                  if kv and speed.get(v)]
         load = next((r.get("load_avg_1min") for r in rows if (r["shape"], r["device"], r["threads"]) == key
