@@ -32,7 +32,7 @@ from gguf_checks import (  # noqa: E402
 )
 
 from llamalit.checkpoints import load_checkpoint, save_llama2c_bin  # noqa: E402
-from llamalit.checkpoints.gguf import save_gguf, save_gguf_adapter  # noqa: E402
+from llamalit.checkpoints.gguf import save_gguf  # noqa: E402
 from llamalit.cli.export import run_export  # noqa: E402
 from llamalit.data.text_formats import read_records  # noqa: E402
 from llamalit.data.tokenizer import Tokenizer  # noqa: E402
@@ -229,18 +229,31 @@ def test_llama2c_bin_through_the_cli(demo, tiny_tokenizer, val_ids, tmp_path):
 
 
 def test_adapter_gguf_applied_by_llama_cpp_equals_our_merged_model(demo, val_ids, tiny_tokenizer, tmp_path):
-    base = save_gguf(demo, tmp_path / "base.gguf", tiny_tokenizer.path, dtype="f32")
-    lora = apply_lora(fresh_copy(demo), LoraConfig(rank=4, alpha=8.0, targets=("wq", "wk", "wv", "wo", "w2")))
+    """Through the CLI: the base dir to a GGUF, our adapter dir (``adapter=true``) to llama.cpp's adapter GGUF; and
+    ``adapter=false`` (the default) to one merged GGUF. Both equal our merged model in llama.cpp."""
+    from llamalit.checkpoints import save_model
+    from llamalit.checkpoints.adapter import save_adapter
+
+    lora_cfg = LoraConfig(rank=4, alpha=8.0, targets=("wq", "wk", "wv", "wo", "w2"))
+    save_model(demo, tmp_path / "base", files={"tokenizer.model": tiny_tokenizer.path})
+    lora = apply_lora(fresh_copy(demo), lora_cfg)
     torch.manual_seed(4)
     with torch.no_grad():
         for name, p in lora.named_parameters():
             if name.endswith("lora_B"):
                 p.normal_(0, 0.05)
-    adapter = save_gguf_adapter(lora, tmp_path / "adapter.gguf")
+    save_adapter(lora, tmp_path / "adapter", base=str(tmp_path / "base"), lora_cfg=lora_cfg)
+    export = {"format": "gguf", "dtype": "f32"}
+    [base] = run_export({**export, "ckpt": str(tmp_path / "base"), "out": str(tmp_path / "base.gguf")})
+    [adapter] = run_export({**export, "ckpt": str(tmp_path / "adapter"), "out": str(tmp_path / "a.gguf"),
+                            "adapter": True})
+    [whole] = run_export({**export, "ckpt": str(tmp_path / "adapter"), "out": str(tmp_path / "merged.gguf")})
     merged = merge_lora(lora).eval()
     ids = val_ids[:96]
+    ours = our_logits(merged, ids)
     theirs = llama_cpp_logits(load_llama_cpp(base, 256, lora=adapter), ids)
-    diff = float(np.abs(theirs - our_logits(merged, ids)).max())
+    diff = float(np.abs(theirs - ours).max())
     print(f"adapter: max |llama.cpp (base + adapter GGUF) - ours (merged)| = {diff:.2e}")
     assert diff < LOGIT_TOL["f32"], diff
     assert np.abs(theirs - our_logits(demo, ids)).max() > 100 * LOGIT_TOL["f32"]  # the adapter did change them
+    assert np.abs(llama_cpp_logits(load_llama_cpp(whole, 256), ids) - ours).max() < LOGIT_TOL["f32"]
