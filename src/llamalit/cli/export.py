@@ -192,6 +192,10 @@ def _gguf_settings(cfg: Mapping, fmt: str, adapter: bool) -> str:
             key = "dtype" if dtype is not None else "adapter"
             raise ValueError(f"{key}={cfg.get(key)!r}: applies to format=gguf only (format={fmt}); leave it out")
         return ""
+    try:
+        import gguf  # noqa: F401
+    except ImportError as e:
+        raise ValueError("format=gguf needs llama.cpp's gguf package: pip install gguf (or llamalit[gguf])") from e
     return check_dtype(str(dtype) if dtype is not None else "f16")
 
 
