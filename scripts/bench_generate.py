@@ -1,9 +1,9 @@
 """Batch-1 greedy generation speed on one model, measured in one run.
 
 Variants (tokens/s of new tokens, prompt = [BOS]):
-  kv          ours: ``llamalit.generate.generate`` (KV cache + the one-token decode path; on CPU
-              fp32 the compiled kernel of ``llamalit.kernels`` when it builds; on CUDA the static step
-              replayed from a CUDA graph, ``llamalit.decode.StaticDecoder``)
+  kv          ours: ``llamalit.inference.generate.generate`` (KV cache + the one-token decode path; on CPU
+              fp32 the compiled kernel of ``llamalit.inference.kernels`` when it builds; on CUDA the static step
+              replayed from a CUDA graph, ``llamalit.inference.decode.StaticDecoder``)
   kv_step     CUDA only: ``generate(..., static_decode=False)``: the KV path without CUDA graphs
   kv_torch    ``kv`` with the kernel switched off (LLAMALIT_DECODE_KERNEL=0): the PyTorch decode step
   kv_generic  ours: KV cache through the ordinary ``Llama.hidden`` forward (what decode_step replaces)
@@ -17,12 +17,14 @@ Variants (tokens/s of new tokens, prompt = [BOS]):
   run_c       with ``--run-c PATH``: llama2.c's ``run.c`` compiled here like ``make runfast``
               (``gcc -Ofast -march=native``), on the same weights exported as a llama2.c ``.bin``,
               1 thread, greedy; its own "achieved tok/s" (timed from its second token) is reported
+  run_c_omp   with ``--run-c PATH``, in the groups of more than one thread: the same ``run.c`` built with
+              ``-fopenmp`` (llama2.c's ``make runomp``), ``OMP_NUM_THREADS`` = the group's threads
   static      CUDA only: ``DecodeWeights.static_step`` (static shapes, full-cache masked attention), eager
   cudagraph   CUDA only: ``StaticDecoder`` (``static`` replayed from a CUDA graph) in a loop that keeps the
               ids on the device: what ``kv`` does less its per-token host read
   compile     CUDA only: ``torch.compile(static_step, mode="reduce-overhead", fullgraph=True, dynamic=False)``
 
-Random weights, vocab 32000, fp32. ``match`` says whether a variant's ids equal ``kv``'s. Each
+Random weights, vocab 32000, fp32 (on CUDA also ``--dtype bf16`` weights, or fp32 with ``tf32`` matmuls). ``match`` says whether a variant's ids equal ``kv``'s. Each
 variant runs ``--repeats`` times after a warm-up and the fastest run is reported (shared machines).
 Example: python scripts/bench_generate.py --json bench.json ; python scripts/bench_generate.py --quick
 """
@@ -48,13 +50,14 @@ from contextlib import contextmanager
 
 import torch
 
-from llamalit.decode import DecodeWeights, StaticDecoder, decode_weights
-from llamalit.fileio import atomic_write_json
-from llamalit.generate import generate
-from llamalit.kernels import ENV_SWITCH
-from llamalit.model import Llama, ModelConfig
+from llamalit.inference.decode import DecodeWeights, StaticDecoder, decode_weights
+from llamalit.inference.generate import generate
+from llamalit.inference.kernels import ENV_SWITCH
+from llamalit.model.llama import Llama, ModelConfig
+from llamalit.utils.fileio import atomic_write_json
 
 CPU_VARIANTS = ("kv", "kv_torch", "kv_generic", "recompute", "hf", "llama_cpp", "llama_cpp_q8")
+DTYPES = ("fp32", "bf16", "tf32")
 CUDA_VARIANTS = ("kv", "kv_step", "kv_generic", "recompute", "hf", "static", "cudagraph", "compile")
 
 
@@ -154,12 +157,15 @@ def run_static(model: Llama, tokens: int, mode: str) -> list[int]:
 class RunC:
     """llama2.c's ``run.c`` built in a temp dir, with the model as a legacy ``.bin`` and a dummy tokenizer."""
 
-    def __init__(self, source: str, model: Llama, cflags: str = "-Ofast -march=native"):
+    def __init__(self, source: str, model: Llama, cflags: str = "-Ofast -march=native", threads: int = 1):
         from llamalit.checkpoints.llama2c import save_llama2c_bin
 
         cc = os.environ.get("CC") or shutil.which("gcc") or shutil.which("cc")
         if not cc:
             raise RuntimeError("--run-c needs a C compiler (gcc or $CC)")
+        self.threads = threads
+        if threads > 1:  # llama2.c's `make runomp`
+            cflags += " -fopenmp"
         self.dir = tempfile.mkdtemp(prefix="bench_run_c_")
         self.exe, self.bin, self.tok = (os.path.join(self.dir, n) for n in ("run", "model.bin", "tok.bin"))
         subprocess.run([cc, *cflags.split(), "-o", self.exe, source, "-lm"], check=True, capture_output=True)
@@ -174,7 +180,7 @@ class RunC:
         """Seconds for ``tokens`` new tokens at run.c's own achieved tok/s."""
         done = subprocess.run([self.exe, self.bin, "-t", "0", "-n", str(tokens + 1), "-z", self.tok],
                               capture_output=True, text=True, check=True,
-                              env={**os.environ, "OMP_NUM_THREADS": "1"})
+                              env={**os.environ, "OMP_NUM_THREADS": str(self.threads)})
         found = re.search(r"achieved tok/s: ([0-9.]+)", done.stderr)
         if not found:
             raise RuntimeError(f"run.c printed no tok/s: {done.stderr[-300:]}")
@@ -224,19 +230,29 @@ def timed(fn: Callable[[], list[int]], device: str) -> tuple[float, list[int]]:
     return time.perf_counter() - t0, ids
 
 
+def with_dtype(model: Llama, dtype: str) -> Llama:
+    """CUDA generation precision: ``fp32`` as built, ``bf16`` weights (and caches), ``tf32`` fp32 weights with
+    TF32 matmuls (set for the group by :func:`bench_one`)."""
+    if dtype not in DTYPES:
+        raise ValueError(f"--dtype {dtype!r}: choose from {', '.join(DTYPES)}")
+    return model.to(torch.bfloat16) if dtype == "bf16" else model
+
+
 def bench_one(shape: str, device: str, threads: int, tokens: int, variants: list[str],
-              repeats: int = 1, run_c: str | None = None) -> list[dict]:
+              repeats: int = 1, run_c: str | None = None, dtype: str = "fp32") -> list[dict]:
     """Rows of one (shape, device, threads) group; the repeats go round-robin over the variants
     (a burst of load on a shared machine then hits every variant alike) and the fastest counts."""
     if device == "cpu":
         torch.set_num_threads(threads)
-    model = build_model(shape, tokens, device)
+    model = with_dtype(build_model(shape, tokens, device), dtype if device != "cpu" else "fp32")
+    tf32 = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = device != "cpu" and dtype == "tf32"
     hf = build_hf(model) if "hf" in variants else None
     # its own copy: switching one model between layouts would rebuild its decode weights every run
     torch_model = copy.deepcopy(model) if "kv_torch" in variants else None
-    if run_c and device == "cpu" and threads == 1:
-        variants = [*variants, "run_c"]
-    runner = RunC(run_c, model) if "run_c" in variants else None
+    if run_c and device == "cpu":
+        variants = [*variants, "run_c" if threads == 1 else "run_c_omp"]
+    runner = RunC(run_c, model, threads=threads) if {"run_c", "run_c_omp"} & set(variants) else None
     llamas: dict[str, LlamaCpp] = {}
     for name, dtype in (("llama_cpp", "f32"), ("llama_cpp_q8", "q8_0")):
         if name in variants:
@@ -256,6 +272,7 @@ def bench_one(shape: str, device: str, threads: int, tokens: int, variants: list
         "cudagraph": lambda n: run_static(model, n, "cudagraph"),
         "compile": lambda n: run_static(model, n, "compile"),
         "run_c": lambda n: runner.run(n),
+        "run_c_omp": lambda n: runner.run(n),
         "llama_cpp": lambda n: llamas["llama_cpp"].run(n),
         "llama_cpp_q8": lambda n: llamas["llama_cpp_q8"].run(n),
     }
@@ -269,7 +286,7 @@ def bench_one(shape: str, device: str, threads: int, tokens: int, variants: list
             try:
                 if r == 0:
                     fns[name](8 if name != "compile" else tokens)  # warm-up (compile: also traces)
-                if name == "run_c":
+                if name in ("run_c", "run_c_omp"):
                     runs[name].append((runner.run(tokens), None))
                 else:
                     runs[name].append(timed(functools.partial(fns[name], tokens), device))
@@ -279,11 +296,12 @@ def bench_one(shape: str, device: str, threads: int, tokens: int, variants: list
         runner.close()
     for llama in llamas.values():
         llama.close()
+    torch.backends.cuda.matmul.allow_tf32 = tf32
     load = (round(load_before, 2), round(os.getloadavg()[0], 2))
     rows, ref = [], None
     for name in variants:
         row = dict(shape=shape, device=device, threads=threads if device == "cpu" else None,
-                   variant=name, tokens=tokens)
+                   variant=name, tokens=tokens, dtype=dtype if device != "cpu" else "fp32")
         if name in errors:
             row.update(seconds=None, tok_s=None, error=errors[name])
         else:
@@ -304,7 +322,7 @@ def bench_one(shape: str, device: str, threads: int, tokens: int, variants: list
 
 
 def _fmt(row: dict) -> str:
-    where = row["device"] + (f" x{row['threads']}" if row["threads"] else "")
+    where = row["device"] + (f" x{row['threads']}" if row["threads"] else f" {row.get('dtype', 'fp32')}")
     speed = (f"{row['tok_s']:>9.1f} | {row['median_tok_s']:>9.1f}" if row.get("tok_s")
              else "   failed |          ")
     extra = row.get("error") or ("" if row.get("match") is None else f"ids match kv: {row['match']}")
@@ -313,17 +331,21 @@ def _fmt(row: dict) -> str:
     return f"| {row['shape']:<11} | {where:<8} | {row['variant']:<12} | {speed} | {extra} |"
 
 
+def _group(r: dict) -> tuple:
+    return r["shape"], r["device"] + ("" if r["threads"] else " " + r.get("dtype", "fp32")), r["threads"]
+
+
 def summary(rows: list[dict]) -> list[str]:
     """Ratios per (shape, device, threads): kv / recompute and kv / hf."""
     lines = []
-    groups = {(r["shape"], r["device"], r["threads"]) for r in rows}
+    groups = {_group(r) for r in rows}
     for key in sorted(groups, key=str):
-        speed = {r["variant"]: r.get("tok_s") for r in rows if (r["shape"], r["device"], r["threads"]) == key}
+        speed = {r["variant"]: r.get("tok_s") for r in rows if _group(r) == key}
         kv = speed.get("kv")
-        parts = [f"{v}: {kv / speed[v]:.2f}x" for v in ("llama_cpp", "llama_cpp_q8", "run_c", "recompute", "hf", "kv_torch",
-                                                          "kv_generic")
+        parts = [f"{v}: {kv / speed[v]:.2f}x" for v in ("llama_cpp", "llama_cpp_q8", "run_c", "run_c_omp", "recompute",
+                                                          "hf", "kv_torch", "kv_generic")
                  if kv and speed.get(v)]
-        load = next((r.get("load_avg_1min") for r in rows if (r["shape"], r["device"], r["threads"]) == key
+        load = next((r.get("load_avg_1min") for r in rows if _group(r) == key
                      and r.get("load_avg_1min")), None)
         lines.append(f"{key[0]} {key[1]} threads={key[2]}: kv vs " + ", ".join(parts)
                      + (f" (load average {load[0]} -> {load[1]})" if load else ""))
@@ -347,10 +369,13 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--devices", default="auto", help="cpu, cuda, or auto (cpu plus cuda when present)")
     p.add_argument("--variants", default="", help=f"subset of {','.join(CUDA_VARIANTS)} (default: all that apply)")
     p.add_argument("--repeats", type=int, default=1, help="timed runs per variant; the fastest counts")
+    p.add_argument("--dtype", default="fp32",
+                   help=f"CUDA precision(s), comma-separated, of {','.join(DTYPES)} (the CPU rows stay fp32)")
     p.add_argument("--quick", action="store_true", help="32 tokens, stories15m only, 1 thread")
     p.add_argument("--json", default=None, help="write the rows and run details to this JSON file")
     p.add_argument("--run-c", default=None, metavar="PATH",
-                   help="llama2.c run.c source: adds the run_c variant (CPU, 1 thread)")
+                   help="llama2.c run.c source: adds the run_c variant (CPU, 1 thread) and run_c_omp "
+                        "(OpenMP, the groups of more than one thread)")
     args = p.parse_args(argv)
     if args.quick:
         args.tokens, args.shapes, args.threads = 32, "stories15m", "1"
@@ -369,7 +394,8 @@ def main(argv: list[str] | None = None) -> None:
             names = [v for v in args.variants.split(",") if v in names]
         for shape in args.shapes.split(","):
             for t in threads if device == "cpu" else [0]:
-                rows += bench_one(shape, device, t, args.tokens, list(names), args.repeats, args.run_c)
+                for dtype in ["fp32"] if device == "cpu" else args.dtype.split(","):
+                    rows += bench_one(shape, device, t, args.tokens, list(names), args.repeats, args.run_c, dtype)
     lines = summary(rows)
     print("\n".join(lines))
     if args.json:

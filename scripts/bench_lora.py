@@ -31,7 +31,7 @@ from pathlib import Path
 
 import torch
 
-from llamalit import benchutil
+from llamalit.utils import benchutil
 
 MiB = 2**20
 
@@ -48,8 +48,8 @@ def _tensor_bytes(tensors) -> int:
 
 def run_mode(args: dict) -> dict:
     """One mode in this process: build, train ``warmup + steps`` steps, measure."""
-    from llamalit.lora import LoraConfig, apply_lora
-    from llamalit.model import Llama, ModelConfig
+    from llamalit.model.llama import Llama, ModelConfig
+    from llamalit.model.lora import LoraConfig, apply_lora
     from llamalit.training.optim import OptimConfig, build_optimizer
 
     device = torch.device(args["device"])

@@ -35,7 +35,7 @@ from pathlib import Path
 
 import torch
 
-from llamalit import benchutil
+from llamalit.utils import benchutil
 
 MiB = 2**20
 PIP = {"liger": "liger-kernel", "cce": "cut-cross-entropy"}
@@ -49,7 +49,7 @@ def _rss_bytes() -> int:
 
 def run_case(args: dict) -> dict:
     """One (shape, N, impl) in this process: build inputs, time forward + backward, measure peak memory."""
-    from llamalit.losses import default_chunk_size, linear_cross_entropy
+    from llamalit.model.losses import default_chunk_size, linear_cross_entropy
 
     loss_fn = linear_cross_entropy
     if args["impl"] == "compiled":
@@ -166,7 +166,7 @@ def merge_rounds(done: list[dict]) -> dict:
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
-    from llamalit.losses import impl_available
+    from llamalit.model.losses import impl_available
 
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")

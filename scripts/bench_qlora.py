@@ -26,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-from llamalit import benchutil
+from llamalit.utils import benchutil
 
 GiB = 2**30
 # Published shapes: TinyLlama/TinyLlama-1.1B (GQA 32/4) and meta-llama/Llama-2-7b-hf; untied heads.
@@ -40,8 +40,8 @@ TARGETS = ("wq", "wk", "wv", "wo", "w1", "w2", "w3")
 
 def build(shape: str, seq: int, quantize: bool, device: torch.device):
     """A random-init Llama of ``shape`` in bf16 on ``device``; 4-bit block linears when ``quantize``."""
-    from llamalit.model import Llama, ModelConfig, rope_tables
-    from llamalit.quantize import quantize_linears
+    from llamalit.model.llama import Llama, ModelConfig, rope_tables
+    from llamalit.model.quantize import quantize_linears
 
     cfg = ModelConfig(**SHAPES[shape], multiple_of=256, norm_eps=1e-5, max_seq_len=seq, tie_embeddings=False)
     with torch.device("meta"):
@@ -67,7 +67,7 @@ def build(shape: str, seq: int, quantize: bool, device: torch.device):
 
 def run_row(args: dict) -> dict:
     """One row in this process: build, LoRA, ``warmup + steps`` training steps, measure."""
-    from llamalit.lora import LoraConfig, apply_lora
+    from llamalit.model.lora import LoraConfig, apply_lora
     from llamalit.training.module import enable_gradient_checkpointing
     from llamalit.training.optim import OptimConfig, build_optimizer
 

@@ -31,10 +31,9 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from llamalit import benchutil
-from llamalit.device_settings import resolve_device_settings
-from llamalit.losses import resolve_loss_impl
-from llamalit.model import Llama, ModelConfig
+from llamalit.model.llama import Llama, ModelConfig
+from llamalit.model.losses import resolve_loss_impl
+from llamalit.settings.device import resolve_device_settings
 from llamalit.training.callbacks import SpeedMonitor, StepProgressBar, peak_flops
 from llamalit.training.module import (
     TRACEABLE_LOSSES,
@@ -47,6 +46,7 @@ from llamalit.training.module import (
     run_compiled_step,
 )
 from llamalit.training.optim import OptimConfig, build_optimizer, build_scheduler
+from llamalit.utils import benchutil
 
 
 @dataclass
@@ -395,6 +395,8 @@ def bench_one(bc: BenchConfig, data: Dataset, layout: str, useful: float, padded
     run_l2c = args.llama2c_model is not None and layout != "packed"  # llama2.c has no packing
     workers = args.loader_workers
     plain, lit, ref = float("inf"), float("inf"), float("inf")
+    compile_s = {}  # first step minus a steady one, first round: compilation (gpu_bench_all prints it per row)
+    print(f"== row {bc.name} | {layout}", flush=True)  # gpu_bench_all counts TORCH_LOGS=recompiles lines per row
     for _ in range(args.repeats):  # alternate the paths; keep each one's best median
         if run_l2c:
             ref = min(ref, steady(bench_llama2c(bc, data, args.steps, args.device, precision, args.llama2c_model,
@@ -402,9 +404,13 @@ def bench_one(bc: BenchConfig, data: Dataset, layout: str, useful: float, padded
         times, plain_step = bench_plain(bc, data, args.steps, args.device, precision, compile_, workers=workers,
                                         fused=args.fused, compile_mode=args.compile_mode)
         plain = min(plain, steady(times, args.warmup))
+        compile_s.setdefault("plain", times[0] - steady(times, args.warmup))
         times, lightning_step = bench_lightning(bc, data, args.steps, args.device, precision, compile_,
                                                 args.run_dir, workers, args.fused, args.compile_mode)
         lit = min(lit, steady(times, args.warmup))
+        compile_s.setdefault("lightning", times[0] - steady(times, args.warmup))
+    print(f"== compile seconds {bc.name} | {layout}: plain {compile_s['plain']:.1f}, "
+          f"lightning {compile_s['lightning']:.1f}", flush=True)
     peak = peak_flops(torch.device(args.device))
     fpt = Llama(ModelConfig.preset(bc.preset, max_seq_len=max(bc.seq, 256))).flops_per_token(bc.seq) \
         if peak else None
@@ -429,6 +435,7 @@ def bench_one(bc: BenchConfig, data: Dataset, layout: str, useful: float, padded
         "llama2c_same_run_useful_tokens_per_s": useful / ref if run_l2c else None,
         "useful_ratio_vs_llama2c_same_run": ref / lit if run_l2c else None,
         "mfu": (fpt * tokens_per_step / lit / peak) if peak else None,
+        "compile_s_plain": compile_s["plain"], "compile_s_lightning": compile_s["lightning"],
     }
 
 

@@ -30,7 +30,7 @@ import lightning as L
 import torch
 from bench_train import training_step
 
-from llamalit.model import IGNORE_INDEX, Llama, ModelConfig
+from llamalit.model.llama import IGNORE_INDEX, Llama, ModelConfig
 from llamalit.training.module import add_counted_positions
 from llamalit.training.optim import OptimConfig, build_optimizer
 

@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
-# Issue 15's GPU figures in ONE device call of at most 8 minutes, JSON + logs into $OUT:
+# Issue 15's GPU figures in ONE device call of at most 7 minutes (TOTAL seconds, default 420), JSON + logs into $OUT:
 #   OUT=/tmp/gpu bash scripts/gpu_bench_all.sh [llama2c_model.py]
-# 1. bench_train's table (15M instruct padded and packed, 15M pretrain, 110M) with every ratio against llama2.c's
+# 1. bench_train's table (110M first, then 15M instruct padded and packed, 15M pretrain; per row the seconds the
+#    first step spent compiling and the recompiles, TORCH_LOGS=recompiles) with every ratio against llama2.c's
 #    own model.py timed in the same run (copy it to llama2c_model.py at the repository root and carry it);
-# 2. python train.py experiment=instruct_scratch for 200 steps, end to end (data preparation, training, validation,
+# 2. python train.py experiment=instruct_scratch for 150 steps, end to end (data preparation, training, validation,
 #    export, adherence evaluation on the GPU), offline: a synthetic TinyStories-format corpus and a Llama-2-style
 #    tokenizer (a BPE trained on that corpus, filled up with unused pieces to Llama 2's 32000, so the head has the
 #    shape of the real run's; ids 0/1/2 = unk/bos/eos as Llama 2's);
@@ -21,31 +22,43 @@ RUNS=${RUNS:-/tmp/llamalit_bench_train}  # instruct shards (~60 MB), corpus and 
 export PYTHONPATH="src${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 HYDRA_FULL_ERROR=1 WANDB_MODE=disabled
 ONLY=${ONLY:-train instruct compare targets}
 SMOKE=${SMOKE:-0}
+TOTAL=${TOTAL:-420}  # the whole script's budget: no step runs past it
 start=$SECONDS
 run() {  # name, seconds, command...: a failing or slow step never stops the others
   local name=$1 limit=$2; shift 2
   [[ " $ONLY " == *" $name "* ]] || return 0
+  local left=$((TOTAL - (SECONDS - start)))
+  (( limit > left )) && limit=$left
+  (( limit < 5 )) && { echo "== $name: NOT RUN (the ${TOTAL}s budget is spent)"; return 0; }
   echo "== $name (limit ${limit}s, at $((SECONDS - start))s)"
-  timeout "$limit" "$@" 2>&1 | tee "$OUT/$name.log" | grep -v -i warn | tail -25
+  timeout "$limit" "$@" 2>&1 | tee "$OUT/$name.log" | grep -v -i warn | grep -v "Recompiling function" | tail -25
+}
+compiles() {  # per bench_train row: the compile seconds it printed and the recompiles logged inside it
+  awk '/^== row /{row=substr($0, 8); rows[++n]=row; rec[row]=0}
+       /Recompiling function/{if (row != "") rec[row]++}
+       /^== compile seconds /{sub(/^== compile seconds /, ""); split($0, a, ": "); secs[a[1]]=a[2]}
+       END{for (i = 1; i <= n; i++) printf "compile %-28s %s; recompiles %d\n", rows[i] ":", \
+           (rows[i] in secs ? secs[rows[i]] : "not finished"), rec[rows[i]]}' "$1"
 }
 if [[ "$SMOKE" == 1 ]]; then  # CPU-sized: the same steps and checks, tiny batches, no GPU
-  DEVICE=cpu; BENCH=(--configs 15m_instruct,15m_pretrain --batch 2 --accum 1 --steps 3 --warmup 1)
+  DEVICE=cpu; BENCH=(--configs 15m_pretrain,15m_instruct --batch 2 --accum 1 --steps 3 --warmup 1)
   TRAIN=(trainer.accelerator=cpu trainer.max_steps=4 trainer.log_every_n_steps=1 data.batch_size=2
          trainer.accumulate_grad_batches=1
          trainer.limit_val_batches=2 evaluation.adherence_n=4 evaluation.max_new_tokens=16); SHARDS=2; STORIES=400
   LIMIT_BENCH=600; LIMIT_TRAIN=600
 else
-  DEVICE=cuda; BENCH=(--configs 15m_instruct,15m_pretrain,110m --steps 14 --warmup 4)
-  TRAIN=(trainer.max_steps=200 trainer.limit_val_batches=20); SHARDS=9; STORIES=12000
-  LIMIT_BENCH=270; LIMIT_TRAIN=170
+  # 110M first: with ~7 graphs compiled from a cold cache it would otherwise be the row a time limit cuts
+  DEVICE=cuda; BENCH=(--configs 110m,15m_instruct,15m_pretrain --steps 12 --warmup 4)
+  TRAIN=(trainer.max_steps=150 trainer.limit_val_batches=20); SHARDS=9; STORIES=12000
+  LIMIT_BENCH=230; LIMIT_TRAIN=150
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > "$OUT/gpu.txt"
 fi
 python -c "import torch, lightning; print(torch.__version__, lightning.__version__)" >> "$OUT/gpu.txt"
 
-# 1. the table; the JSON is rewritten after every row, so a time limit keeps the rows measured (15M instruct first:
-#    step 3 compares against it)
-run train "$LIMIT_BENCH" python scripts/bench_train.py --device "$DEVICE" "${BENCH[@]}" --repeats 1 \
-    ${L2C:+--llama2c-model "$L2C"} --run-dir "$RUNS" --json "$OUT/bench_train.json"
+# 1. the table; the JSON is rewritten after every row, so a time limit keeps the rows measured
+TORCH_LOGS=recompiles run train "$LIMIT_BENCH" python scripts/bench_train.py --device "$DEVICE" "${BENCH[@]}" \
+    --repeats 1 ${L2C:+--llama2c-model "$L2C"} --run-dir "$RUNS" --json "$OUT/bench_train.json"
+[[ -f "$OUT/train.log" && " $ONLY " == *" train "* ]] && compiles "$OUT/train.log" | tee "$OUT/compiles.log"
 
 # 2. offline data for instruct_scratch: the corpus and a 32000-piece tokenizer
 make_data() {
@@ -180,7 +193,7 @@ run qlora 240 python scripts/bench_qlora.py --json "$OUT/bench_qlora.json"
 run sync 150 bash -c "python scripts/check_sync.py && python scripts/check_sync.py --packed --compile && \
     python scripts/check_sync.py --lightning --packed --compile"
 # -m "": the gpu-marked tests (flex training, the CUDA-graph decode) and the slow ones too
-run tests 150 python -m pytest -q -x -m "" tests/test_losses.py tests/test_packing_model.py tests/test_generate.py \
+run tests 150 python -m pytest -q -x -m "" tests/model/test_losses.py tests/model/test_packing_model.py tests/inference/test_generate.py \
     tests/training/test_one_graph.py
 # Lightning's FSDP refuses the CPU, so its first real run is here (one GPU): the demo fully sharded, exported whole
 # from the gathered state dict.

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from llamalit.generate import generate
+from llamalit.inference.generate import generate
 from llamalit.model import Llama
 
 

@@ -18,8 +18,8 @@ import torch
 
 from llamalit.checkpoints import CheckpointError, find_tokenizer, load_checkpoint
 from llamalit.checkpoints.fingerprint import weights_sha256
-from llamalit.lora import LoraConfig, apply_lora, lora_layers
-from llamalit.model import Llama, ModelConfig
+from llamalit.model.llama import Llama, ModelConfig
+from llamalit.model.lora import LoraConfig, apply_lora, lora_layers
 from llamalit.training.run import copy_export, export_weights
 
 LORA = {"enabled": True, "rank": 2, "alpha": 4.0, "dropout": 0.0, "targets": ["wq", "wk", "wv", "wo"]}

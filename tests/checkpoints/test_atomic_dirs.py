@@ -19,9 +19,9 @@ from llamalit.checkpoints import (
     save_model,
     save_peft,
 )
-from llamalit.fileio import atomic_dir
-from llamalit.lora import LoraConfig, apply_lora
-from llamalit.model import Llama, ModelConfig
+from llamalit.model.llama import Llama, ModelConfig
+from llamalit.model.lora import LoraConfig, apply_lora
+from llamalit.utils.fileio import atomic_dir
 
 
 def tiny(seed: int) -> Llama:

@@ -16,8 +16,8 @@ from llamalit.checkpoints import load_checkpoint, save_hf, save_llama2c_bin, sav
 from llamalit.checkpoints.adapter import save_adapter
 from llamalit.checkpoints.detect import detect_format
 from llamalit.checkpoints.registry import BY_NAME, FORMATS, format_of
-from llamalit.lora import LoraConfig, apply_lora
-from llamalit.model import Llama, ModelConfig
+from llamalit.model.llama import Llama, ModelConfig
+from llamalit.model.lora import LoraConfig, apply_lora
 
 PKG_DIR = Path(checkpoints_pkg.__file__).parent
 # Modules that each read one format; they may use the helpers below, never the loader or each other
@@ -131,7 +131,7 @@ def test_every_module_imports_first_in_a_fresh_interpreter():
     """Each module imported first (then the rest, and all in reverse order) with no llamalit module loaded: a
     cycle fails with a partially initialised module. One interpreter, llamalit's modules dropped between orders."""
     modules = sorted(f"llamalit.checkpoints.{p.stem}" for p in PKG_DIR.glob("*.py") if p.stem != "__init__")
-    orders = [[m, *modules] for m in [*modules, "llamalit.build", "llamalit.lora"]] + [modules[::-1]]
+    orders = [[m, *modules] for m in [*modules, "llamalit.model.build", "llamalit.model.lora"]] + [modules[::-1]]
     script = f"""
 import importlib, sys
 import torch  # loaded once: only llamalit's own modules are dropped between orders

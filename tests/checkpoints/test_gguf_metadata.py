@@ -17,7 +17,7 @@ gguf = pytest.importorskip("gguf", reason="format=gguf needs the gguf package: p
 from llamalit.checkpoints import save_hf, save_model  # noqa: E402
 from llamalit.checkpoints.gguf import GGUFError, read_gguf_metadata, save_gguf, save_gguf_adapter  # noqa: E402
 from llamalit.cli.export import run_export  # noqa: E402
-from llamalit.lora import LoraConfig, apply_lora  # noqa: E402
+from llamalit.model.lora import LoraConfig, apply_lora  # noqa: E402
 from llamalit.model import Llama, ModelConfig  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[2]

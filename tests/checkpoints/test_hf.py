@@ -9,7 +9,7 @@ import torch
 from hf_models import random_hf_llama
 
 from llamalit.checkpoints import CheckpointError, load_hf, save_hf
-from llamalit.model import Llama, ModelConfig
+from llamalit.model.llama import Llama, ModelConfig
 
 transformers = pytest.importorskip("transformers")
 
@@ -115,6 +115,6 @@ def test_bad_hf_dirs(tmp_path):
     with pytest.raises(CheckpointError, match="no config.json"):
         load_hf(tmp_path / "missing")
     with pytest.raises(CheckpointError, match="merge them first"):
-        from llamalit.lora import LoraConfig, apply_lora
+        from llamalit.model.lora import LoraConfig, apply_lora
 
         save_hf(apply_lora(tiny(), LoraConfig(2, 4.0)), tmp_path / "b")

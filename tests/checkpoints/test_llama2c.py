@@ -14,8 +14,8 @@ import torch
 
 from llamalit.checkpoints import load_llama2c, read_llama2c_bin, save_llama2c_bin
 from llamalit.checkpoints.llama2c import CheckpointError, llama2c_bin_bytes
-from llamalit.generate import generate
-from llamalit.model import Llama, ModelConfig
+from llamalit.inference.generate import generate
+from llamalit.model.llama import Llama, ModelConfig
 
 MAGIC = 0x616B3432
 

@@ -13,8 +13,8 @@ import torch
 
 from llamalit.checkpoints import CheckpointError, load_checkpoint, save_hf, save_llama2c_bin, save_model
 from llamalit.checkpoints.adapter import save_adapter
-from llamalit.lora import LoraConfig, apply_lora, lora_layers
-from llamalit.model import Llama, ModelConfig
+from llamalit.model.llama import Llama, ModelConfig
+from llamalit.model.lora import LoraConfig, apply_lora, lora_layers
 
 
 def tiny(seed: int = 0, **kw) -> Llama:
@@ -217,7 +217,7 @@ def test_directories_of_earlier_versions_still_load(tmp_path):
     from safetensors.torch import save_file
 
     from llamalit.checkpoints import find_tokenizer
-    from llamalit.lora import lora_state_dict
+    from llamalit.model.lora import lora_state_dict
 
     base = tiny(5)
     old = tmp_path / "old_base"

@@ -10,7 +10,7 @@ from hf_models import random_hf_llama
 
 from llamalit.checkpoints import CheckpointError, load_hf
 from llamalit.checkpoints.merged import export_merged_hf
-from llamalit.lora import LoraConfig, apply_lora, lora_layers, lora_state_dict
+from llamalit.model.lora import LoraConfig, apply_lora, lora_layers, lora_state_dict
 
 transformers = pytest.importorskip("transformers")
 
@@ -94,7 +94,7 @@ def test_bf16_export_is_bf16_and_close_to_the_float32_lora_model(base_dir, tmp_p
 
 def test_a_qlora_adapter_is_merged_into_the_bf16_base_not_the_4bit_one(base_dir, tmp_path):
     bnb = pytest.importorskip("bitsandbytes")
-    from llamalit.quantize import quantize_linears
+    from llamalit.model.quantize import quantize_linears
 
     cfg = LoraConfig(4, 8.0, dropout=0.1, targets=BLOCK)
     qmodel = apply_lora(quantize_linears(load_hf(base_dir, dtype=torch.bfloat16), device="cpu"), cfg)

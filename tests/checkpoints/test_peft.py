@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from llamalit.checkpoints import CheckpointError, load_peft, save_hf, save_peft
-from llamalit.lora import LoraConfig, apply_lora, lora_state_dict
-from llamalit.model import Llama, ModelConfig
+from llamalit.model.llama import Llama, ModelConfig
+from llamalit.model.lora import LoraConfig, apply_lora, lora_state_dict
 
 transformers = pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")

@@ -16,8 +16,8 @@ from llamalit.checkpoints import load_hf, read_llama2c_bin, save_model
 from llamalit.cli.export import run_export
 from llamalit.cli.generate import resolve_device, run_generate
 from llamalit.data.tokenizer import Tokenizer, TokenizerError, fetch_tokenizer, train_tokenizer
-from llamalit.generate import generate, generate_stream
-from llamalit.model import Llama, ModelConfig
+from llamalit.inference.generate import generate, generate_stream
+from llamalit.model.llama import Llama, ModelConfig
 
 ROOT = Path(__file__).resolve().parents[2]
 

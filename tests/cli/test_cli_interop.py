@@ -16,9 +16,9 @@ from llamalit.checkpoints.adapter import save_adapter
 from llamalit.cli.export import run_export
 from llamalit.cli.generate import StreamDecoder, run_generate
 from llamalit.data.tokenizer import Tokenizer, read_llama2c_tokenizer_bin, train_tokenizer
-from llamalit.generate import generate
-from llamalit.lora import LoraConfig, apply_lora
-from llamalit.model import Llama, ModelConfig
+from llamalit.inference.generate import generate
+from llamalit.model.llama import Llama, ModelConfig
+from llamalit.model.lora import LoraConfig, apply_lora
 
 ROOT = Path(__file__).resolve().parents[2]
 VOCAB = 300

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import llamalit.cli
-from llamalit.model import ModelConfig
+from llamalit.model.llama import ModelConfig
 from llamalit.training.module import LlamaLitModule
 from llamalit.training.run import check_resume, preflight
 
@@ -92,7 +92,7 @@ def test_copy_export_replaces_an_earlier_export_whole(tmp_path: Path) -> None:
     adapter leaves no adapter files that would be read instead."""
     from llamalit.checkpoints import load_checkpoint
     from llamalit.checkpoints.native import save_model
-    from llamalit.model import Llama
+    from llamalit.model.llama import Llama
     from llamalit.training.run import copy_export
 
     dest = tmp_path / "models" / "demo"

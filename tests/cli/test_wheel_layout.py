@@ -1,5 +1,6 @@
-"""The package is self-contained: the Hydra config tree ships inside it (``llamalit/conf``), every entry
-point finds it by package, and a user's own config directory joins it through ``hydra.searchpath``."""
+"""The package is self-contained: the Hydra config tree (``conf/`` at the top of the checkout, one copy)
+ships inside it as ``llamalit/conf``, every entry point finds it by package, and a user's own config
+directory joins it through ``hydra.searchpath``."""
 
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ from omegaconf import OmegaConf
 import llamalit.cli
 
 ROOT = Path(__file__).resolve().parents[2]
-ENTRY_POINTS = ("train", "prepare", "generate", "export", "evaluate")
+ENTRY_POINTS = ("train", "prepare", "generate", "export", "evaluate", "chat")
 
 
 def _installed(dist: str) -> bool:
@@ -50,8 +51,15 @@ def test_every_entry_point_composes_its_config_from_the_package(tmp_path):
     assert [line for line in proc.stdout.splitlines() if line.startswith("== composed")] == \
         [f"== composed {name}" for name in ENTRY_POINTS]
     assert llamalit.cli.CONFIG_PATH == "pkg://llamalit.conf"
-    assert Path(llamalit.cli.CONF_DIR) == Path(llamalit.__file__).parent / "conf"
-    assert not (ROOT / "conf").exists(), "a second config tree beside the package would drift from the shipped one"
+
+
+def test_a_checkout_reads_the_top_level_conf_and_holds_one_copy():
+    """In a checkout the package's config tree is conf/ itself (the editable install maps llamalit.conf there),
+    and no second tree sits in the package to drift from it."""
+    if not (ROOT / "conf" / "train.yaml").is_file():
+        pytest.skip("an installed wheel, not a checkout")
+    assert Path(llamalit.cli.CONF_DIR).resolve() == (ROOT / "conf").resolve()
+    assert not (ROOT / "src" / "llamalit" / "conf").exists(), "one copy of each YAML: conf/ only"
 
 
 def test_user_experiment_found_through_hydra_searchpath(tmp_path):
@@ -81,8 +89,9 @@ def test_user_experiment_found_through_hydra_searchpath(tmp_path):
 def test_wheel_holds_the_config_tree_and_kernels(tmp_path):
     """The built wheel ships every file of conf/ and the kernels' sources (built from a copy: no build/ left)."""
     src = tmp_path / "src_copy"
-    shutil.copytree(ROOT / "src", src / "src", ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
-    for name in ("pyproject.toml", "README.md"):
+    for tree in ("src", "conf"):
+        shutil.copytree(ROOT / tree, src / tree, ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
+    for name in ("pyproject.toml", "setup.py", "README.md"):
         shutil.copy(ROOT / name, src / name)
     proc = subprocess.run([sys.executable, "-m", "pip", "wheel", str(src), "--no-deps",
                            "-q", "-w", str(tmp_path / "dist")], capture_output=True, text=True, timeout=300)
@@ -91,5 +100,5 @@ def test_wheel_holds_the_config_tree_and_kernels(tmp_path):
     conf = Path(llamalit.cli.CONF_DIR)
     shipped = {f"llamalit/conf/{p.relative_to(conf).as_posix()}" for p in conf.rglob("*.yaml")}
     assert shipped and shipped <= names, sorted(shipped - names)
-    kernels = Path(llamalit.__file__).parent / "kernels"
-    assert {f"llamalit/kernels/{p.name}" for p in kernels.glob("*.cpp")} <= names
+    kernels = Path(llamalit.__file__).parent / "inference" / "kernels"
+    assert {f"llamalit/inference/kernels/{p.name}" for p in kernels.glob("*.cpp")} <= names

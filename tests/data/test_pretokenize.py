@@ -17,7 +17,7 @@ import pytest
 from llamalit.data.prepare import load_manifest, run_prepare
 from llamalit.data.pretokenize import IGNORE_INDEX, ShardJob, instruct_rows, run_jobs
 from llamalit.data.text_formats import ALPACA_TEMPLATE_NO_INPUT, DataFormatError, read_records, shorten_prompt
-from llamalit.model import IGNORE_INDEX as MODEL_IGNORE_INDEX
+from llamalit.model.llama import IGNORE_INDEX as MODEL_IGNORE_INDEX
 
 SRC = Path(__file__).resolve().parents[2] / "src"
 

@@ -72,7 +72,7 @@ def test_compiled_rehearsal_times_the_one_graph_step_in_both_paths_and_profiles_
 
 def test_the_plain_loop_steps_as_the_module_resolves_it() -> None:
     """bench_train.training_step picks what LlamaLitModule.on_fit_start picks for compile and loss_impl=auto."""
-    from llamalit.model import Llama, ModelConfig
+    from llamalit.model.llama import Llama, ModelConfig
 
     bench = import_bench_train()
     model = Llama(ModelConfig.preset("tiny"))

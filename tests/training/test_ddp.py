@@ -20,7 +20,7 @@ import pytest
 import torch
 
 import llamalit.cli
-from llamalit.fileio import atomic_write_json
+from llamalit.utils.fileio import atomic_write_json
 
 pytestmark = pytest.mark.slow
 

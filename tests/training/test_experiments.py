@@ -28,7 +28,7 @@ from llamalit.checkpoints.native import save_model
 from llamalit.data.datamodule import LlamaDataModule
 from llamalit.data.download import is_url
 from llamalit.data.synthetic import make_corpus
-from llamalit.model import Llama, ModelConfig
+from llamalit.model.llama import Llama, ModelConfig
 from llamalit.training.module import LlamaLitModule
 from llamalit.training.run import run_name, sweep_group, train
 
@@ -237,7 +237,12 @@ def test_full_tiny_run_validates_checkpoints_and_exports(env, tmp_path):
     assert summary["tokens_seen"] == 20 * 4 * (cfg.data.seq_len - 1)  # instruct rows: inputs x[:-1]
     # prompts and padding carry no loss: useful tokens are a real, smaller count
     assert 0 < summary["useful_tokens_seen"] < summary["tokens_seen"] and summary["useful_tokens_per_s"] > 0
-    assert (run_dir / "csv" / "metrics.csv").read_text().count("train/loss") >= 1
+    # train/acc and the gradient norm are written on every step that writes train/loss (log_every_n_steps=5)
+    import csv
+
+    rows = [r for r in csv.DictReader((run_dir / "csv" / "metrics.csv").open()) if r.get("train/loss")]
+    assert len(rows) >= 3 and all(r["train/acc"] and r["train/grad_norm"] for r in rows), rows[:2]
+    assert all(0.0 <= float(r["train/acc"]) <= 1.0 for r in rows)
     # The exported weights are the best checkpoint's, loadable without Lightning, in any of its copies.
     module = LlamaLitModule.load_from_checkpoint(best, map_location="cpu", weights_only=False)
     exported, published = load_checkpoint(run_dir), load_checkpoint(tmp_path / "published")
@@ -403,7 +408,7 @@ class LoraDropoutProbe(L.Callback):
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         if self.forwards_differ is not None:
             return
-        from llamalit.lora import lora_layers
+        from llamalit.model.lora import lora_layers
 
         self.modes = [layer.lora_dropout.training for layer in lora_layers(pl_module.model).values()]
         self.eval_modules = sum(not m.training for m in pl_module.modules())

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from llamalit.device_settings import apply_device_settings, resolve_device_settings
+from llamalit.settings.device import apply_device_settings, resolve_device_settings
 
 ROOT = Path(__file__).resolve().parents[2]
 

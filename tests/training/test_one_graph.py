@@ -11,7 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from llamalit.model import IGNORE_INDEX, Llama, ModelConfig
+from llamalit.model.llama import IGNORE_INDEX, Llama, ModelConfig
 from llamalit.training.module import LlamaLitModule, batch_loss, compile_step, run_compiled_step
 
 VOCAB = 256

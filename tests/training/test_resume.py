@@ -24,7 +24,7 @@ from safetensors.torch import load_file
 import llamalit.cli
 from llamalit.checkpoints.native import save_model
 from llamalit.data.datamodule import LlamaDataModule
-from llamalit.model import Llama, ModelConfig
+from llamalit.model.llama import Llama, ModelConfig
 from llamalit.training import run
 
 BUILD_CALLBACKS = run.build_callbacks

@@ -13,7 +13,7 @@ import pytest
 import torch
 from torch._dynamo.utils import counters
 
-from llamalit.model import Llama, ModelConfig
+from llamalit.model.llama import Llama, ModelConfig
 from llamalit.training.callbacks import SampleCallback
 from llamalit.training.module import batch_loss, compile_step, run_compiled_step
 

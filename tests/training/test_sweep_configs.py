@@ -17,7 +17,7 @@ from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
 import llamalit.cli
-from llamalit.lora import LoraConfig
+from llamalit.model.lora import LoraConfig
 
 ROOT = Path(__file__).resolve().parents[2]
 CONF = Path(llamalit.cli.CONF_DIR)

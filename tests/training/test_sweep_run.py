@@ -22,7 +22,7 @@ from hydra import compose, initialize_config_dir
 import llamalit.cli
 from llamalit.checkpoints.native import save_model
 from llamalit.data.datamodule import LlamaDataModule
-from llamalit.model import Llama, ModelConfig
+from llamalit.model.llama import Llama, ModelConfig
 
 pytestmark = pytest.mark.slow
 

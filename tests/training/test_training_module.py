@@ -11,7 +11,7 @@ import torch
 from lightning.pytorch.plugins.precision import MixedPrecision
 from torch.utils.data import DataLoader, Dataset
 
-from llamalit.model import Llama, ModelConfig
+from llamalit.model.llama import Llama, ModelConfig
 from llamalit.training.module import LlamaLitModule, compile_blocks, resolve_compile
 from llamalit.training.optim import OptimConfig, build_optimizer, lr_at, param_groups
 

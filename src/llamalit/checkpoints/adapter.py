@@ -14,7 +14,6 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 
-from llamalit.build import build_model
 from llamalit.checkpoints.common import (
     BaseLoader,
     CheckpointError,
@@ -25,9 +24,10 @@ from llamalit.checkpoints.common import (
 )
 from llamalit.checkpoints.fingerprint import check_base
 from llamalit.checkpoints.peft import PEFT_FILES, PEFT_WEIGHTS, from_peft_tensors, write_peft_files
-from llamalit.fileio import atomic_checkpoint_dir, atomic_write_json, read_tagged_json
-from llamalit.lora import LoraConfig, load_lora_state_dict, lora_layers, merge_lora
-from llamalit.model import Llama, ModelConfig
+from llamalit.model.build import build_model
+from llamalit.model.llama import Llama, ModelConfig
+from llamalit.model.lora import LoraConfig, load_lora_state_dict, lora_layers, merge_lora
+from llamalit.utils.fileio import atomic_checkpoint_dir, atomic_write_json, read_tagged_json
 
 __all__ = ["is_adapter_dir", "load_adapter", "load_adapter_dir", "save_adapter"]
 
@@ -81,7 +81,7 @@ def save_adapter(model: nn.Module, out_dir: str | Path, base: str | None, lora_c
     """Write the adapter as PEFT files (``adapter_model.safetensors``, ``adapter_config.json``) plus
     ``llamalit_adapter.json`` (the base, ``lora_cfg``, the model shape and ``extra``) into ``out_dir``.
 
-    All appear together (:func:`llamalit.fileio.atomic_checkpoint_dir`): a directory holding only an
+    All appear together (:func:`llamalit.utils.fileio.atomic_checkpoint_dir`): a directory holding only an
     earlier adapter is replaced whole; in a shared one (a run directory) PEFT's config goes in last.
     """
     _check_matches(model, lora_cfg)

@@ -14,8 +14,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from llamalit.fileio import atomic_path
-from llamalit.model import Llama, ModelConfig
+from llamalit.model.llama import Llama, ModelConfig
+from llamalit.utils.fileio import atomic_path
 
 # How a format that needs its base model (an adapter, a LoRA .ckpt without base weights) gets it: a path,
 # URL or Hub id -> the loaded model. The loader passes its own load_checkpoint.
@@ -126,9 +126,9 @@ def resolve_relative(ref: str, base_dir: Path) -> str:
 
 def fetch(path_or_url: str | Path) -> Path:
     """A local path for ``path_or_url``: URLs are downloaded into the cache (once); a Hugging Face Hub id
-    (``org/name[@revision]``, see :mod:`llamalit.hub`) comes from the Hub cache; a local path wins."""
+    (``org/name[@revision]``, see :mod:`llamalit.utils.hub`) comes from the Hub cache; a local path wins."""
     from llamalit.data.download import cached_download, default_cache_dir, is_url
-    from llamalit.hub import hub_checkpoint, parse_hub_id
+    from llamalit.utils.hub import hub_checkpoint, parse_hub_id
 
     if is_url(str(path_or_url)):
         return cached_download(str(path_or_url), default_cache_dir())

@@ -22,7 +22,7 @@ from llamalit.checkpoints.common import CheckpointError, fetch, resolve_relative
 from llamalit.checkpoints.native import META
 from llamalit.checkpoints.registry import BY_NAME, format_of
 from llamalit.checkpoints.tokenizer import find_tokenizer
-from llamalit.model import Llama
+from llamalit.model.llama import Llama
 
 __all__ = ["detect_format", "fetch", "find_tokenizer", "load_checkpoint", "load_peft", "resolve_relative"]
 

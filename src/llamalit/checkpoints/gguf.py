@@ -16,7 +16,6 @@ What llama.cpp's ``llama`` architecture expects, and how this module meets it:
 
 from __future__ import annotations
 
-import json
 import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -24,11 +23,11 @@ from pathlib import Path
 
 import torch
 
-from llamalit.fileio import atomic_path
-from llamalit.lora import lora_layers
-from llamalit.model import Llama
+from llamalit.model.llama import Llama
+from llamalit.model.lora import lora_layers
+from llamalit.utils.fileio import atomic_path
 
-__all__ = ["DTYPES", "GGUFError", "GGUFVocab", "check_dtype", "chat_template_of", "gguf_tensor_name", "save_gguf",
+__all__ = ["DTYPES", "GGUFError", "GGUFVocab", "check_dtype", "gguf_tensor_name", "save_gguf",
            "read_gguf_metadata", "save_gguf_adapter", "sentencepiece_vocab"]
 
 DTYPES = ("f32", "f16", "bf16", "q8_0")
@@ -122,18 +121,6 @@ def sentencepiece_vocab(tokenizer: str | Path, vocab_size: int) -> GGUFVocab:
     spec = proto.normalizer_spec
     return GGUFVocab(tokens, scores, kinds, sp.bos_id(), sp.eos_id(), sp.unk_id(), sp.pad_id(),
                      spec.add_dummy_prefix, spec.remove_extra_whitespaces)
-
-
-def chat_template_of(folder: str | Path) -> str | None:
-    """The ``chat_template`` of a Hugging Face ``tokenizer_config.json`` in ``folder`` (None when absent)."""
-    path = Path(folder) / "tokenizer_config.json"
-    if not path.is_file():
-        return None
-    try:
-        template = json.loads(path.read_text(encoding="utf-8")).get("chat_template")
-    except (json.JSONDecodeError, AttributeError) as e:
-        raise GGUFError(f"{path}: not a JSON object ({e}); fix or remove it") from e
-    return template if isinstance(template, str) and template else None
 
 
 def _qtypes(dtype: str):

@@ -23,8 +23,8 @@ from llamalit.checkpoints.hf_layout import (
     permute_from_hf,
     to_hf_state_dict,
 )
-from llamalit.fileio import atomic_checkpoint_dir, atomic_write_json
-from llamalit.model import Llama, ModelConfig, rope_tables
+from llamalit.model.llama import Llama, ModelConfig, rope_tables
+from llamalit.utils.fileio import atomic_checkpoint_dir, atomic_write_json
 
 CONFIG = "config.json"
 _WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
@@ -224,7 +224,7 @@ def save_hf(model: Llama, out_dir: str | Path, tokenizer: str | Path | None = No
     """Write ``model.safetensors``, ``config.json``, ``generation_config.json`` (+ ``tokenizer.model``).
 
     ``dtype``: of the saved tensors (default float32; ``torch.bfloat16`` halves a merged 7B export).
-    The files appear together (:func:`llamalit.fileio.atomic_checkpoint_dir`): a directory holding
+    The files appear together (:func:`llamalit.utils.fileio.atomic_checkpoint_dir`): a directory holding
     only Hugging Face model files (an earlier export) is replaced whole; other files are kept, and
     stale model files there (shards, index, ``tokenizer.json`` of another model) removed.
     """

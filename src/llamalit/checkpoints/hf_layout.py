@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from llamalit.model import ModelConfig
+from llamalit.model.llama import ModelConfig
 
 
 def permute_to_hf(w: torch.Tensor, n_heads: int) -> torch.Tensor:

@@ -16,7 +16,6 @@ from pathlib import Path
 
 import torch
 
-from llamalit.build import build_model
 from llamalit.checkpoints.common import (
     BaseLoader,
     CheckpointError,
@@ -25,8 +24,9 @@ from llamalit.checkpoints.common import (
     safe_torch_load,
     strip_prefix,
 )
-from llamalit.lora import merge_lora
-from llamalit.model import Llama, ModelConfig
+from llamalit.model.build import build_model
+from llamalit.model.llama import Llama, ModelConfig
+from llamalit.model.lora import merge_lora
 
 
 def is_lightning_ckpt(obj: object) -> bool:

@@ -21,8 +21,8 @@ from llamalit.checkpoints.common import (
     safe_torch_load,
     strip_prefix,
 )
-from llamalit.fileio import atomic_path
-from llamalit.model import Llama, ModelConfig, rope_tables
+from llamalit.model.llama import Llama, ModelConfig, rope_tables
+from llamalit.utils.fileio import atomic_path
 
 MAGIC = 0x616B3432  # "ak42" as a little-endian uint32
 HEADER_BYTES = 256

@@ -12,14 +12,14 @@ from pathlib import Path
 
 import torch
 
-from llamalit.build import build_model
 from llamalit.checkpoints import hf
 from llamalit.checkpoints.common import CheckpointError, fetch
 from llamalit.checkpoints.detect import load_checkpoint
 from llamalit.checkpoints.tokenizer import find_tokenizer
-from llamalit.fileio import atomic_dir
-from llamalit.lora import load_lora_state_dict, merge_lora
-from llamalit.model import Llama
+from llamalit.model.build import build_model
+from llamalit.model.llama import Llama
+from llamalit.model.lora import load_lora_state_dict, merge_lora
+from llamalit.utils.fileio import atomic_dir
 
 
 def load_base(base: str | Path, dtype: torch.dtype = torch.bfloat16) -> Llama:

@@ -8,8 +8,8 @@ import re
 from collections.abc import Mapping
 from pathlib import Path
 
-from llamalit.fileio import atomic_write_text
-from llamalit.hub import is_url, parse_hub_id
+from llamalit.utils.fileio import atomic_write_text
+from llamalit.utils.hub import is_url, parse_hub_id
 
 __all__ = ["base_model_id", "dataset_ids", "model_card", "write_model_card", "write_run_cards"]
 

@@ -18,8 +18,8 @@ from safetensors.torch import load_file
 
 from llamalit.checkpoints.common import CheckpointError, format_tag, model_from_state_dict
 from llamalit.checkpoints.hf import HF_FILES, load_hf, write_hf_files
-from llamalit.fileio import atomic_checkpoint_dir, atomic_write_json, read_tagged_json
-from llamalit.model import Llama, ModelConfig
+from llamalit.model.llama import Llama, ModelConfig
+from llamalit.utils.fileio import atomic_checkpoint_dir, atomic_write_json, read_tagged_json
 
 FORMAT = "llamalit/2"
 META = "llamalit.json"
@@ -36,7 +36,7 @@ def save_model(model: Llama, out_dir: str | Path, extra: dict | None = None,
 
     ``files``: more files to publish with them, name -> source (e.g. ``{"tokenizer.model": tok}``;
     that one also gets the Hugging Face ``tokenizer_config.json``). All appear together
-    (:func:`llamalit.fileio.atomic_checkpoint_dir`): a directory holding only an earlier export is
+    (:func:`llamalit.utils.fileio.atomic_checkpoint_dir`): a directory holding only an earlier export is
     replaced whole; other files in ``out_dir`` (a run directory) are kept.
     """
     out_dir = Path(out_dir)

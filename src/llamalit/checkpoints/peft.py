@@ -14,12 +14,12 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-from llamalit.build import build_model
 from llamalit.checkpoints.common import BaseLoader, CheckpointError, resolve_relative, save_tensors
 from llamalit.checkpoints.hf_layout import hf_name, permute_from_hf, permute_to_hf
-from llamalit.fileio import atomic_checkpoint_dir, atomic_write_json
-from llamalit.lora import LoraConfig, load_lora_state_dict, lora_layers, merge_lora
-from llamalit.model import Llama, ModelConfig
+from llamalit.model.build import build_model
+from llamalit.model.llama import Llama, ModelConfig
+from llamalit.model.lora import LoraConfig, load_lora_state_dict, lora_layers, merge_lora
+from llamalit.utils.fileio import atomic_checkpoint_dir, atomic_write_json
 
 PEFT_CONFIG = "adapter_config.json"
 PEFT_WEIGHTS = "adapter_model.safetensors"
@@ -55,7 +55,7 @@ def save_peft(model: Llama, out_dir: str | Path, base: str | None = None) -> Pat
     """Write ``adapter_config.json`` + ``adapter_model.safetensors`` for a model with LoRA applied.
 
     ``base`` is recorded as ``base_model_name_or_path`` (the Hugging Face export of the base model).
-    Both files appear together (:func:`llamalit.fileio.atomic_checkpoint_dir`); other files in
+    Both files appear together (:func:`llamalit.utils.fileio.atomic_checkpoint_dir`); other files in
     ``out_dir`` (e.g. the base export in ``out_dir/base``) are kept.
     """
     out_dir = Path(out_dir)

@@ -13,7 +13,7 @@ from pathlib import Path
 from llamalit.checkpoints import adapter, hf, llama2c, native, peft
 from llamalit.checkpoints.common import BaseLoader, CheckpointError, describe_keys, safe_torch_load
 from llamalit.checkpoints.lightning_ckpt import is_lightning_ckpt, model_from_lightning
-from llamalit.model import Llama
+from llamalit.model.llama import Llama
 
 _PICKLE_HEADS = (b"PK\x03\x04", b"\x80")  # torch zip archive, legacy pickle protocol 2+
 

@@ -11,15 +11,16 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from llamalit.build import build_model
 from llamalit.checkpoints.adapter import save_adapter
 from llamalit.checkpoints.common import fetch
 from llamalit.checkpoints.fingerprint import base_fingerprint, file_sha256
 from llamalit.checkpoints.lightning_ckpt import run_settings
 from llamalit.checkpoints.native import save_model
-from llamalit.fileio import atomic_checkpoint_dir
-from llamalit.lora import LoraConfig
-from llamalit.model import Llama
+from llamalit.data.text_formats import prompt_format
+from llamalit.model.build import build_model
+from llamalit.model.llama import Llama
+from llamalit.model.lora import LoraConfig
+from llamalit.utils.fileio import atomic_checkpoint_dir
 
 if TYPE_CHECKING:
     import lightning as L
@@ -51,10 +52,13 @@ def exportable_model(trainer: L.Trainer, module: L.LightningModule) -> Llama | N
 def export_weights(model: Llama, out_dir: Path, tokenizer_path: str | None, cfg: dict) -> dict:
     """Weights only, loadable without Lightning: a full model as a Hugging Face directory plus
     ``llamalit.json``, or for a LoRA run the adapter alone (PEFT files plus ``llamalit_adapter.json``,
-    which records the base and its fingerprint)."""
+    which records the base and its fingerprint). Both record the prompt format the run's data taught
+    (``template``: ``instruct_stories``, ``alpaca`` or ``plain``; ``llamalit.inference.templates``)."""
     files: dict[str, str] = {}
     tok = Path(tokenizer_path) if tokenizer_path and Path(tokenizer_path).is_file() else None
     extra = {"tokenizer": "tokenizer.model" if tok else tokenizer_path, "experiment": cfg.get("experiment_name")}
+    if (data := cfg.get("data") or {}).get("kind"):  # the prompt format the data taught (chat/serve read it)
+        extra["template"] = prompt_format(data["kind"], data.get("format") or "tinystories")
     if tok:
         extra["tokenizer_sha256"] = file_sha256(tok)
         files["tokenizer"] = str(out_dir / "tokenizer.model")

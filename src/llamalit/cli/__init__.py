@@ -3,17 +3,19 @@
 from __future__ import annotations
 
 import contextlib
+import importlib.resources
 import os
 import sys
 from collections.abc import Iterator
-from pathlib import Path
 
 from llamalit.data.download import DownloadError
 
-# The Hydra config tree ships inside the package (llamalit/conf), so an installed wheel finds it too.
-# Every entry point names it by package (Hydra's pkg:// search path); CONF_DIR is the same tree on disk.
+# The Hydra config tree is conf/ at the top of the repository, shipped inside the package as llamalit.conf
+# (pyproject's package-dir), so an installed wheel finds it too. Every entry point names it by package
+# (Hydra's pkg:// search path); CONF_DIR is the same tree on disk: conf/ in a checkout (an editable
+# install maps the package there), llamalit/conf in an installed wheel.
 CONFIG_PATH = "pkg://llamalit.conf"
-CONF_DIR = str(Path(__file__).resolve().parents[1] / "conf")
+CONF_DIR = str(importlib.resources.files("llamalit.conf"))
 
 # What bad input raises (a missing file, a wrong value or format, an unreachable URL, a diverged run); the
 # message already names the key, file or step, so the command prints it as one line instead of a traceback.

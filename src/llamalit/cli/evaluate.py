@@ -1,6 +1,7 @@
 """``python scripts/evaluate.py ckpt=PATH data=synthetic [n=100 max_new_tokens=200 ...]`` / ``llamalit-evaluate``.
 
-Instruction adherence of a checkpoint on held-out instructions (the validation shard ``data00`` of
+With ``tasks=[NAME or task.yaml, ...]`` it runs lm-evaluation-harness tasks on the model instead
+(:mod:`llamalit.inference.harness_run`; ``pip install llamalit[eval]``). Without, instruction adherence of a checkpoint on held-out instructions (the validation shard ``data00`` of
 ``data.source``, or of ``source=`` when given): prints a table, writes JSON to ``out=`` when given.
 The tokenizer is ``tokenizer=``, else the checkpoint's (its ``config.json`` or a ``tokenizer.model``
 beside it), else the prepared data's (``data.dir/tokenizer.model``), else for a 32000-piece model
@@ -19,24 +20,7 @@ import hydra
 from omegaconf import DictConfig, OmegaConf
 
 from llamalit.cli import CONFIG_PATH
-
-
-def pick_tokenizer(cfg: Mapping, ckpt_local: Path, vocab_size: int) -> Path:
-    """The tokenizer file to use (see the module docstring)."""
-    from llamalit.cli.generate import resolve_tokenizer
-
-    cache_dir = (cfg.get("paths") or {}).get("cache_dir", "~/.cache/llamalit")
-    try:
-        return resolve_tokenizer(cfg.get("tokenizer"), ckpt_local, vocab_size, cache_dir)
-    except FileNotFoundError:
-        data_dir = (cfg.get("data") or {}).get("dir")
-        candidate = Path(str(data_dir)).expanduser() / "tokenizer.model" if data_dir else None
-        if candidate is not None and candidate.is_file():
-            return candidate
-        raise FileNotFoundError(
-            f"no tokenizer for {ckpt_local}: none named in its config.json, no tokenizer.model beside it, "
-            f"none in data.dir={data_dir}; pass tokenizer=PATH (the SentencePiece .model it was trained with)"
-        ) from None
+from llamalit.inference.loading import pick_tokenizer, resolve_device
 
 
 def format_table(result: Mapping, title: str = "") -> str:
@@ -66,11 +50,10 @@ def format_table(result: Mapping, title: str = "") -> str:
 def run_evaluate(cfg: Mapping, out: TextIO | None = None) -> dict:
     """Load the checkpoint and tokenizer, evaluate on held-out records, print, write ``cfg.out``."""
     from llamalit.checkpoints.detect import fetch, load_checkpoint
-    from llamalit.cli.generate import resolve_device
     from llamalit.data.tokenizer import Tokenizer
-    from llamalit.evaluation import evaluate_adherence, held_out_records
-    from llamalit.fileio import atomic_write_json
-    from llamalit.settings_checks import DATA_PATH_KEYS, check_evaluate_settings, expand_paths
+    from llamalit.inference.evaluation import evaluate_adherence, held_out_records
+    from llamalit.settings.checks import DATA_PATH_KEYS, check_evaluate_settings, expand_paths
+    from llamalit.utils.fileio import atomic_write_json
 
     check_evaluate_settings(cfg)
     cfg = copy.deepcopy(dict(cfg))
@@ -106,7 +89,26 @@ def main(cfg: DictConfig) -> float | None:
     from llamalit.cli import user_errors
 
     with user_errors():
-        return run_evaluate(OmegaConf.to_container(cfg, resolve=True))["adherence"]
+        settings = OmegaConf.to_container(cfg, resolve=True)
+        if settings.get("tasks"):
+            run_tasks(settings)
+            return None
+        return run_evaluate(settings)["adherence"]
+
+
+def run_tasks(cfg: Mapping, out: TextIO | None = None) -> dict:
+    """The harness path: settings checked and paths expanded as for adherence, then the tasks run."""
+    from llamalit.inference.harness_run import run_harness
+    from llamalit.settings.checks import DATA_PATH_KEYS, check_evaluate_settings, expand_paths, integer
+
+    check_evaluate_settings(cfg)
+    integer(cfg, "limit", 1, nullable=True, what="documents per task")
+    integer(cfg, "num_fewshot", 0, nullable=True, what="examples in each prompt (null: the task's own)")
+    integer(cfg, "max_gen_toks", 1, nullable=True, what="tokens generated per request (null: the task's)")
+    integer(cfg, "bootstrap_iters", 0, what="resamples for the stderr of non-mean metrics")
+    cfg = copy.deepcopy(dict(cfg))
+    expand_paths(cfg, ("ckpt", "source", "tokenizer", "out", *DATA_PATH_KEYS))
+    return run_harness(cfg, out)
 
 
 if __name__ == "__main__":

@@ -22,7 +22,7 @@ import hydra
 from omegaconf import DictConfig, OmegaConf
 
 from llamalit.cli import CONFIG_PATH
-from llamalit.fileio import atomic_path
+from llamalit.utils.fileio import atomic_path
 
 BIN_VERSIONS = {"llama2c": 0, "llama2c_v1": 1, "llama2c_q8": 2}
 DIR_FORMATS = ("hf", "peft", "merged")
@@ -144,7 +144,7 @@ def _copy(src: Path, dest: Path) -> None:
 def run_export(cfg: Mapping) -> list[Path]:
     """Convert ``cfg['ckpt']`` to ``cfg['format']`` at ``cfg['out']``; return the files/dirs written."""
     from llamalit.checkpoints.detect import fetch, load_checkpoint
-    from llamalit.settings_checks import expand_paths, require
+    from llamalit.settings.checks import expand_paths, require
 
     require(cfg, "ckpt", "the checkpoint to convert (a path or URL)")
     require(cfg, "format", f"one of {list(FORMATS)}")
@@ -200,13 +200,23 @@ def _gguf_settings(cfg: Mapping, fmt: str, adapter: bool) -> str:
 
 
 def _write_gguf(model, path: Path, local: Path, tok: Path | None, dtype: str, adapter: bool) -> Path:
-    from llamalit.checkpoints.gguf import chat_template_of, save_gguf, save_gguf_adapter
+    from llamalit.checkpoints.gguf import save_gguf, save_gguf_adapter
 
     name = (local.stem if local.is_file() else local.name) or path.stem
     if adapter:
         return save_gguf_adapter(model, path, dtype=dtype, name=name)
-    template = chat_template_of(local if local.is_dir() else local.parent)
-    return save_gguf(model, path, tok, dtype=dtype, chat_template=template, name=name)
+    return save_gguf(model, path, tok, dtype=dtype, chat_template=_chat_template(local), name=name)
+
+
+def _chat_template(local: Path) -> str | None:
+    """The Jinja chat template of the checkpoint's prompt format (``inference.templates.template_for``: what its
+    run recorded, else a ``tokenizer_config.json`` / ``chat_template.jinja`` beside it); None for formats Jinja
+    cannot express (``instruct_stories``, ``plain``)."""
+    from llamalit.inference.jinja_templates import jinja_template
+    from llamalit.inference.templates import HFChatTemplate, template_for
+
+    template = template_for(local)
+    return template.chat_template if isinstance(template, HFChatTemplate) else jinja_template(template.name)
 
 
 def _write(fmt: str, model, out: Path, local: Path, tok: Path | None, group_size: int) -> list[Path]:
@@ -215,7 +225,7 @@ def _write(fmt: str, model, out: Path, local: Path, tok: Path | None, group_size
 
     written: list[Path] = []
     if fmt == "peft":
-        from llamalit.lora import lora_layers
+        from llamalit.model.lora import lora_layers
 
         if not lora_layers(model):
             raise CheckpointError(f"{local}: no LoRA adapters to export as PEFT; use format=hf for a plain model")

@@ -13,7 +13,7 @@ def main(cfg: DictConfig) -> None:
     """Prepare ``cfg.data`` under ``cfg.data.dir`` and print a one-line summary."""
     from llamalit.cli import user_errors
     from llamalit.data.prepare import run_prepare
-    from llamalit.settings_checks import DATA_PATH_KEYS, check_data_settings, expand_paths
+    from llamalit.settings.checks import DATA_PATH_KEYS, check_data_settings, expand_paths
 
     with user_errors():
         expand_paths(cfg, DATA_PATH_KEYS)

@@ -41,7 +41,7 @@ from llamalit.data.datasets import (
 from llamalit.data.manifest import ManifestMissing, check_tokenizer
 from llamalit.data.packing import PackedInstructRows, cached_split_lengths
 from llamalit.data.prepare import check_data_dir, stale_settings
-from llamalit.device_settings import DEVICE_TYPES, resolve_device_settings
+from llamalit.settings.device import DEVICE_TYPES, resolve_device_settings
 
 log = logging.getLogger(__name__)
 

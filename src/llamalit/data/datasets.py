@@ -20,7 +20,7 @@ import torch
 from torch.utils.data import Dataset
 
 from llamalit.data.manifest import MANIFEST, ManifestError, manifest_path, read_manifest
-from llamalit.model import IGNORE_INDEX
+from llamalit.model.llama import IGNORE_INDEX
 
 MANIFEST_NAME = MANIFEST  # the old name of the file name constant
 __all__ = ["MANIFEST_NAME", "ManifestError", "ShardFile", "InstructRows", "PretrainWindows", "manifest_path",

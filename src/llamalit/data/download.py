@@ -14,7 +14,7 @@ from urllib.parse import unquote, urlparse
 
 from tqdm import tqdm
 
-from llamalit.hub import hub_dataset_file, is_url, parse_hub_id  # noqa: F401 - is_url: callers import it from here
+from llamalit.utils.hub import hub_dataset_file, is_url, parse_hub_id  # noqa: F401 - is_url: callers import it from here
 
 CHUNK = 1 << 20
 

@@ -22,8 +22,8 @@ import numpy as np
 import torch
 
 from llamalit.data.datasets import InstructRows, ShardFile, _seed_seq
-from llamalit.fileio import atomic_path
-from llamalit.model import IGNORE_INDEX
+from llamalit.model.llama import IGNORE_INDEX
+from llamalit.utils.fileio import atomic_path
 
 PLAN_STREAM = 0x5041434B  # second word of the plan's seed, so it never equals an epoch shuffle's stream
 DEFAULT_WINDOW = 64

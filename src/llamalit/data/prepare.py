@@ -45,7 +45,7 @@ from llamalit.data.tokenizer import (
     train_tokenizer,
     write_llama2c_tokenizer_bin,
 )
-from llamalit.fileio import atomic_path, atomic_write_json
+from llamalit.utils.fileio import atomic_path, atomic_write_json
 
 TOKENIZER_FILE = "tokenizer.model"
 SYNTHETIC = "synthetic"

@@ -27,9 +27,9 @@ from tqdm import tqdm
 
 from llamalit.data.text_formats import read_records, text_for_kind
 from llamalit.data.tokenizer import Tokenizer
-from llamalit.fileio import atomic_path, atomic_write_json
+from llamalit.utils.fileio import atomic_path, atomic_write_json
 
-IGNORE_INDEX = -100  # same value as llamalit.model.IGNORE_INDEX (not imported: workers stay torch-free)
+IGNORE_INDEX = -100  # same value as llamalit.model.llama.IGNORE_INDEX (not imported: workers stay torch-free)
 PR_SET_PDEATHSIG = 1  # linux/prctl.h
 TOKEN_DTYPE = "uint16"
 LABEL_DTYPE = "int32"

@@ -13,7 +13,7 @@ import re
 from collections.abc import Iterable
 from pathlib import Path
 
-from llamalit.fileio import atomic_write_text
+from llamalit.utils.fileio import atomic_write_text
 
 VERBS = ("run", "jump", "play", "swim", "dance", "sing", "climb", "hide", "share", "help",
          "draw", "paint", "build", "read", "fly", "kick", "throw", "catch", "dig", "bake")

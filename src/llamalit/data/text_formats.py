@@ -47,6 +47,18 @@ def alpaca_prompt(instruction: str, input_text: str = "") -> str:
     return ALPACA_TEMPLATE_NO_INPUT.format(instruction=instruction.strip())
 
 
+def prompt_format(kind: str, fmt: str) -> str:
+    """The name of the prompt format data of ``kind`` (pretrain/instruct) and corpus ``fmt`` teaches a model
+    (``llamalit.inference.templates``): ``instruct_stories`` (:func:`shorten_prompt`, then BOS and the story),
+    ``alpaca`` (:func:`alpaca_prompt`, Alpaca and Dolly), or ``plain`` (pretraining: text continues)."""
+    if kind == "pretrain":
+        return "plain"
+    if kind == "instruct" and fmt in FORMATS:
+        return "instruct_stories" if fmt == "tinystories" else "alpaca"
+    raise DataFormatError(f"data.kind={kind!r} / data.format={fmt!r}: unknown; use kind pretrain or instruct "
+                          f"and a format of {FORMATS}")
+
+
 def read_records(path: str | Path) -> list:
     """All records of a JSON array file, a JSONL file (``.jsonl``) or a Parquet table (``.parquet``, as
     Hugging Face Hub datasets ship; needs pyarrow), with clear errors."""

@@ -15,7 +15,7 @@ import numpy as np
 import sentencepiece as spm
 
 from llamalit.data.download import cached_download, is_url, sha256_file
-from llamalit.fileio import atomic_path
+from llamalit.utils.fileio import atomic_path
 
 TRAIN_PREFIX = "train:"
 

@@ -12,7 +12,7 @@ from lightning.fabric.utilities.throughput import get_available_flops
 from lightning.pytorch.callbacks import TQDMProgressBar
 from lightning.pytorch.callbacks.progress.tqdm_progress import convert_inf
 
-from llamalit.model import IGNORE_INDEX, Llama
+from llamalit.model.llama import IGNORE_INDEX, Llama
 
 
 def peak_flops(device: torch.device, configured: float | None = None,
@@ -223,7 +223,7 @@ def sample_texts(model: Llama, tokenizer_path: str, prompts: Sequence[str], inst
                  seed: int = 0) -> list[tuple[str, str]]:
     """(prompt, generated text) pairs; generation stops at EOS or the model's context."""
     from llamalit.data.tokenizer import Tokenizer
-    from llamalit.generate import generate
+    from llamalit.inference.generate import generate
 
     tok = Tokenizer(tokenizer_path)
     out = []

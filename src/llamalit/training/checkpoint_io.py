@@ -10,7 +10,7 @@ from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning.fabric.utilities.cloud_io import _is_local_file_protocol
 from lightning.fabric.utilities.types import _PATH
 
-from llamalit.fileio import atomic_path
+from llamalit.utils.fileio import atomic_path
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):

@@ -3,35 +3,13 @@
 from __future__ import annotations
 
 import logging
-import netrc
-import os
 import warnings
 from collections.abc import Mapping
 from pathlib import Path
 
 from lightning.pytorch.loggers import CSVLogger, Logger, WandbLogger
 
-
-def has_wandb_credentials() -> bool:
-    """True when an API key is in the environment or in ~/.netrc (as ``wandb login`` stores it)."""
-    if os.environ.get("WANDB_API_KEY"):
-        return True
-    try:
-        return netrc.netrc().authenticators("api.wandb.ai") is not None
-    except (FileNotFoundError, netrc.NetrcParseError, OSError):
-        return False
-
-
-def wandb_mode(configured: str | None) -> str:
-    """``auto`` becomes online with credentials, offline without; WANDB_MODE in the environment wins."""
-    env = os.environ.get("WANDB_MODE")
-    if env:
-        return env
-    if configured in (None, "auto"):
-        return "online" if has_wandb_credentials() else "offline"
-    if configured not in ("online", "offline", "disabled"):
-        raise ValueError(f"logger.mode={configured!r}: choose auto, online, offline or disabled")
-    return configured
+from llamalit.utils.wandb_mode import has_wandb_credentials, wandb_mode  # noqa: F401 - also imported from here
 
 
 def build_logger(cfg: Mapping, run_dir: Path, run_name: str, group: str | None,

@@ -16,10 +16,10 @@ from lightning.pytorch.plugins.precision import MixedPrecision
 from lightning.pytorch.utilities import GradClipAlgorithmType
 from torchmetrics import MeanMetric
 
-from llamalit import build
-from llamalit.lora import LoraConfig
-from llamalit.losses import LossOutput, resolve_loss_impl
-from llamalit.model import IGNORE_INDEX, Llama, ModelConfig, counted_positions
+from llamalit.model import build
+from llamalit.model.llama import IGNORE_INDEX, Llama, ModelConfig, counted_positions
+from llamalit.model.lora import LoraConfig
+from llamalit.model.losses import LossOutput, resolve_loss_impl
 from llamalit.training.optim import OptimConfig, build_optimizer, build_scheduler
 
 log = logging.getLogger(__name__)
@@ -28,22 +28,30 @@ log = logging.getLogger(__name__)
 def build_model(model_cfg: ModelConfig | Mapping, lora_cfg: LoraConfig | Mapping | None = None,
                 init_from: str | None = None, *, attention: str = "auto", quantize: str | None = None,
                 gradient_checkpointing: bool = False) -> Llama:
-    """The model a run trains: :func:`llamalit.build.build_model` (``init_from`` loaded, or ``model_cfg`` at
-    random init, then LoRA), with a quantized base (``model.quantize``, read straight into bf16) and
+    """The model a run trains: ``init_from`` loaded (any checkpoint ``load_checkpoint`` reads) or ``model_cfg`` at
+    random init, then LoRA (:func:`llamalit.model.build.build_model`), with a quantized base (``model.quantize``, read straight into bf16) and
     recomputed block activations (``model.gradient_checkpointing``) around it."""
     if quantize and not init_from:
         raise ValueError(f"model.quantize={quantize} needs a pretrained base: set init_from=DIR")
-    load = functools.partial(_load_quantized, kind=quantize) if quantize else None
-    model = build.build_model(model_cfg, lora_cfg, init_from or None, load=load, attention=attention)
+    base = None
+    if init_from:
+        base = _load_quantized(init_from, kind=quantize) if quantize else _load(init_from)
+    model = build.build_model(model_cfg, lora_cfg, base, attention=attention)
     if gradient_checkpointing:
         enable_gradient_checkpointing(model)
     return model.train()  # a loaded base comes back in eval mode, and LoRA layers copy it (dropout off)
 
 
+def _load(ref: str) -> Llama:
+    from llamalit.checkpoints import load_checkpoint  # training sits above the checkpoint readers
+
+    return load_checkpoint(ref)
+
+
 def _load_quantized(ref: str, kind: str) -> Llama:
     """A base read straight into bf16 (one copy: ~14 GB for 7B, not float32's ~27 GB), its linears in 4 bits."""
     from llamalit.checkpoints.merged import load_base
-    from llamalit.quantize import quantize_linears
+    from llamalit.model.quantize import quantize_linears
 
     model = load_base(ref).train()
     quantize_linears(model, kind=kind)
@@ -68,7 +76,7 @@ def batch_loss(model: Llama, batch: Mapping, accuracy: bool = False, loss_impl: 
 
 
 def add_counted_positions(batch: dict, pin: bool) -> dict:
-    """Add ``counted`` (:func:`~llamalit.model.counted_positions`) to a host batch, pinned when it goes to a GPU:
+    """Add ``counted`` (:func:`~llamalit.model.llama.counted_positions`) to a host batch, pinned when it goes to a GPU:
     its length is then known on the host, so the step never waits for the device to count (no sync)."""
     if isinstance(batch, dict) and "labels" in batch and "counted" not in batch and batch["labels"].device.type == "cpu":
         counted = counted_positions(batch["labels"])
@@ -98,6 +106,25 @@ def compile_step(mode: str | None = None, backend: str = "inductor"):
     if backend != "inductor":  # tests: another backend (e.g. aot_eager) takes no mode
         return torch.compile(batch_loss, fullgraph=True, dynamic=False, backend=backend)
     return torch.compile(batch_loss, fullgraph=True, dynamic=False, mode=mode)
+
+
+def eval_loss_impl(setting: str, device_type: str) -> str:
+    """The loss of validation and evaluation: eager (other shapes, no grad, eval mode: each would be another
+    graph) over counted positions only. ``compiled`` (what ``auto`` resolves to for the compiled training step,
+    and what train.py writes back into the run's settings) would run the head over every position eagerly
+    and hold fp32 log-probabilities of all of them (~7 GB at 64 x 349 x 32000): it becomes what ``auto``
+    resolves to uncompiled."""
+    return resolve_loss_impl("auto" if setting == "compiled" else setting, device_type, False)
+
+
+def check_cudagraph_accumulation(mode: str, device_type: str, accumulate: int) -> None:
+    """Refuse ``compile_mode=reduce-overhead`` (CUDA graphs) on CUDA with gradient accumulation: the first
+    micro-batch's gradients live in the graph's memory pool, which the next micro-batch's replay reuses, so
+    they would be overwritten (or the replay fails) instead of accumulated."""
+    if mode == "reduce-overhead" and device_type == "cuda" and int(accumulate) > 1:
+        raise ValueError(f"compile_mode=reduce-overhead with trainer.accumulate_grad_batches={accumulate}: CUDA "
+                         "graphs reuse the memory holding the accumulated gradients; set "
+                         "trainer.accumulate_grad_batches=1 (a larger data.batch_size) or compile_mode=default")
 
 
 def run_compiled_step(step, model: Llama, batch: Mapping, accuracy: bool, loss_impl: str,
@@ -153,7 +180,7 @@ class LlamaLitModule(L.LightningModule):
         self.init_from = str(init_from) if init_from else None
         self.compile_setting, self.compile_mode = compile, compile_mode
         self.quantize = quantize
-        self.loss_impl = str(loss_impl or "auto")  # llamalit.losses: auto | compiled | plain | chunked | liger | cce
+        self.loss_impl = str(loss_impl or "auto")  # llamalit.model.losses: auto | compiled | plain | chunked | liger | cce
         # plain values only (a checkpoint loads with weights_only=True); the model shape as built (a base's)
         self.save_hyperparameters({
             "model_cfg": self.model.cfg.to_dict(), "optim_cfg": asdict(self.optim_cfg),
@@ -163,6 +190,7 @@ class LlamaLitModule(L.LightningModule):
         self.val_loss = MeanMetric()
         self.val_acc = MeanMetric()
         self.train_acc = MeanMetric()
+        self._acc_window = -1  # the optimizer step train_acc holds micro-batches of
         # First step whose loss was not finite, kept on the device so the check needs no sync per step.
         # Not a buffer: DDP would overwrite each rank's value with rank 0's at every forward.
         self._bad_step: torch.Tensor | None = None
@@ -181,13 +209,15 @@ class LlamaLitModule(L.LightningModule):
             setting = False  # auto stays off for 4-bit bases: bitsandbytes layers under compile are unmeasured
         compiled = resolve_compile(setting, self.device)
         self._train_impl = resolve_loss_impl(self.loss_impl, self.device.type, compiled)
-        # validation runs eagerly (other shapes, no grad, eval mode: each would be another graph)
-        self._eval_impl = resolve_loss_impl(self.loss_impl, self.device.type, False)
+        self._eval_impl = eval_loss_impl(self.loss_impl, self.device.type)
         if not compiled or self._compiled:
             return
-        self._compiled = True
         if self._train_impl in TRACEABLE_LOSSES:
             mode = self.compile_mode or "default"
+            if self._trainer is not None:
+                check_cudagraph_accumulation(mode, self.device.type, self.trainer.accumulate_grad_batches)
+        self._compiled = True
+        if self._train_impl in TRACEABLE_LOSSES:
             self._step = compile_step(mode)
             self._step_cudagraphs = mode == "reduce-overhead" and self.device.type == "cuda"
             log.info("compiling the training step as one graph (loss_impl=%s, compile_mode=%s)", self._train_impl, mode)
@@ -220,8 +250,13 @@ class LlamaLitModule(L.LightningModule):
         # StepProgressBar shows train/loss instead, read once per refresh
         self.log("train/loss", out.loss, on_step=True)
         if logging:
+            # the mean over this optimizer step's micro-batches, as a tensor: a Metric object logged on_step
+            # is read from its forward() value, which update() never sets (train/acc was never written)
+            if self._acc_window != self.global_step:
+                self.train_acc.reset()
+                self._acc_window = self.global_step
             self.train_acc.update(out.correct / _at_least_one(n), n)
-            self.log("train/acc", self.train_acc, on_step=True, on_epoch=False)
+            self.log("train/acc", self.train_acc.compute(), on_step=True, on_epoch=False)
         return out.loss
 
     def _logging_step(self) -> bool:
@@ -276,6 +311,9 @@ class LlamaLitModule(L.LightningModule):
             return
         grads = [p.grad for p in self.model.parameters() if p.grad is not None]
         if grads:
+            # 16-mixed with a fused AdamW: Lightning left the gradients scaled (the step unscales them); the
+            # logged norm is the true one
+            _unscale_once(self.trainer.precision_plugin, optimizer)
             norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in grads]))
             self.log("train/grad_norm", norm, on_step=True)
 
@@ -292,8 +330,7 @@ class LlamaLitModule(L.LightningModule):
                 and isinstance(plugin, MixedPrecision)):
             super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
             return
-        if plugin.scaler is not None:
-            plugin.scaler.unscale_(optimizer)
+        _unscale_once(plugin, optimizer)
         params = list(plugin.main_params(optimizer))
         if GradClipAlgorithmType(gradient_clip_algorithm or "norm") == GradClipAlgorithmType.VALUE:
             torch.nn.utils.clip_grad_value_(params, gradient_clip_val)
@@ -349,6 +386,18 @@ class LlamaLitModule(L.LightningModule):
         if self._pending_rng is not None:
             set_rng_states(self._pending_rng)
             self._pending_rng = None
+
+
+def _unscale_once(plugin, optimizer: torch.optim.Optimizer) -> None:
+    """Unscale ``optimizer``'s gradients by a mixed-precision plugin's GradScaler, unless done since its last
+    update (unscale_ refuses a second call); no scaler (bf16-mixed, 32): nothing to do."""
+    from torch.amp.grad_scaler import OptState
+
+    scaler = getattr(plugin, "scaler", None)
+    if scaler is None or not scaler.is_enabled():
+        return
+    if scaler._per_optimizer_states[id(optimizer)]["stage"] is OptState.READY:
+        scaler.unscale_(optimizer)
 
 
 def frozen_base_keys(module: LlamaLitModule) -> set[str]:

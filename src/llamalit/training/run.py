@@ -21,20 +21,21 @@ from llamalit.checkpoints.run_export import (  # noqa: F401 - the run's export, 
     exportable_model,
     model_from_module_state,
 )
-from llamalit.device_settings import (
+from llamalit.model.llama import Llama, ModelConfig
+from llamalit.model.lora import LoraConfig
+from llamalit.settings.checks import TRAIN_PATH_KEYS, check_train_settings, expand_paths
+from llamalit.settings.device import (
     DeviceSettings,
     apply_device_settings,
     device_type_of,
     log_device_settings,
-    resolve_device_settings,
+    resolve_attention,
+    resolve_run_settings,
 )
-from llamalit.fileio import atomic_write_json
-from llamalit.lora import LoraConfig
-from llamalit.model import Llama, ModelConfig
-from llamalit.settings_checks import TRAIN_PATH_KEYS, check_train_settings, expand_paths
 from llamalit.training.checkpoint_io import AtomicCheckpointIO
 from llamalit.training.loggers import build_logger, finish_wandb, quiet_library_output
 from llamalit.training.module import LlamaLitModule
+from llamalit.utils.fileio import atomic_write_json
 
 log = logging.getLogger(__name__)
 
@@ -77,23 +78,21 @@ def unreadable(path: Path) -> str | None:
     return None if isinstance(ckpt, dict) and "state_dict" in ckpt else "no state_dict"
 
 
-def settings_for_model(cfg: dict, settings: DeviceSettings, module: LlamaLitModule) -> DeviceSettings:
-    """``settings`` with the attention backend resolved for the built model's heads (an ``init_from`` base's
-    shape is known only once loaded; the module was built with the run's own ``attention``), set on the model."""
-    if not cfg.get("init_from"):
-        return settings
-    settings = resolve_device_settings(cfg, settings.device, head_dim=module.model.cfg.head_dim)
-    module.model.attention_backend = settings.attention
-    return settings
-
-
-def build_module(cfg: DictConfig, resolved: dict) -> LlamaLitModule:
+def build_module(cfg: DictConfig, run: dict) -> LlamaLitModule:
     """The ``module:`` node of ``cfg`` instantiated with its interpolations (``${compile}``, ``${optim}``, ...)
-    read from ``resolved``, the run's settings as resolved for the device; ``resolved["module"]`` becomes
-    the node so resolved (what the logger records)."""
+    read from ``run``, the run's settings as resolved for the device; ``run["module"]`` becomes the node so
+    resolved (what the logger records)."""
     node = OmegaConf.to_container(cfg.module, resolve=False)
-    resolved["module"] = OmegaConf.to_container(OmegaConf.create({**resolved, "module": node}).module, resolve=True)
-    return instantiate(resolved["module"])
+    run["module"] = OmegaConf.to_container(OmegaConf.create({**run, "module": node}).module, resolve=True)
+    return instantiate(run["module"])
+
+
+def resolve_model_attention(settings: DeviceSettings, run: dict, module: LlamaLitModule) -> DeviceSettings:
+    """The attention backend, resolved once the model exists (an ``init_from`` base's heads decide, not the
+    preset's) and set on it; ``run["attention"]`` records it."""
+    settings = resolve_attention(settings, run.get("attention"), module.model.cfg.head_dim)
+    module.model.attention_backend = run["attention"] = settings.attention
+    return settings
 
 
 def run_name(cfg: DictConfig) -> str:
@@ -185,7 +184,7 @@ def _adapter(lora: dict | None) -> dict:
 def preflight(cfg: DictConfig) -> None:
     """Checks that need no data, before data preparation (which may download gigabytes)."""
     from llamalit.data.download import is_url
-    from llamalit.hub import parse_hub_id
+    from llamalit.utils.hub import parse_hub_id
 
     init_from = cfg.get("init_from")
     if init_from and not is_url(str(init_from)) and not Path(str(init_from)).exists() \
@@ -196,14 +195,15 @@ def preflight(cfg: DictConfig) -> None:
         ModelConfig.from_dict(OmegaConf.to_container(cfg.model, resolve=True))  # the shape errors, now
 
 
-def adapt_model_to_data(cfg: DictConfig, vocab_size: int, input_len: int) -> None:
+def adapt_model_to_data(run: dict, vocab_size: int, input_len: int) -> None:
     """From scratch, the model takes the tokenizer's vocab; any model grows its context to the data's."""
-    if not cfg.get("init_from") and cfg.model.vocab_size != vocab_size:
-        log.info("model.vocab_size %s -> %s (the tokenizer's)", cfg.model.vocab_size, vocab_size)
-        cfg.model.vocab_size = vocab_size
-    if cfg.model.max_seq_len < input_len:
-        log.info("model.max_seq_len %s -> %s (the data's)", cfg.model.max_seq_len, input_len)
-        cfg.model.max_seq_len = input_len
+    model = run["model"]
+    if not run.get("init_from") and model["vocab_size"] != vocab_size:
+        log.info("model.vocab_size %s -> %s (the tokenizer's)", model["vocab_size"], vocab_size)
+        model["vocab_size"] = vocab_size
+    if model["max_seq_len"] < input_len:
+        log.info("model.max_seq_len %s -> %s (the data's)", model["max_seq_len"], input_len)
+        model["max_seq_len"] = input_len
 
 
 def check_vocab(model_vocab: int, data_vocab: int, init_from: str | None, tokenizer: Path | None) -> None:
@@ -249,7 +249,7 @@ def run_adherence(cfg: DictConfig, module: LlamaLitModule, model: Llama, dm, bat
             cfg.data.get("format", "tinystories") != "tinystories":
         return None
     from llamalit.data.tokenizer import Tokenizer
-    from llamalit.evaluation import evaluate_adherence, held_out_records
+    from llamalit.inference.evaluation import evaluate_adherence, held_out_records
 
     records = held_out_records(OmegaConf.to_container(cfg.data, resolve=True), n=ev.adherence_n,
                                seed=cfg.seed, cache_dir=cfg.paths.cache_dir)
@@ -279,40 +279,39 @@ def train(cfg: DictConfig) -> dict:
     quiet_library_output()
     expand_paths(cfg, TRAIN_PATH_KEYS)  # ~ and $VARS, from the user or a default (the cache dir)
     check_train_settings(cfg)
+    preflight(cfg)
     run_dir = Path(str(cfg.run_dir))
     run_dir.mkdir(parents=True, exist_ok=True)
-    L.seed_everything(cfg.seed, workers=True)
-    preflight(cfg)
     ckpt_path = resolve_ckpt_path(cfg.get("ckpt_path"), run_dir)
+    L.seed_everything(cfg.seed, workers=True)
 
-    settings = resolve_device_settings(OmegaConf.to_container(cfg, resolve=True),
-                                       device_type_of(cfg.trainer.get("accelerator")))
-    dm = LlamaDataModule(apply_device_settings(OmegaConf.to_container(cfg, resolve=True), settings)["data"],
-                         cache_dir=cfg.paths.cache_dir, seed=cfg.seed)
+    # the run's config, converted and resolved once; every step below reads (and completes) this dict
+    run = OmegaConf.to_container(cfg, resolve=True)
+    settings = resolve_run_settings(run, device_type_of(cfg.trainer.get("accelerator")))
+    run = apply_device_settings(run, settings)
+
+    dm = LlamaDataModule(run["data"], cache_dir=cfg.paths.cache_dir, seed=cfg.seed)
     dm.prepare_data()
     dm.setup("fit")
-    adapt_model_to_data(cfg, dm.vocab_size, dm.seq_len)
-    plain = OmegaConf.to_container(cfg, resolve=True)
-    resolved = apply_device_settings(plain, settings)
-    if cfg.get("init_from"):  # the base's heads, not the preset's, decide the attention backend
-        resolved["attention"] = plain.get("attention") or "auto"
-    module = build_module(cfg, resolved)
-    settings = settings_for_model(plain, settings, module)
+    adapt_model_to_data(run, dm.vocab_size, dm.seq_len)
+
+    module = build_module(cfg, run)
+    settings = resolve_model_attention(settings, run, module)
     log_device_settings(settings)
     check_vocab(module.model.cfg.vocab_size, dm.vocab_size, cfg.get("init_from"), dm.tokenizer_path)
     check_base_tokenizer(cfg.get("init_from"), dm.tokenizer_path)
     if ckpt_path:
         check_resume(ckpt_path, module)
 
-    logger = build_logger(cfg.logger, run_dir, run_name(cfg), sweep_group(cfg), resolved)
+    logger = build_logger(cfg.logger, run_dir, run_name(cfg), sweep_group(cfg), run)
     callbacks = build_callbacks(cfg, has_logger=logger is not None)
-    trainer_cfg = dict(resolved["trainer"])
+    trainer_cfg = dict(run["trainer"])
     plugins = [*(trainer_cfg.pop("plugins", None) or []), AtomicCheckpointIO()]  # checkpoints never half-written
     trainer: L.Trainer = instantiate(trainer_cfg, callbacks=callbacks, logger=logger or False,
                                      default_root_dir=str(run_dir), plugins=plugins)
     try:
         trainer.fit(module, datamodule=dm, ckpt_path=ckpt_path)
-        summary = finish_run(cfg, resolved, trainer, module, dm, run_dir, start)
+        summary = finish_run(cfg, run, trainer, module, dm, run_dir, start)
     finally:
         finish_wandb()
     return summary
@@ -353,7 +352,7 @@ def finish_run(cfg: DictConfig, resolved: dict, trainer: L.Trainer, module: Llam
         if (cfg.get("export") or {}).get("merged_hf") and (cfg.get("lora") or {}).get("enabled") \
                 and cfg.get("init_from"):  # the QLoRA guide's merge_and_unload: a plain HF model to ship
             from llamalit.checkpoints.merged import export_merged_hf
-            from llamalit.lora import LoraConfig, lora_state_dict
+            from llamalit.model.lora import LoraConfig, lora_state_dict
 
             files["merged_hf"] = str(export_merged_hf(
                 cfg.init_from, lora_state_dict(model), LoraConfig.from_dict(resolved["lora"]),

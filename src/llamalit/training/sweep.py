@@ -11,7 +11,7 @@ from typing import Any
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
-from llamalit.fileio import atomic_path
+from llamalit.utils.fileio import atomic_path
 
 log = logging.getLogger(__name__)
 

@@ -1,0 +1,304 @@
+"""A C++ CPU kernel for one-token fp32 decoding, compiled on first use and called through ctypes.
+
+``decode_cpu.cpp`` runs a whole :func:`llamalit.inference.decode.decode_step` (embedding to logits) on
+weights packed by :func:`pack_rows` into one arena on transparent huge pages (:func:`huge_page_arena`),
+streaming each matrix once at close to memory bandwidth. It is
+built with the system C++ compiler (``$CXX``, else ``c++``; ``-O3 -march=native -fopenmp``) into ``$LLAMALIT_KERNEL_DIR`` (default ``~/.cache/llamalit/kernels``), one
+file per source, flags, compiler and CPU. No compiler, or a failed build: :func:`load_decode_kernel`
+logs why once and returns None, and decoding keeps the PyTorch path. ``LLAMALIT_DECODE_KERNEL=0``
+turns the kernel off.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import logging
+import os
+import platform
+import shutil
+import subprocess
+from pathlib import Path
+
+import torch
+
+from llamalit.utils.fileio import atomic_path
+
+log = logging.getLogger(__name__)
+
+SOURCE = Path(__file__).with_name("decode_cpu.cpp")
+PANEL = 64  # rows per packed panel; PANEL in decode_cpu.cpp
+ABI_VERSION = 4  # llk_abi_version() in decode_cpu.cpp
+ENV_SWITCH = "LLAMALIT_DECODE_KERNEL"
+_FLAGS = ["-O3", "-march=native", "-fopenmp-simd", "-fno-math-errno", "-shared", "-fPIC", "-std=c++17"]
+_P = ctypes.POINTER
+_i64, _f32p = ctypes.c_int64, _P(ctypes.c_float)
+
+
+def kernel_enabled(flag: bool | None = None) -> bool:
+    """``flag`` when given, else the environment switch (``LLAMALIT_DECODE_KERNEL=0`` means off)."""
+    if flag is not None:
+        return flag
+    return os.environ.get(ENV_SWITCH, "1").strip().lower() not in ("0", "false", "no", "off")
+
+
+def kernel_dir() -> Path:
+    """Where built kernels are cached: ``$LLAMALIT_KERNEL_DIR``, else ``$XDG_CACHE_HOME/llamalit/kernels``."""
+    if os.environ.get("LLAMALIT_KERNEL_DIR"):
+        return Path(os.environ["LLAMALIT_KERNEL_DIR"])
+    cache = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(cache) / "llamalit" / "kernels"
+
+
+def _cpu_tag() -> str:
+    """The CPU's feature flags: a library built with -march=native must not run on another CPU."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith(("flags", "Features")):
+                return line
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def build_decode_kernel(out_dir: Path | None = None) -> Path:
+    """Compile decode_cpu.cpp (if not already cached) and return the shared library's path.
+
+    Raises RuntimeError naming the compiler and its output when no compiler is found or it fails.
+    """
+    cxx = os.environ.get("CXX") or shutil.which("c++") or shutil.which("g++") or shutil.which("clang++")
+    if not cxx:
+        raise RuntimeError("no C++ compiler found (set $CXX or install g++)")
+    try:
+        version = subprocess.run([cxx, "--version"], capture_output=True, text=True, timeout=30).stdout
+    except (OSError, subprocess.SubprocessError) as e:
+        raise RuntimeError(f"C++ compiler {cxx!r} does not run: {e}") from e
+    source = SOURCE.read_bytes()
+    key = hashlib.sha256(b"\0".join(
+        [source, " ".join(_FLAGS).encode(), version.encode(), _cpu_tag().encode()])).hexdigest()[:16]
+    lib = (out_dir or kernel_dir()) / f"decode_cpu-{key}.so"
+    if lib.exists():
+        return lib
+    log.info("compiling the llamalit decode kernel into %s", lib)
+    errors = []
+    for extra in (["-fopenmp"], []):  # no OpenMP (e.g. clang without libomp): one thread only
+        try:
+            with atomic_path(lib) as tmp:  # a failed build raises here: no half-written library
+                cmd = [cxx, *_FLAGS, *extra, "-o", str(tmp), str(SOURCE)]
+                done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+                if done.returncode != 0:
+                    raise _BuildError(f"$ {' '.join(cmd)}\n{done.stderr.strip()[-2000:]}")
+            return lib
+        except _BuildError as e:
+            errors.append(str(e))
+    raise RuntimeError("compiling the decode kernel failed:\n" + "\n".join(errors))
+
+
+class _BuildError(Exception):
+    pass
+
+
+@functools.cache
+def load_decode_kernel() -> ctypes.CDLL | None:
+    """The compiled kernel library, built on first use; None (logged once) when it cannot be built."""
+    try:
+        lib = ctypes.CDLL(str(build_decode_kernel()))
+        if lib.llk_abi_version() != ABI_VERSION:
+            raise RuntimeError(f"kernel ABI {lib.llk_abi_version()} != {ABI_VERSION}")
+    except (OSError, RuntimeError, subprocess.SubprocessError) as e:
+        log.warning("llamalit decode kernel unavailable, using the PyTorch path "
+                    "(LLAMALIT_DECODE_KERNEL=0 skips the attempt): %s", e)
+        return None
+    lib.llk_gemv.argtypes = [_f32p, _i64, _i64, _f32p, _i64, _f32p, ctypes.c_int, ctypes.c_int]
+    lib.llk_gemv.restype = None
+    # plain addresses (ints): the per-token call converts no ctypes objects
+    _vp = ctypes.c_void_p
+    lib.llk_step.argtypes = [_vp, _vp, _i64, _i64, _vp, _vp, _vp, ctypes.c_int]
+    lib.llk_step.restype = None
+    lib.llk_exp.argtypes = [_vp, _i64, _vp]
+    lib.llk_exp.restype = None
+    lib.llk_advise_huge.argtypes = [_vp, _i64]
+    lib.llk_advise_huge.restype = ctypes.c_int
+    return lib
+
+
+class _Model(ctypes.Structure):
+    """LlkModel in decode_cpu.cpp."""
+
+    _fields_ = [(name, _i64) for name in ("dim", "hidden", "n_layers", "n_heads", "n_kv_heads", "head_dim",
+                                          "vocab", "max_seq_len")] + [
+        ("eps", ctypes.c_float), ("embedding", _f32p), ("layers", _P(_f32p)), ("norm", _f32p),
+        ("output", _f32p), ("cos", _f32p), ("sin", _f32p), ("stream_output", _i64)]
+
+
+def _ptr(t: torch.Tensor) -> ctypes._Pointer:
+    return ctypes.cast(t.data_ptr(), _f32p)
+
+
+def pack_rows(w: torch.Tensor) -> torch.Tensor:
+    """W (rows, n) as panels of PANEL rows stored input-major: (ceil(rows / PANEL), n, PANEL), zero-padded."""
+    rows, n = w.shape
+    panels = -(-rows // PANEL)
+    padded = torch.zeros(panels * PANEL, n, dtype=w.dtype, device=w.device)
+    padded[:rows] = w
+    return padded.view(panels, PANEL, n).transpose(1, 2).contiguous()
+
+
+def gemv(x: torch.Tensor, packed: torch.Tensor, rows: int) -> torch.Tensor:
+    """``x @ W.T`` for x (B, n) float32 and ``packed = pack_rows(W)``; needs the kernel loaded."""
+    lib = load_decode_kernel()
+    if lib is None:
+        raise RuntimeError("the decode kernel is not available (see the warning logged above)")
+    x = x.float().contiguous()
+    if packed.dtype != torch.float32 or packed.shape[1] != x.shape[1] or packed.shape[0] * PANEL < rows:
+        raise ValueError(f"gemv: packed {tuple(packed.shape)} does not fit x {tuple(x.shape)}, rows={rows}")
+    y = torch.empty(x.shape[0], rows)
+    lib.llk_gemv(_ptr(x), x.shape[0], x.shape[1], _ptr(packed), rows, _ptr(y), 0, torch.get_num_threads())
+    return y
+
+
+STREAM_OUTPUT_BYTES = 8 << 20  # output heads this large are read with non-temporal prefetches
+HUGE_PAGE = 2 << 20  # bytes: a transparent huge page on x86-64 / most arm64 kernels
+
+
+def huge_page_arena(numel: int, lib: ctypes.CDLL | None = None) -> torch.Tensor:
+    """An uninitialised float32 buffer of ``numel`` starting on a 2 MiB boundary, advised for huge pages.
+
+    Must be filled after this call (the advice applies to pages not yet touched). ``lib`` is the
+    kernel library (for ``llk_advise_huge``); without it, or where the OS refuses, plain pages.
+    """
+    span = -(-numel * 4 // HUGE_PAGE) * HUGE_PAGE
+    buf = torch.empty((span + HUGE_PAGE) // 4)
+    start = (-buf.data_ptr() % HUGE_PAGE) // 4
+    if lib is not None:
+        lib.llk_advise_huge(buf.data_ptr() + start * 4, span)
+    return buf[start:start + numel]  # the view keeps the whole buffer alive
+
+
+def vexp(x: torch.Tensor) -> torch.Tensor:
+    """``exp(x)`` (float32, CPU) through the kernel's vectorised exp; needs the kernel loaded."""
+    lib = load_decode_kernel()
+    if lib is None:
+        raise RuntimeError("the decode kernel is not available (see the warning logged above)")
+    x = x.float().contiguous()
+    out = torch.empty_like(x)
+    lib.llk_exp(x.data_ptr(), x.numel(), out.data_ptr())
+    return out
+
+
+class DecodeKernel:
+    """Packed weights of one fp32 CPU model and the compiled step over them.
+
+    ``layers`` holds, per layer, (attention_norm weight, wq|wk|wv, wo, ffn_norm weight, w1|w3, w2)
+    as plain (out, in) matrices; they are packed here, in the order the step reads them, into one
+    2 MiB-aligned arena on transparent huge pages (one copy of the weights). The tensors whose
+    pointers the kernel reads are kept alive by this object.
+    """
+
+    def __init__(self, lib: ctypes.CDLL, *, dim: int, hidden: int, n_heads: int, n_kv_heads: int,
+                 eps: float, embedding: torch.Tensor, layers: list[tuple[torch.Tensor, ...]],
+                 norm: torch.Tensor, output: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                 stream_output: bool | None = None):
+        self.lib = lib
+        if stream_output is None:  # only worth it when the head would push the layers out of the cache
+            stream_output = output.numel() * 4 >= STREAM_OUTPUT_BYTES
+        mats = [w for layer in layers for w in (layer[1], layer[2], layer[4], layer[5])] + [output]
+        if any(t.dtype != torch.float32 or t.device.type != "cpu"
+               for t in [embedding, norm, cos, sin, *mats, *(w for layer in layers for w in layer)]):
+            raise ValueError("DecodeKernel: every weight must be a float32 CPU tensor")
+        sizes = [-(-w.shape[0] // PANEL) * PANEL * w.shape[1] for w in mats]
+        self.arena = huge_page_arena(sum(sizes), lib)
+        packed, offset = [], 0
+        with torch.no_grad():
+            for w, size in zip(mats, sizes):  # one matrix at a time: no second full copy at any moment
+                dst = self.arena[offset:offset + size]
+                dst.copy_(pack_rows(w).view(-1))
+                packed.append(dst)
+                offset += size
+            self.small = [embedding.contiguous(), norm.contiguous(), cos.contiguous(), sin.contiguous()]
+            self.norms = [t.contiguous() for layer in layers for t in (layer[0], layer[3])]
+        per_layer = [t for i in range(len(layers)) for t in (
+            self.norms[2 * i], packed[4 * i], packed[4 * i + 1], self.norms[2 * i + 1],
+            packed[4 * i + 2], packed[4 * i + 3])]
+        self.layer_ptrs = (_f32p * len(per_layer))(*[_ptr(t) for t in per_layer])
+        self.vocab, self.n_kv_heads, self.head_dim = output.shape[0], n_kv_heads, dim // n_heads
+        self.n_layers, self.max_seq_len = len(layers), cos.shape[0]
+        emb, nrm, cos_, sin_ = self.small
+        self.model = _Model(dim, hidden, len(layers), n_heads, n_kv_heads, self.head_dim, self.vocab,
+                            self.max_seq_len, eps, _ptr(emb), self.layer_ptrs, _ptr(nrm), _ptr(packed[-1]),
+                            _ptr(cos_), _ptr(sin_), int(stream_output))
+        self._model_addr = ctypes.addressof(self.model)
+        self._bound: tuple | None = None  # the caches last checked, and their pointer arrays
+        self.threads: int | None = None  # threads a step uses (kernels.select's probe); None: torch's count
+
+    def huge_pages(self) -> bool:
+        """Whether the packed weights' memory is (at least partly) on transparent huge pages (Linux)."""
+        start, end = self.arena.data_ptr(), self.arena.data_ptr() + self.arena.numel() * 4
+        try:
+            with open("/proc/self/smaps") as f:
+                inside = False
+                for line in f:
+                    head = line.split(" ", 1)[0]
+                    if "-" in head and not head.endswith(":"):
+                        lo, hi = (int(x, 16) for x in head.split("-"))
+                        inside = lo < end and start < hi
+                    elif inside and head == "AnonHugePages:" and int(line.split()[1]) > 0:
+                        return True
+        except OSError:
+            pass
+        return False
+
+    def _bind(self, caches: list) -> tuple | None:
+        """(batch, k pointer array, v pointer array) for these caches, or None when they do not fit.
+
+        The full check runs when the cache tensors change; a generation loop passing the same
+        caches again costs only an identity check per tensor.
+        """
+        tensors = [t for c in caches for t in (c.k, c.v)]
+        bound = self._bound
+        if bound is not None and len(tensors) == len(bound[0]) and all(
+                t is u and t.data_ptr() == p for t, u, p in zip(tensors, bound[0], bound[1])):
+            return bound[2]
+        shape = (self.n_kv_heads, self.max_seq_len, self.head_dim)
+        if len(caches) != self.n_layers or not all(
+                t.dtype == torch.float32 and t.device.type == "cpu" and t.is_contiguous()
+                and tuple(t.shape[1:]) == shape and t.shape[0] == tensors[0].shape[0] for t in tensors):
+            return None
+        k = (_f32p * len(caches))(*[_ptr(t) for t in tensors[0::2]])
+        v = (_f32p * len(caches))(*[_ptr(t) for t in tensors[1::2]])
+        bind = (tensors[0].shape[0], k, v, ctypes.addressof(k), ctypes.addressof(v))
+        self._bound = (tensors, [t.data_ptr() for t in tensors], bind)
+        return bind
+
+    def accepts(self, caches: list) -> bool:
+        """True when the caches are float32, contiguous, on the CPU and shaped for this model."""
+        return self._bind(caches) is not None
+
+    def step(self, tok: torch.Tensor, pos: int, caches: list) -> torch.Tensor:
+        """Logits (B, vocab) for token ids ``tok`` (B,) at ``pos``; k and v of ``pos`` go into ``caches``."""
+        logits = self.try_step(tok, pos, caches)
+        if logits is None:
+            raise ValueError("the caches do not fit the decode kernel: they must be float32, contiguous, on "
+                             f"the CPU, one per layer ({self.n_layers}), each (B, {self.n_kv_heads}, "
+                             f"{self.max_seq_len}, {self.head_dim})")
+        return logits
+
+    def try_step(self, tok: torch.Tensor, pos: int, caches: list) -> torch.Tensor | None:
+        """:meth:`step`, or None (nothing done) when the caches do not fit (:meth:`accepts`)."""
+        if not 0 <= pos < self.max_seq_len:
+            raise ValueError(f"position {pos} is outside 0..{self.max_seq_len - 1}")
+        bind = self._bind(caches)
+        if bind is None:
+            return None
+        ids = tok.tolist()
+        if ids and not 0 <= min(ids) <= max(ids) < self.vocab:
+            raise ValueError(f"token ids must be in 0..{self.vocab - 1}, got {ids}")
+        batch = len(ids)
+        if bind[0] != batch:
+            raise ValueError(f"caches hold batch {bind[0]}, tokens have {batch} rows")
+        ids_c = (_i64 * batch)(*ids)
+        logits = torch.empty(batch, self.vocab)
+        self.lib.llk_step(self._model_addr, ctypes.addressof(ids_c), batch, pos, bind[3], bind[4],
+                          logits.data_ptr(), self.threads or torch.get_num_threads())
+        return logits

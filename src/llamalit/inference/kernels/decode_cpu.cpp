@@ -1,0 +1,361 @@
+// One-token Llama decoding on the CPU, fp32: the whole step (embedding to logits) in plain loops.
+//
+// Built and loaded by llamalit/kernels/__init__.py (g++ -O3 -march=native -fopenmp, called through
+// ctypes). Every matrix W (rows x n) arrives "packed" by pack_rows() there: panels of PANEL rows,
+// each stored input-major, (rows / PANEL, n, PANEL) zero-padded. A product then reads the weights in
+// one contiguous stream and needs no horizontal sums; MKL's gemv on the same cold matrices reaches
+// about half the bandwidth (docs/bench_generate.md). The packed matrices sit in one arena on 2 MiB
+// pages (llk_advise_huge), in the order the step reads them; softmax and SiLU use a vector exp.
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <vector>
+#if defined(__linux__)
+#include <sys/mman.h>
+#endif
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
+namespace {
+
+constexpr int64_t PANEL = 64;
+// 16 floats: one zmm with AVX-512, two ymm with AVX2, four xmm with SSE; unaligned loads allowed.
+typedef float vec __attribute__((vector_size(64), aligned(4)));
+
+inline vec load(const float* p) { return *reinterpret_cast<const vec*>(p); }
+
+// Non-temporal prefetch distance (floats) for a matrix read once per token and larger than the
+// cache (the output head): its lines then bypass most of the cache hierarchy and the ~25 MB of
+// layer weights stay in L3 between tokens.
+constexpr int64_t NTA_AHEAD = 512;
+
+constexpr int64_t STRIP = 16;  // rows of one vector: the unit the threads split a product into
+
+// y[b, r] (+)= sum_i W[r, i] x[b, i] for rows [r0, r0 + 16 C) of one packed panel `w` (n x PANEL).
+template <bool NTA, int C>
+void gemv_strip(const float* x, int64_t batch, int64_t n, const float* w0, int64_t rows, float* y,
+                bool accumulate, int64_t row0) {
+  for (int64_t b = 0; b < batch; ++b) {  // rows after the first re-read the panel from L1/L2
+    const float* w = w0;
+    const float* xb = x + b * n;
+    vec a[C] = {}, c[C] = {};
+    int64_t i = 0;
+    for (; i + 2 <= n; i += 2, w += 2 * PANEL) {  // two inputs a step: 2 C independent sums
+      if (NTA && b == 0)
+        for (int k = 0; k < 2 * PANEL; k += 16) __builtin_prefetch(w + NTA_AHEAD + k, 0, 0);
+      const float x0 = xb[i], x1 = xb[i + 1];
+      for (int k = 0; k < C; ++k) a[k] += load(w + 16 * k) * x0;
+      for (int k = 0; k < C; ++k) c[k] += load(w + PANEL + 16 * k) * x1;
+    }
+    if (i < n)
+      for (int k = 0; k < C; ++k) a[k] += load(w + 16 * k) * xb[i];
+    vec sums[C];
+    for (int k = 0; k < C; ++k) sums[k] = a[k] + c[k];
+    const float* s = reinterpret_cast<const float*>(sums);
+    float* yb = y + b * rows + row0;
+    const int64_t m = std::min<int64_t>(16 * C, rows - row0);
+    for (int64_t k = 0; k < m; ++k) yb[k] = accumulate ? yb[k] + s[k] : s[k];
+  }
+}
+
+// The strips s0..s1 (16 rows each) of a packed W: whole panels at full width, partial ones narrower.
+template <bool NTA>
+void gemv_strips(const float* x, int64_t batch, int64_t n, const float* wp, int64_t rows, float* y,
+                 bool accumulate, int64_t s0, int64_t s1) {
+  constexpr int64_t per = PANEL / STRIP;
+  for (int64_t s = s0; s < s1;) {
+    const int64_t p = s / per, c0 = s - p * per, c1 = std::min(s1 - p * per, per);
+    const float* w = wp + p * n * PANEL + c0 * STRIP;
+    const int64_t row0 = p * PANEL + c0 * STRIP;
+    switch (c1 - c0) {
+      case 4: gemv_strip<NTA, 4>(x, batch, n, w, rows, y, accumulate, row0); break;
+      case 3: gemv_strip<NTA, 3>(x, batch, n, w, rows, y, accumulate, row0); break;
+      case 2: gemv_strip<NTA, 2>(x, batch, n, w, rows, y, accumulate, row0); break;
+      default: gemv_strip<NTA, 1>(x, batch, n, w, rows, y, accumulate, row0); break;
+    }
+    s = p * per + c1;
+  }
+}
+
+// This thread's share (t of nt) of y (+)= W x: called by every thread of a team, no barrier.
+void gemv_part(const float* x, int64_t batch, int64_t n, const float* wp, int64_t rows, float* y,
+               bool accumulate, int t, int nt, bool nta = false) {
+  const int64_t strips = (rows + STRIP - 1) / STRIP;
+  const int64_t s0 = strips * t / nt, s1 = strips * (t + 1) / nt;
+  (nta ? gemv_strips<true> : gemv_strips<false>)(x, batch, n, wp, rows, y, accumulate, s0, s1);
+}
+
+// Team size for `threads` asked: OpenMP's dynamic adjustment gives fewer while the machine is busy
+// (libgomp: cores minus the load average), since a thread waiting for a core stalls every barrier.
+int team_size(int threads) {
+#ifdef _OPENMP
+  return threads > 1 ? threads : 1;
+#else
+  (void)threads;
+  return 1;
+#endif
+}
+
+void gemv(const float* x, int64_t batch, int64_t n, const float* wp, int64_t rows, float* y,
+          bool accumulate, int threads) {
+#ifdef _OPENMP
+  const int dynamic = omp_get_dynamic();
+  omp_set_dynamic(1);
+#pragma omp parallel num_threads(team_size(threads)) if (threads > 1)
+  gemv_part(x, batch, n, wp, rows, y, accumulate, omp_get_thread_num(), omp_get_num_threads());
+  omp_set_dynamic(dynamic);
+#else
+  gemv_part(x, batch, n, wp, rows, y, accumulate, 0, 1);
+#endif
+}
+
+void rms_norm(const float* x, const float* w, int64_t n, float eps, float* out) {
+  float ss = 0.f;
+#pragma omp simd reduction(+ : ss)
+  for (int64_t i = 0; i < n; ++i) ss += x[i] * x[i];
+  const float scale = 1.f / std::sqrt(ss / n + eps);
+  for (int64_t i = 0; i < n; ++i) out[i] = x[i] * scale * w[i];
+}
+
+typedef int32_t ivec __attribute__((vector_size(64)));
+
+// exp of 16 floats (Cephes expf: range reduction by ln 2, degree-6 polynomial; ~1-2 ulp, like
+// the SLEEF exp PyTorch uses). Results below FLT_MIN are flushed to 0 (so -inf gives 0), past
+// FLT_MAX give inf, NaN stays NaN. The scalar std::exp does not vectorise without -ffast-math
+// (SiLU and the attention weights use it every token).
+inline vec vexp(vec x) {
+  constexpr float lo = -87.336544f, hi = 88.722839f;  // ln FLT_MIN, ln FLT_MAX
+  vec xc = x < lo ? vec{} + lo : x;  // vec{} + c: a splat of c
+  xc = xc > hi ? vec{} + hi : xc;
+  const vec magic = vec{} + 12582912.f;  // 1.5 * 2^23: adding and subtracting it rounds to nearest
+  const vec n = (xc * 1.44269504f + magic) - magic;
+  const vec r = xc - n * 0.693359375f + n * 2.12194440e-4f;  // x - n ln 2, ln 2 split in two parts
+  vec y = r * 1.9875691500e-4f + 1.3981999507e-3f;
+  y = y * r + 8.3334519073e-3f;
+  y = y * r + 4.1665795894e-2f;
+  y = y * r + 1.6666665459e-1f;
+  y = y * r + 5.0000001201e-1f;
+  y = y * r * r + r + 1.f;
+  const ivec ni = __builtin_convertvector(n, ivec), half = ni >> 1;  // 2^n = 2^half 2^(n - half):
+  const vec e = y * (vec)((half + 127) << 23) * (vec)((ni - half + 127) << 23);  // both normal
+  const vec inf = vec{} + INFINITY;
+  return x < lo ? vec{} : x > hi ? inf : x != x ? x : e;
+}
+
+inline float hsum(vec s) {
+  float t[16];
+  std::memcpy(t, &s, sizeof t);
+  for (int w = 8; w > 0; w /= 2)
+    for (int i = 0; i < w; ++i) t[i] += t[i + w];
+  return t[0];
+}
+
+// In place: scores[0..n) -> exp(scores - max); returns their sum. scores has room for n rounded
+// up to 16 (the tail is padded with -inf, whose exp is 0).
+float softmax_numerators(float* scores, int64_t n, float top) {
+  const int64_t padded = (n + 15) / 16 * 16;
+  std::fill(scores + n, scores + padded, -INFINITY);
+  vec total = {};
+  for (int64_t t = 0; t < padded; t += 16) {
+    const vec e = vexp(load(scores + t) - top);
+    std::memcpy(scores + t, &e, sizeof e);
+    total += e;
+  }
+  return hsum(total);
+}
+
+// One query head over keys/values k, v (n, 16 * C) contiguous: out = softmax(q k^T * scale) v.
+template <int C>
+void attend_head(const float* q, const float* k, const float* v, int64_t n, float scale, float* scores,
+                 float* out) {
+  constexpr int64_t hd = 16 * C;
+  vec qv[C], acc[C];
+  for (int c = 0; c < C; ++c) qv[c] = load(q + 16 * c) * scale, acc[c] = vec{};
+  float top = -INFINITY;
+  for (int64_t t = 0; t < n; ++t) {
+    vec s = qv[0] * load(k + t * hd);
+    for (int c = 1; c < C; ++c) s += qv[c] * load(k + t * hd + 16 * c);
+    scores[t] = hsum(s);
+    top = std::max(top, scores[t]);
+  }
+  const float inv = 1.f / softmax_numerators(scores, n, top);
+  for (int64_t t = 0; t < n; ++t)
+    for (int c = 0; c < C; ++c) acc[c] += load(v + t * hd + 16 * c) * scores[t];
+  for (int c = 0; c < C; ++c) {
+    const vec o = acc[c] * inv;
+    std::memcpy(out + 16 * c, &o, sizeof o);
+  }
+}
+
+// Any head size: the same with plain loops.
+void attend_head_any(const float* q, const float* k, const float* v, int64_t n, int64_t hd, float scale,
+                     float* scores, float* out) {
+  float top = -INFINITY;
+  for (int64_t t = 0; t < n; ++t) {
+    float s = 0.f;
+#pragma omp simd reduction(+ : s)
+    for (int64_t i = 0; i < hd; ++i) s += q[i] * k[t * hd + i];
+    scores[t] = s * scale;
+    top = std::max(top, scores[t]);
+  }
+  const float inv = 1.f / softmax_numerators(scores, n, top);
+  std::fill_n(out, hd, 0.f);
+  for (int64_t t = 0; t < n; ++t)
+#pragma omp simd
+    for (int64_t i = 0; i < hd; ++i) out[i] += scores[t] * v[t * hd + i];
+  for (int64_t i = 0; i < hd; ++i) out[i] *= inv;
+}
+
+void attend(const float* q, const float* k, const float* v, int64_t n, int64_t hd, float scale, float* scores,
+            float* out) {
+  switch (hd) {
+    case 16: return attend_head<1>(q, k, v, n, scale, scores, out);
+    case 32: return attend_head<2>(q, k, v, n, scale, scores, out);
+    case 48: return attend_head<3>(q, k, v, n, scale, scores, out);
+    case 64: return attend_head<4>(q, k, v, n, scale, scores, out);
+    case 96: return attend_head<6>(q, k, v, n, scale, scores, out);
+    case 128: return attend_head<8>(q, k, v, n, scale, scores, out);
+    default: return attend_head_any(q, k, v, n, hd, scale, scores, out);
+  }
+}
+
+// g = silu(h1) * h3 = h1 / (1 + exp(-h1)) * h3
+void swiglu(const float* h1, const float* h3, int64_t n, float* g) {
+  int64_t i = 0;
+  for (; i + 16 <= n; i += 16) {
+    const vec a = load(h1 + i);
+    const vec o = a / (1.f + vexp(-a)) * load(h3 + i);
+    std::memcpy(g + i, &o, sizeof o);
+  }
+  for (; i < n; ++i) g[i] = h1[i] / (1.f + std::exp(-h1[i])) * h3[i];
+}
+
+}  // namespace
+
+extern "C" {
+
+// Shapes and pointers of one model; mirrored by _Model in llamalit/kernels/__init__.py.
+struct LlkModel {
+  int64_t dim, hidden, n_layers, n_heads, n_kv_heads, head_dim, vocab, max_seq_len;
+  float eps;
+  const float* embedding;       // (vocab, dim), plain rows
+  const float* const* layers;   // 6 per layer: attention_norm, wqkv, wo, ffn_norm, w13, w2 (packed)
+  const float* norm;            // (dim,)
+  const float* output;          // packed (vocab x dim)
+  const float* cos;             // (max_seq_len, head_dim / 2)
+  const float* sin;
+  int64_t stream_output;        // 1: read the output head with non-temporal prefetches
+};
+
+int llk_abi_version() { return 4; }
+
+// Ask for transparent huge pages over [p, p + bytes) (p 2 MiB aligned, not yet touched): 4 KiB pages
+// cost a TLB miss and a restart of the hardware prefetcher every 4 KiB of a weight stream. 0 on success; -1 where
+// not supported or refused (THP "never"): the weights then stay on small pages.
+int llk_advise_huge(void* p, int64_t bytes) {
+#if defined(__linux__) && defined(MADV_HUGEPAGE)
+  return madvise(p, static_cast<size_t>(bytes), MADV_HUGEPAGE) == 0 ? 0 : -1;
+#else
+  (void)p; (void)bytes;
+  return -1;
+#endif
+}
+
+// out = exp(x) elementwise with the kernel's vector exp (for tests).
+void llk_exp(const float* x, int64_t n, float* out) {
+  int64_t i = 0;
+  for (; i + 16 <= n; i += 16) {
+    const vec e = vexp(load(x + i));
+    std::memcpy(out + i, &e, sizeof e);
+  }
+  if (i < n) {
+    float t[16] = {};
+    std::copy(x + i, x + n, t);
+    const vec e = vexp(load(t));
+    std::memcpy(out + i, &e, (n - i) * sizeof(float));
+  }
+}
+
+// y = W x (or y += W x) for x (batch, n) and a packed W with `rows` rows.
+void llk_gemv(const float* x, int64_t batch, int64_t n, const float* wp, int64_t rows, float* y,
+              int accumulate, int threads) {
+  gemv(x, batch, n, wp, rows, y, accumulate != 0, threads);
+}
+
+// Logits (batch, vocab) of tokens `tok` (batch,) at position `pos`; writes k and v of `pos` into
+// the caches k[l], v[l], each (batch, n_kv_heads, max_seq_len, head_dim) contiguous.
+//
+// One team of threads runs the whole token: each product is split by rows (16-row strips) over the
+// team, attention by (row, kv head); norms and SwiGLU are recomputed by every thread into its own
+// buffer (a few hundred floats) instead of a barrier. Five barriers a layer.
+void llk_step(const LlkModel* m, const int64_t* tok, int64_t batch, int64_t pos, float* const* k_cache,
+              float* const* v_cache, float* logits, int threads) {
+  const int64_t dim = m->dim, hd = m->head_dim, nh = m->n_heads, nkv = m->n_kv_heads;
+  const int64_t n_qkv = (nh + 2 * nkv) * hd, half = hd / 2, seq = m->max_seq_len, hidden = m->hidden;
+  const int64_t group = nh / nkv;
+  const float scale = 1.f / std::sqrt(static_cast<float>(hd));
+  std::vector<float> x(batch * dim), qkv(batch * n_qkv), att(batch * nh * hd), h13(batch * 2 * hidden);
+  for (int64_t b = 0; b < batch; ++b)
+    std::copy_n(m->embedding + tok[b] * dim, dim, x.data() + b * dim);
+  const float* cos = m->cos + pos * half;
+  const float* sin = m->sin + pos * half;
+#ifdef _OPENMP
+  const int dynamic = omp_get_dynamic();
+  omp_set_dynamic(1);
+#pragma omp parallel num_threads(team_size(threads)) if (threads > 1)
+#endif
+  {
+#ifdef _OPENMP
+    const int t = omp_get_thread_num(), nt = omp_get_num_threads();
+#define LLK_BARRIER _Pragma("omp barrier")
+#else
+    const int t = 0, nt = 1;
+#define LLK_BARRIER
+#endif
+    std::vector<float> xn(batch * dim), g(batch * hidden), scores((pos + 16) / 16 * 16);
+    for (int64_t l = 0; l < m->n_layers; ++l) {
+      const float* const* w = m->layers + 6 * l;
+      for (int64_t b = 0; b < batch; ++b) rms_norm(&x[b * dim], w[0], dim, m->eps, &xn[b * dim]);
+      gemv_part(xn.data(), batch, dim, w[1], n_qkv, qkv.data(), false, t, nt);
+      LLK_BARRIER
+      for (int64_t job = t; job < batch * nkv; job += nt) {  // one kv head and its query heads
+        const int64_t b = job / nkv, kh = job % nkv;
+        float* q = &qkv[b * n_qkv];
+        for (int64_t h = -1; h < group; ++h) {  // RoPE on adjacent pairs: the k head, then its q heads
+          float* v = h < 0 ? q + (nh + kh) * hd : q + (kh * group + h) * hd;
+          for (int64_t j = 0; j < half; ++j) {
+            const float re = v[2 * j], im = v[2 * j + 1];
+            v[2 * j] = re * cos[j] - im * sin[j];
+            v[2 * j + 1] = re * sin[j] + im * cos[j];
+          }
+        }
+        float* kc = k_cache[l] + (b * nkv + kh) * seq * hd;
+        float* vc = v_cache[l] + (b * nkv + kh) * seq * hd;
+        std::copy_n(q + (nh + kh) * hd, hd, kc + pos * hd);
+        std::copy_n(q + (nh + nkv + kh) * hd, hd, vc + pos * hd);
+        for (int64_t h = kh * group; h < (kh + 1) * group; ++h)  // softmax(q k^T / sqrt(hd)) v, 0..pos
+          attend(q + h * hd, kc, vc, pos + 1, hd, scale, scores.data(), &att[(b * nh + h) * hd]);
+      }
+      LLK_BARRIER
+      gemv_part(att.data(), batch, nh * hd, w[2], dim, x.data(), true, t, nt);
+      LLK_BARRIER
+      for (int64_t b = 0; b < batch; ++b) rms_norm(&x[b * dim], w[3], dim, m->eps, &xn[b * dim]);
+      gemv_part(xn.data(), batch, dim, w[4], 2 * hidden, h13.data(), false, t, nt);
+      LLK_BARRIER
+      for (int64_t b = 0; b < batch; ++b)
+        swiglu(&h13[b * 2 * hidden], &h13[b * 2 * hidden + hidden], hidden, &g[b * hidden]);
+      gemv_part(g.data(), batch, hidden, w[5], dim, x.data(), true, t, nt);
+      LLK_BARRIER
+    }
+    for (int64_t b = 0; b < batch; ++b) rms_norm(&x[b * dim], m->norm, dim, m->eps, &xn[b * dim]);
+    gemv_part(xn.data(), batch, dim, m->output, m->vocab, logits, false, t, nt, m->stream_output != 0);
+#undef LLK_BARRIER
+  }
+#ifdef _OPENMP
+  omp_set_dynamic(dynamic);
+#endif
+}
+
+}  // extern "C"

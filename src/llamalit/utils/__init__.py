@@ -1,0 +1,2 @@
+"""Helpers every layer uses: atomic file writes (``fileio``), Hub ids (``hub``), benchmark plumbing
+(``benchutil``)."""

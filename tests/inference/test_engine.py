@@ -1,0 +1,99 @@
+"""The batching engine gives each request the tokens generate() gives it alone, frees slots, bounds its queue."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+
+from llamalit.generate import generate
+from llamalit.inference.engine import Engine, QueueFull, SamplingParams, tokens
+
+EOS = 2
+SETTINGS = [dict(temperature=0.0), dict(temperature=1.0, seed=3), dict(temperature=0.8, top_k=20, seed=5),
+            dict(temperature=1.0, top_p=0.9, seed=7), dict(temperature=0.0), dict(temperature=1.2, seed=11)]
+PROMPTS = [[1, 5, 9, 33], [1, 7], [1, 100, 200, 250, 44, 12, 9], [1, 3, 3], [1, 8, 8, 8, 8, 8, 8, 8, 8], [1, 60]]
+
+
+def test_batched_tokens_equal_generate_alone(served_model):
+    """Six requests of different lengths, settings and budgets through 3 slots: some wait, then join the
+    running batch as others finish; each one's tokens are generate()'s for that request alone."""
+    _, model, _ = served_model
+    engine = Engine(model, slots=3, max_queue=8).start()
+    try:
+        budgets = [30 + 13 * i for i in range(len(PROMPTS))]
+        first = [engine.submit(p, SamplingParams(max_tokens=n, **s), EOS)
+                 for p, s, n in list(zip(PROMPTS, SETTINGS, budgets))[:4]]
+        early = [next(tokens(r)) for r in first[:1]]  # the batch is running when the rest arrive
+        late = [engine.submit(p, SamplingParams(max_tokens=n, **s), EOS)
+                for p, s, n in list(zip(PROMPTS, SETTINGS, budgets))[4:]]
+        outs = [early + list(tokens(first[0]))] + [list(tokens(r)) for r in first[1:] + late]
+        assert engine.stats()["steps"] < sum(len(o) for o in outs)  # decode steps were shared
+    finally:
+        engine.close()
+    for prompt, setting, budget, out in zip(PROMPTS, SETTINGS, budgets, outs):
+        assert out == generate(model, prompt, budget, eos_id=EOS, **setting), (prompt, setting)
+    assert engine.stats()["active"] == 0
+
+
+def test_queue_bound_raises_queue_full(served_model):
+    """Not started: nothing is admitted, so the queue fills: one per slot, then max_queue more, then QueueFull."""
+    engine = Engine(served_model[1], slots=2, max_queue=1)
+    params = SamplingParams(max_tokens=4, temperature=0.0)
+    for _ in range(2):
+        engine.submit([1, 5], params, EOS)
+    with pytest.raises(QueueFull, match="max_queue=1"):
+        engine.submit([1, 5], params, EOS)
+    engine.close()
+
+
+def test_cancel_frees_the_slot_for_the_next_request(served_model):
+    engine = Engine(served_model[1], slots=1, max_queue=4).start()
+    try:
+        seen = threading.Event()
+        got: list[int | None] = []
+
+        def sink(item):
+            got.append(item)
+            seen.set()
+
+        long = engine.submit([1, 5], SamplingParams(max_tokens=400, temperature=0.0), None, sink=sink)
+        assert seen.wait(30)
+        waiting = engine.submit([1, 7], SamplingParams(max_tokens=5, temperature=0.0), None)
+        long.cancel()
+        assert len(list(tokens(waiting))) == 5  # it got the only slot
+        assert long.finish_reason == "cancelled" and long.n_generated < 400 and got[-1] is None
+        assert engine.stats()["finished"] == {"cancelled": 1, "length": 1}
+    finally:
+        engine.close()
+
+
+def test_bad_settings_and_long_prompts_are_refused(served_model):
+    engine = Engine(served_model[1], slots=1)
+    ctx = engine.context
+    with pytest.raises(ValueError, match="exceed the model's context"):
+        engine.submit([1] * (ctx - 3), SamplingParams(max_tokens=4), EOS)
+    with pytest.raises(ValueError, match="temperature"):
+        engine.submit([1], SamplingParams(max_tokens=4, temperature=-1), EOS)
+    engine.close()
+
+
+@pytest.mark.gpu
+def test_cuda_graph_slots_equal_generate_alone(served_model):
+    """On CUDA the whole slot batch is one CUDA graph with a position per row; same tokens as generate()."""
+    import copy
+
+    import torch
+
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    model = copy.deepcopy(served_model[1]).cuda()
+    engine = Engine(model, slots=4, max_queue=8).start()
+    try:
+        reqs = [engine.submit(p, SamplingParams(max_tokens=40, **s), EOS) for p, s in zip(PROMPTS, SETTINGS)]
+        outs = [list(tokens(r)) for r in reqs]
+    finally:
+        engine.close()
+    assert engine.static is not None and engine.static.graph is not None
+    for prompt, setting, out in zip(PROMPTS, SETTINGS, outs):
+        assert out == generate(model, prompt, 40, eos_id=EOS, **setting), (prompt, setting)

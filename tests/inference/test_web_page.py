@@ -1,0 +1,79 @@
+"""Headless Chromium drives the page at ``/``: types a prompt, sees text stream in, stops a long reply, and
+saves a screenshot (``$LLAMALIT_SCREENSHOT`` also gets a copy when set)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import time
+from pathlib import Path
+
+import pytest
+
+CHROMIUM, DRIVER = Path("/usr/bin/chromium"), Path("/usr/bin/chromedriver")
+WAIT_S = 60
+
+
+@pytest.fixture(scope="module")
+def browser():
+    if not (CHROMIUM.exists() and DRIVER.exists()):
+        pytest.skip("needs Debian's chromium and chromium-driver (/usr/bin/chromium, /usr/bin/chromedriver): "
+                    "apt-get install -y chromium chromium-driver")
+    webdriver = pytest.importorskip("selenium.webdriver", reason="needs selenium: pip install selenium")
+    options = webdriver.ChromeOptions()
+    options.binary_location = str(CHROMIUM)
+    for arg in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--window-size=1280,860"):
+        options.add_argument(arg)
+    driver = webdriver.Chrome(options=options, service=webdriver.ChromeService(executable_path=str(DRIVER)))
+    yield driver
+    driver.quit()
+
+
+def _until(check, timeout: float = WAIT_S):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = check()
+        if value:
+            return value
+        time.sleep(0.02)
+    raise AssertionError("timed out waiting for the page")
+
+
+def _set(driver, element_id: str, value) -> None:
+    driver.execute_script(
+        "const e = document.getElementById(arguments[0]); e.value = arguments[1]; e.dispatchEvent(new Event('input'));",
+        element_id, str(value))
+
+
+def test_page_streams_a_reply_and_stops(browser, live_server, tmp_path):
+    from selenium.webdriver.common.by import By
+
+    url = live_server(slots=2)
+    browser.get(url + "/")
+    _until(lambda: "context" in browser.find_element(By.ID, "model").text)
+    _set(browser, "temperature", 0.8)
+    _set(browser, "max_tokens", 60)
+    browser.find_element(By.ID, "prompt").send_keys("once upon a time the little cat")
+    browser.find_element(By.ID, "send").click()
+    reply = _until(lambda: browser.find_elements(By.CSS_SELECTOR, ".msg.assistant"))[-1]
+    _until(lambda: reply.text.strip())
+    _until(lambda: "chunks" in browser.find_element(By.ID, "stats").text)
+    stats = browser.find_element(By.ID, "stats").text
+    assert int(stats.split()[0]) >= 2, stats  # the reply came in streamed pieces
+    assert browser.find_element(By.ID, "error").text == ""
+    shot = tmp_path / "serve_page.png"
+    browser.save_screenshot(str(shot))
+    assert shot.stat().st_size > 10_000
+    if os.environ.get("LLAMALIT_SCREENSHOT"):
+        shutil.copyfile(shot, os.environ["LLAMALIT_SCREENSHOT"])
+
+    # instruction mode, a long reply, and the stop button
+    browser.find_element(By.ID, "tab-instr").click()
+    _set(browser, "max_tokens", 480)
+    browser.find_element(By.ID, "instruction").send_keys("Write a story about a dog.")
+    browser.find_element(By.ID, "send").click()
+    replies = _until(lambda: (r := browser.find_elements(By.CSS_SELECTOR, ".msg.assistant")) and len(r) == 2 and r)
+    _until(lambda: replies[-1].text.strip())
+    browser.find_element(By.ID, "stop").click()
+    _until(lambda: "stopped" in browser.find_element(By.ID, "stats").text)
+    assert browser.find_element(By.ID, "send").is_enabled()
