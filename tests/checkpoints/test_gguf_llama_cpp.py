@@ -36,8 +36,8 @@ from llamalit.checkpoints.gguf import save_gguf  # noqa: E402
 from llamalit.cli.export import run_export  # noqa: E402
 from llamalit.data.text_formats import read_records  # noqa: E402
 from llamalit.data.tokenizer import Tokenizer  # noqa: E402
-from llamalit.model.lora import LoraConfig, apply_lora, merge_lora  # noqa: E402
 from llamalit.model import Llama, ModelConfig  # noqa: E402
+from llamalit.model.lora import LoraConfig, apply_lora, merge_lora  # noqa: E402
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_thread")]
 

@@ -17,8 +17,8 @@ gguf = pytest.importorskip("gguf", reason="format=gguf needs the gguf package: p
 from llamalit.checkpoints import save_hf, save_model  # noqa: E402
 from llamalit.checkpoints.gguf import GGUFError, read_gguf_metadata, save_gguf, save_gguf_adapter  # noqa: E402
 from llamalit.cli.export import run_export  # noqa: E402
-from llamalit.model.lora import LoraConfig, apply_lora  # noqa: E402
 from llamalit.model import Llama, ModelConfig  # noqa: E402
+from llamalit.model.lora import LoraConfig, apply_lora  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[2]
 Q = gguf.GGMLQuantizationType
@@ -156,3 +156,16 @@ def test_cli_errors_are_one_line(tmp_path, tiny_tokenizer):
     assert merged.returncode == 0, merged.stderr
     assert "output.weight" in tensors(tmp_path / "m.gguf")
     assert not (tmp_path / "a.gguf").exists()
+
+
+def test_recorded_prompt_format_becomes_the_chat_template(tmp_path, tiny_tokenizer):
+    """A run that recorded ``llama2_chat`` (inference.templates) gets its Jinja in ``tokenizer.chat_template``;
+    ``instruct_stories`` has no Jinja form (its prompts are shortened in Python) and gets none."""
+    from llamalit.inference.jinja_templates import LLAMA2_CHAT
+
+    for template, expected in (("llama2_chat", LLAMA2_CHAT), ("instruct_stories", None)):
+        src = tmp_path / template
+        save_model(demo_model(), src, extra={"template": template}, files={"tokenizer.model": tiny_tokenizer.path})
+        [out] = run_export({"ckpt": str(src), "format": "gguf", "out": str(tmp_path / f"{template}.gguf")})
+        field = gguf.GGUFReader(str(out)).fields.get("tokenizer.chat_template")
+        assert (field.contents() if field else None) == expected
