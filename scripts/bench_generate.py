@@ -9,6 +9,11 @@ Variants (tokens/s of new tokens, prompt = [BOS]):
   kv_generic  ours: KV cache through the ordinary ``Llama.hidden`` forward (what decode_step replaces)
   recompute   ours: the whole prefix through the model for every new token, no cache
   hf          transformers ``LlamaForCausalLM.generate`` on the same weights (greedy, use_cache=True)
+  llama_cpp   llama.cpp (llama-cpp-python) on the same weights exported by ``format=gguf`` (f32, the same
+              precision as ours; a synthetic Llama-2-like vocabulary; llama.cpp's default f16 KV cache), same
+              thread count, batch 1, greedy through its own sampler; skipped with a note when ``llama_cpp`` is
+              not installed
+  llama_cpp_q8  the same on the ``dtype=q8_0`` GGUF (what llama.cpp users mostly run; ids may differ)
   run_c       with ``--run-c PATH``: llama2.c's ``run.c`` compiled here like ``make runfast``
               (``gcc -Ofast -march=native``), on the same weights exported as a llama2.c ``.bin``,
               1 thread, greedy; its own "achieved tok/s" (timed from its second token) is reported
@@ -51,7 +56,7 @@ from llamalit.inference.kernels import ENV_SWITCH
 from llamalit.model.llama import Llama, ModelConfig
 from llamalit.utils.fileio import atomic_write_json
 
-CPU_VARIANTS = ("kv", "kv_torch", "kv_generic", "recompute", "hf")
+CPU_VARIANTS = ("kv", "kv_torch", "kv_generic", "recompute", "hf", "llama_cpp", "llama_cpp_q8")
 DTYPES = ("fp32", "bf16", "tf32")
 CUDA_VARIANTS = ("kv", "kv_step", "kv_generic", "recompute", "hf", "static", "cudagraph", "compile")
 
@@ -185,6 +190,38 @@ class RunC:
         shutil.rmtree(self.dir, ignore_errors=True)
 
 
+class LlamaCpp:
+    """llama.cpp through llama-cpp-python on ``model`` written as a GGUF (our ``format=gguf`` writer)."""
+
+    def __init__(self, model: Llama, threads: int, dtype: str = "f32"):
+        import llama_cpp
+
+        from llamalit.checkpoints.gguf import GGUFVocab, save_gguf
+
+        n = model.cfg.vocab_size  # Llama 2's layout: <unk> <s> </s>, 256 byte pieces, then words
+        pieces = [b"<unk>", b"<s>", b"</s>", *(f"<0x{b:02X}>".encode() for b in range(256))]
+        pieces += [f"\u2581w{i}".encode() for i in range(n - len(pieces))]
+        types = [2, 3, 3, *[6] * 256, *[1] * (n - 259)]  # gguf.TokenType: UNKNOWN, CONTROL, BYTE, NORMAL
+        self.dir = tempfile.mkdtemp(prefix="bench_llama_cpp_")
+        path = save_gguf(model, os.path.join(self.dir, "model.gguf"),
+                         GGUFVocab(pieces, [0.0] * n, types, bos_id=1, eos_id=2, unk_id=0), dtype=dtype)
+        self.llm = llama_cpp.Llama(model_path=str(path), n_ctx=model.cfg.max_seq_len, n_threads=threads,
+                                   n_threads_batch=threads, n_batch=64, verbose=False)
+
+    def run(self, tokens: int) -> list[int]:
+        ids = []
+        for token in self.llm.generate([1], temp=0.0, top_k=1, top_p=1.0, min_p=0.0, repeat_penalty=1.0,
+                                       reset=True):
+            ids.append(int(token))
+            if len(ids) == tokens:
+                return ids
+        return ids
+
+    def close(self) -> None:
+        self.llm.close()
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
 def timed(fn: Callable[[], list[int]], device: str) -> tuple[float, list[int]]:
     _sync(device)
     t0 = time.perf_counter()
@@ -216,6 +253,14 @@ def bench_one(shape: str, device: str, threads: int, tokens: int, variants: list
     if run_c and device == "cpu":
         variants = [*variants, "run_c" if threads == 1 else "run_c_omp"]
     runner = RunC(run_c, model, threads=threads) if {"run_c", "run_c_omp"} & set(variants) else None
+    llamas: dict[str, LlamaCpp] = {}
+    for name, dtype in (("llama_cpp", "f32"), ("llama_cpp_q8", "q8_0")):
+        if name in variants:
+            try:
+                llamas[name] = LlamaCpp(model, threads, dtype)
+            except ImportError:
+                print(f"note: llama_cpp is not installed (pip install llama-cpp-python): no {name} column")
+                variants = [v for v in variants if v != name]
     fns: dict[str, Callable[[int], list[int]]] = {
         "kv": lambda n: generate(model, [1], n, temperature=0.0),
         "kv_step": lambda n: generate(model, [1], n, temperature=0.0, static_decode=False),
@@ -228,6 +273,8 @@ def bench_one(shape: str, device: str, threads: int, tokens: int, variants: list
         "compile": lambda n: run_static(model, n, "compile"),
         "run_c": lambda n: runner.run(n),
         "run_c_omp": lambda n: runner.run(n),
+        "llama_cpp": lambda n: llamas["llama_cpp"].run(n),
+        "llama_cpp_q8": lambda n: llamas["llama_cpp_q8"].run(n),
     }
     load_before = os.getloadavg()[0]  # other processes on the machine: the noise of this group
     runs: dict[str, list[tuple[float, list[int] | None]]] = {name: [] for name in variants}
@@ -247,6 +294,8 @@ def bench_one(shape: str, device: str, threads: int, tokens: int, variants: list
                 errors[name] = f"{type(e).__name__}: {e}"[:300]
     if runner is not None:
         runner.close()
+    for llama in llamas.values():
+        llama.close()
     torch.backends.cuda.matmul.allow_tf32 = tf32
     load = (round(load_before, 2), round(os.getloadavg()[0], 2))
     rows, ref = [], None
@@ -279,7 +328,7 @@ def _fmt(row: dict) -> str:
     extra = row.get("error") or ("" if row.get("match") is None else f"ids match kv: {row['match']}")
     if "kernel" in row:
         extra = f"compiled kernel: {row['kernel']}"
-    return f"| {row['shape']:<11} | {where:<8} | {row['variant']:<10} | {speed} | {extra} |"
+    return f"| {row['shape']:<11} | {where:<8} | {row['variant']:<12} | {speed} | {extra} |"
 
 
 def _group(r: dict) -> tuple:
@@ -293,13 +342,23 @@ def summary(rows: list[dict]) -> list[str]:
     for key in sorted(groups, key=str):
         speed = {r["variant"]: r.get("tok_s") for r in rows if _group(r) == key}
         kv = speed.get("kv")
-        parts = [f"{v}: {kv / speed[v]:.2f}x" for v in ("run_c", "run_c_omp", "recompute", "hf", "kv_torch", "kv_generic")
+        parts = [f"{v}: {kv / speed[v]:.2f}x" for v in ("llama_cpp", "llama_cpp_q8", "run_c", "run_c_omp", "recompute",
+                                                          "hf", "kv_torch", "kv_generic")
                  if kv and speed.get(v)]
         load = next((r.get("load_avg_1min") for r in rows if _group(r) == key
                      and r.get("load_avg_1min")), None)
         lines.append(f"{key[0]} {key[1]} threads={key[2]}: kv vs " + ", ".join(parts)
                      + (f" (load average {load[0]} -> {load[1]})" if load else ""))
     return lines
+
+
+def _version(dist: str) -> str | None:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version(dist)
+    except PackageNotFoundError:
+        return None
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -346,6 +405,7 @@ def main(argv: list[str] | None = None) -> None:
             "date": datetime.datetime.now().isoformat(timespec="seconds"),
             "command": " ".join([os.path.basename(sys.executable), *sys.argv]),
             "torch": torch.__version__, "transformers": transformers.__version__,
+            "llama_cpp_python": _version("llama_cpp_python"),
             "cpu_count": all_threads,
             "cuda_device": torch.cuda.get_device_name() if "cuda" in devices else None,
             "rows": rows, "summary": lines,

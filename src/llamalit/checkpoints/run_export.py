@@ -80,7 +80,7 @@ def export_weights(model: Llama, out_dir: Path, tokenizer_path: str | None, cfg:
 # What export_weights writes (and, last in the list, what earlier versions wrote)
 EXPORT_NAMES = ("model.safetensors", "config.json", "generation_config.json", "tokenizer_config.json",
                 "llamalit.json", "adapter_model.safetensors", "adapter_config.json", "llamalit_adapter.json",
-                "tokenizer.model", "adapter.safetensors")
+                "tokenizer.model", "README.md", "adapter.safetensors")
 
 
 def copy_export(files: dict[str, str], dest: Path) -> None:

@@ -2,8 +2,10 @@
 
 FORMAT: ``llama2c`` (v0 ``.bin`` for llama2.c ``run.c``, with ``tokenizer.bin`` and ``tokenizer.model`` beside it),
 ``llama2c_v1``, ``llama2c_q8`` (v2 for ``runq.c``), ``hf``, ``peft`` (a LoRA checkpoint's adapter,
-with its base as an HF dir in ``OUT/base``), ``merged`` (LoRA folded in, our own format).
-For the ``.bin`` formats ``out`` is the file (``OUT/model.bin`` when ``out`` is a directory).
+with its base as an HF dir in ``OUT/base``), ``merged`` (LoRA folded in, our own format), ``gguf`` (llama.cpp;
+``dtype=f32|f16|bf16|q8_0``; LoRA merged in, or with ``adapter=true`` the adapter alone as llama.cpp's adapter GGUF).
+For the ``.bin`` and ``.gguf`` formats ``out`` is the file (``OUT/model.bin`` / ``OUT/model.gguf`` when ``out`` is a
+directory).
 Nothing is written over the source checkpoint, nor over an existing ``out`` unless ``overwrite=true``;
 every setting and the tokenizer are checked before the first file is written.
 """
@@ -24,11 +26,12 @@ from llamalit.utils.fileio import atomic_path
 
 BIN_VERSIONS = {"llama2c": 0, "llama2c_v1": 1, "llama2c_q8": 2}
 DIR_FORMATS = ("hf", "peft", "merged")
-FORMATS = (*BIN_VERSIONS, *DIR_FORMATS)
+FORMATS = (*BIN_VERSIONS, *DIR_FORMATS, "gguf")
 
 
-def _bin_path(out: Path) -> Path:
-    return out / "model.bin" if out.is_dir() or (not out.exists() and not out.suffix) else out
+def _bin_path(out: Path, fmt: str = "llama2c") -> Path:
+    name = "model.gguf" if fmt == "gguf" else "model.bin"
+    return out / name if out.is_dir() or (not out.exists() and not out.suffix) else out
 
 
 def _flag(cfg: Mapping, key: str) -> bool:
@@ -92,7 +95,7 @@ def _check_out(fmt: str, out: Path, source: Path, tok: Path | None, overwrite: b
             raise ValueError(f"out={out}: is or holds the source checkpoint {source}, which writing format={fmt} "
                              "there would replace; pick a new path for out= (overwrite=true does not allow this)")
     else:
-        path = _bin_path(out)
+        path = _bin_path(out, fmt)
         targets = [path, *_tokenizer_files(path, tok)] if fmt == "llama2c" and tok is not None else [path]
     for target in targets:
         if _inside(target, source):
@@ -151,13 +154,17 @@ def run_export(cfg: Mapping) -> list[Path]:
     fmt, out = str(cfg["format"]), Path(str(cfg["out"])).expanduser()
     if fmt not in FORMATS:
         raise ValueError(f"format={fmt!r}: choose one of {list(FORMATS)}")
-    overwrite, group_size = _flag(cfg, "overwrite"), _group_size(cfg)
+    overwrite, group_size, adapter = _flag(cfg, "overwrite"), _group_size(cfg), _flag(cfg, "adapter")
+    dtype = _gguf_settings(cfg, fmt, adapter)
     local = fetch(cfg["ckpt"])
     tok = _tokenizer(cfg, local)
+    if fmt == "gguf" and tok is None and not adapter:
+        raise ValueError(f"format=gguf: no tokenizer found for {local}, and a GGUF carries its vocabulary; pass "
+                         "tokenizer=PATH (the SentencePiece .model the model was trained with)")
     # a model.safetensors / config.json path stands for the directory it is in (as load_checkpoint reads it)
     source = local.parent if local.is_file() and local.suffix in (".safetensors", ".json") else local
     _check_out(fmt, out, source, tok, overwrite)
-    model = load_checkpoint(local, merge=fmt != "peft")
+    model = load_checkpoint(local, merge=fmt != "peft" and not adapter)
     if tok is not None:
         _check_vocab(tok, fmt, model.cfg.vocab_size)
     if fmt == "llama2c_q8" and (g := q8_group(group_size, model.cfg.dim, model.cfg.hidden_dim)) != group_size:
@@ -170,7 +177,46 @@ def run_export(cfg: Mapping) -> list[Path]:
     with tempfile.TemporaryDirectory(prefix="llamalit-export-") as stage:
         if tok is not None and fmt in DIR_FORMATS and _inside(tok, out):  # out is replaced: keep a copy to read
             tok = Path(shutil.copyfile(tok, Path(stage) / "tokenizer.model"))
+        if fmt == "gguf":
+            return [_write_gguf(model, _bin_path(out, fmt), local, tok, dtype, adapter)]
         return _write(fmt, model, out, local, tok, group_size)
+
+
+def _gguf_settings(cfg: Mapping, fmt: str, adapter: bool) -> str:
+    """``dtype`` of format=gguf (f16 when unset), checked; ``dtype``/``adapter`` with another format is refused."""
+    from llamalit.checkpoints.gguf import check_dtype
+
+    dtype = cfg.get("dtype")
+    if fmt != "gguf":
+        if dtype is not None or adapter:
+            key = "dtype" if dtype is not None else "adapter"
+            raise ValueError(f"{key}={cfg.get(key)!r}: applies to format=gguf only (format={fmt}); leave it out")
+        return ""
+    try:
+        import gguf  # noqa: F401
+    except ImportError as e:
+        raise ValueError("format=gguf needs llama.cpp's gguf package: pip install gguf (or llamalit[gguf])") from e
+    return check_dtype(str(dtype) if dtype is not None else "f16")
+
+
+def _write_gguf(model, path: Path, local: Path, tok: Path | None, dtype: str, adapter: bool) -> Path:
+    from llamalit.checkpoints.gguf import save_gguf, save_gguf_adapter
+
+    name = (local.stem if local.is_file() else local.name) or path.stem
+    if adapter:
+        return save_gguf_adapter(model, path, dtype=dtype, name=name)
+    return save_gguf(model, path, tok, dtype=dtype, chat_template=_chat_template(local), name=name)
+
+
+def _chat_template(local: Path) -> str | None:
+    """The Jinja chat template of the checkpoint's prompt format (``inference.templates.template_for``: what its
+    run recorded, else a ``tokenizer_config.json`` / ``chat_template.jinja`` beside it); None for formats Jinja
+    cannot express (``instruct_stories``, ``plain``)."""
+    from llamalit.inference.jinja_templates import jinja_template
+    from llamalit.inference.templates import HFChatTemplate, template_for
+
+    template = template_for(local)
+    return template.chat_template if isinstance(template, HFChatTemplate) else jinja_template(template.name)
 
 
 def _write(fmt: str, model, out: Path, local: Path, tok: Path | None, group_size: int) -> list[Path]:

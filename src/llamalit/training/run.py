@@ -384,5 +384,8 @@ def finish_run(cfg: DictConfig, resolved: dict, trainer: L.Trainer, module: Llam
     }
     if trainer.is_global_zero:
         atomic_write_json(run_dir / "summary.json", summary)
+        from llamalit.checkpoints.model_card import write_run_cards  # README.md: the Hub's model card
+
+        write_run_cards(resolved, summary, run_dir, cfg.get("export_dir") if not trainer.fast_dev_run else None)
         log.info("summary: %s", {k: summary[k] for k in ("val/loss", "step", "tokens_per_s")})
     return summary
