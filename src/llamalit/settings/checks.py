@@ -137,6 +137,11 @@ def check_data_settings(cfg: Mapping) -> None:
     integer(cfg, "data.n_shards", 2, what="synthetic shards: data00 is validation")
     integer(cfg, "data.stories_per_shard", 1)
     integer(cfg, "data.records_per_shard", 1)
+    if _is_int(v := get(cfg, "data.val_size", None)):
+        integer(cfg, "data.val_size", 1, what="validation records of a small single-file source")
+    elif v is not None:
+        number(cfg, "data.val_size", 0, 1, low_open=True, high_open=True,
+               what="the fraction of a small single-file source's records that validates")
     integer(cfg, "data.tokenizer_train_stories", 1)
 
 
