@@ -34,6 +34,7 @@ from llamalit.settings.device import (
 )
 from llamalit.training.checkpoint_io import AtomicCheckpointIO
 from llamalit.training.loggers import build_logger, finish_wandb, quiet_library_output
+from llamalit.training.resume import check_ckpt_file, continue_in, run_dir_of, trim_metrics
 from llamalit.training.module import LlamaLitModule
 from llamalit.utils.fileio import atomic_write_json
 
@@ -45,8 +46,7 @@ def resolve_ckpt_path(ckpt_path: str | None, run_dir: Path) -> str | None:
     if not ckpt_path:
         return None
     if ckpt_path != "last":
-        if not Path(ckpt_path).is_file():
-            raise FileNotFoundError(f"ckpt_path={ckpt_path}: no such checkpoint file")
+        check_ckpt_file(ckpt_path)  # missing or truncated: said before anything else runs
         return ckpt_path
     lasts = [p for p in run_dir.parent.glob("*/checkpoints/last.ckpt") if run_dir not in p.parents]
     if not lasts:
@@ -67,6 +67,12 @@ def resolve_ckpt_path(ckpt_path: str | None, run_dir: Path) -> str | None:
         problems.append(problem)
     raise ValueError(f"ckpt_path=last: no readable checkpoint under {run_dir.parent}/*/checkpoints "
                      f"({newest}: {problems[0]}); pass ckpt_path=/path/to/a.ckpt or start afresh")
+
+
+def checkpoint_step(path: str) -> int:
+    """The ``global_step`` a training checkpoint was saved at (read through mmap: headers only)."""
+    ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    return int(ckpt.get("global_step", 0)) if isinstance(ckpt, dict) else 0
 
 
 def unreadable(path: Path) -> str | None:
@@ -281,8 +287,12 @@ def train(cfg: DictConfig) -> dict:
     check_train_settings(cfg)
     preflight(cfg)
     run_dir = Path(str(cfg.run_dir))
-    run_dir.mkdir(parents=True, exist_ok=True)
     ckpt_path = resolve_ckpt_path(cfg.get("ckpt_path"), run_dir)
+    if (resumed_dir := run_dir_of(ckpt_path)) is not None:  # continue in the checkpoint's own run directory
+        run_dir = continue_in(resumed_dir, run_dir)
+        cfg.run_dir = str(run_dir)
+        trim_metrics(run_dir, checkpoint_step(ckpt_path))
+    run_dir.mkdir(parents=True, exist_ok=True)
     L.seed_everything(cfg.seed, workers=True)
 
     # the run's config, converted and resolved once; every step below reads (and completes) this dict
