@@ -34,8 +34,8 @@ from llamalit.settings.device import (
 )
 from llamalit.training.checkpoint_io import AtomicCheckpointIO
 from llamalit.training.loggers import build_logger, finish_wandb, quiet_library_output
-from llamalit.training.resume import check_ckpt_file, continue_in, run_dir_of, trim_metrics
 from llamalit.training.module import LlamaLitModule
+from llamalit.training.resume import check_ckpt_file, continue_in, run_dir_of, trim_metrics
 from llamalit.utils.fileio import atomic_write_json
 
 log = logging.getLogger(__name__)
