@@ -210,13 +210,21 @@ def _write(fmt: str, model, out: Path, local: Path, tok: Path | None, group_size
 
 
 @hydra.main(version_base="1.3", config_path=CONFIG_PATH, config_name="export")
-def main(cfg: DictConfig) -> None:
+def hydra_main(cfg: DictConfig) -> None:
     from llamalit.cli import user_errors
 
     with user_errors():
         written = run_export(OmegaConf.to_container(cfg, resolve=True))
     for path in written:
         print(f"wrote {path}")
+
+
+def main() -> None:
+    """The console script: Hydra's own errors (an unknown option or key, an unwritable run directory) as one
+    ``error:`` line too."""
+    from llamalit.cli import run_cli
+
+    run_cli(hydra_main)
 
 
 if __name__ == "__main__":

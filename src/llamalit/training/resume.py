@@ -36,8 +36,9 @@ def check_ckpt_file(ckpt_path: str) -> None:
         raise FileNotFoundError(f"ckpt_path={ckpt_path}: no such checkpoint file")
     with open(path, "rb") as f:
         head = f.read(4)
-    if head != b"PK\x03\x04":  # not a torch zip archive: check_resume names what it is later
-        return
+    if head != b"PK\x03\x04":  # every checkpoint train.py writes is a torch zip archive
+        raise ValueError(f"ckpt_path={ckpt_path} is not a training checkpoint (not a torch zip archive; a .ckpt "
+                         "that train.py wrote under run_dir/checkpoints/). To start from other weights use init_from=")
     try:
         with zipfile.ZipFile(path) as z:
             z.infolist()

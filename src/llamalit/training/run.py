@@ -23,7 +23,7 @@ from llamalit.checkpoints.run_export import (  # noqa: F401 - the run's export, 
 )
 from llamalit.model.llama import Llama, ModelConfig
 from llamalit.model.lora import LoraConfig
-from llamalit.settings.checks import TRAIN_PATH_KEYS, check_train_settings, expand_paths
+from llamalit.settings.checks import TRAIN_PATH_KEYS, check_train_settings, expand_paths, preflight
 from llamalit.settings.device import (
     DeviceSettings,
     apply_device_settings,
@@ -185,20 +185,6 @@ def _shape(model: dict) -> dict:
 
 def _adapter(lora: dict | None) -> dict:
     return {"enabled": True, **LoraConfig.from_dict(lora).to_dict()} if lora else {"enabled": False}
-
-
-def preflight(cfg: DictConfig) -> None:
-    """Checks that need no data, before data preparation (which may download gigabytes)."""
-    from llamalit.data.download import is_url
-    from llamalit.utils.hub import parse_hub_id
-
-    init_from = cfg.get("init_from")
-    if init_from and not is_url(str(init_from)) and not Path(str(init_from)).exists() \
-            and parse_hub_id(str(init_from)) is None:
-        raise FileNotFoundError(f"init_from={init_from}: no such file or directory; give a checkpoint path, "
-                                "URL or Hugging Face Hub id (org/name), or leave it empty to train from random weights")
-    if not init_from:
-        ModelConfig.from_dict(OmegaConf.to_container(cfg.model, resolve=True))  # the shape errors, now
 
 
 def adapt_model_to_data(run: dict, vocab_size: int, input_len: int) -> None:
