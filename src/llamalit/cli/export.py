@@ -140,7 +140,6 @@ def _copy(src: Path, dest: Path) -> None:
 
 def run_export(cfg: Mapping) -> list[Path]:
     """Convert ``cfg['ckpt']`` to ``cfg['format']`` at ``cfg['out']``; return the files/dirs written."""
-    from llamalit.checkpoints.detect import fetch, load_checkpoint
     from llamalit.settings.checks import expand_paths, require
 
     require(cfg, "ckpt", "the checkpoint to convert (a path or URL)")
@@ -152,6 +151,8 @@ def run_export(cfg: Mapping) -> list[Path]:
     if fmt not in FORMATS:
         raise ValueError(f"format={fmt!r}: choose one of {list(FORMATS)}")
     overwrite, group_size = _flag(cfg, "overwrite"), _group_size(cfg)
+    from llamalit.checkpoints.detect import fetch, load_checkpoint  # torch: after the checks that need none
+
     local = fetch(cfg["ckpt"])
     tok = _tokenizer(cfg, local)
     # a model.safetensors / config.json path stands for the directory it is in (as load_checkpoint reads it)
