@@ -333,6 +333,7 @@ def finish_run(cfg: DictConfig, resolved: dict, trainer: L.Trainer, module: Llam
         "useful_tokens_per_s": (speed.useful_tokens_seen / speed.train_time_s)
         if speed and speed.train_time_s else None,
         "mfu": speed.mfu if speed else None,
+        "tokens_per_s_steady": speed.steady_tokens_per_s if speed else None,  # warm-up steps excluded
     }
     metrics = {}
     if not trainer.fast_dev_run:
