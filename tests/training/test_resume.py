@@ -111,7 +111,8 @@ def test_resume_from_last_continues_exactly(monkeypatch, tmp_path):
     straight, first, second, s_sum, r_sum = straight_vs_resumed(monkeypatch, tmp_path, overrides, False)
     check_same(straight, first, second, s_sum, r_sum)
     a = load_file(str(tmp_path / "a" / "straight" / "model.safetensors"))
-    b = load_file(str(tmp_path / "b" / "second" / "model.safetensors"))
+    b = load_file(str(tmp_path / "b" / "first" / "model.safetensors"))  # the resume continued in its run dir
+    assert not (tmp_path / "b" / "second").exists()
     assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], rtol=1e-5, atol=1e-7) for k in a)
 
 
@@ -146,10 +147,10 @@ def test_lora_run_resumes_exactly(monkeypatch, tmp_path):
     check_same(straight, first, second, s_sum, r_sum)
     assert s_sum["trainable_params"] < s_sum["params"] / 10
     a = load_file(str(tmp_path / "a" / "straight" / "adapter_model.safetensors"))
-    b = load_file(str(tmp_path / "b" / "second" / "adapter_model.safetensors"))
+    b = load_file(str(tmp_path / "b" / "first" / "adapter_model.safetensors"))
     assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], rtol=1e-5, atol=1e-7) for k in a)
     assert any(k.endswith("lora_B.weight") and a[k].abs().sum() > 0 for k in a)  # the adapters did train
-    assert json.loads((tmp_path / "b" / "second" / "summary.json").read_text())["step"] == STEPS
+    assert json.loads((tmp_path / "b" / "first" / "summary.json").read_text())["step"] == STEPS
     # The checkpoint holds the adapters only; resuming on another base is refused, naming init_from.
     last = tmp_path / "b" / "first" / "checkpoints" / "last.ckpt"
     assert all(k.endswith(("lora_A", "lora_B")) for k in torch.load(last, weights_only=True)["state_dict"])

@@ -47,11 +47,19 @@ def run_chat(cfg: Mapping, lines: Iterable[str] | None = None, out: TextIO | Non
 
 
 @hydra.main(version_base="1.3", config_path=CONFIG_PATH, config_name="chat")
-def main(cfg: DictConfig) -> None:
+def hydra_main(cfg: DictConfig) -> None:
     from llamalit.cli import user_errors
 
     with user_errors():
         run_chat(OmegaConf.to_container(cfg, resolve=True))
+
+
+def main() -> None:
+    """The console script: Hydra's own errors (an unknown option or key, an unwritable run directory) as one
+    ``error:`` line too."""
+    from llamalit.cli import run_cli
+
+    run_cli(hydra_main)
 
 
 if __name__ == "__main__":

@@ -84,7 +84,7 @@ def run_evaluate(cfg: Mapping, out: TextIO | None = None) -> dict:
 
 
 @hydra.main(version_base="1.3", config_path=CONFIG_PATH, config_name="evaluate")
-def main(cfg: DictConfig) -> float | None:
+def hydra_main(cfg: DictConfig) -> float | None:
     """Evaluate; return the mean adherence."""
     from llamalit.cli import user_errors
 
@@ -109,6 +109,14 @@ def run_tasks(cfg: Mapping, out: TextIO | None = None) -> dict:
     cfg = copy.deepcopy(dict(cfg))
     expand_paths(cfg, ("ckpt", "source", "tokenizer", "out", *DATA_PATH_KEYS))
     return run_harness(cfg, out)
+
+
+def main() -> None:
+    """The console script: Hydra's own errors (an unknown option or key, an unwritable run directory) as one
+    ``error:`` line too."""
+    from llamalit.cli import run_cli
+
+    run_cli(hydra_main)
 
 
 if __name__ == "__main__":

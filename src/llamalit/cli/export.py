@@ -143,7 +143,6 @@ def _copy(src: Path, dest: Path) -> None:
 
 def run_export(cfg: Mapping) -> list[Path]:
     """Convert ``cfg['ckpt']`` to ``cfg['format']`` at ``cfg['out']``; return the files/dirs written."""
-    from llamalit.checkpoints.detect import fetch, load_checkpoint
     from llamalit.settings.checks import expand_paths, require
 
     require(cfg, "ckpt", "the checkpoint to convert (a path or URL)")
@@ -156,6 +155,8 @@ def run_export(cfg: Mapping) -> list[Path]:
         raise ValueError(f"format={fmt!r}: choose one of {list(FORMATS)}")
     overwrite, group_size, adapter = _flag(cfg, "overwrite"), _group_size(cfg), _flag(cfg, "adapter")
     dtype = _gguf_settings(cfg, fmt, adapter)
+    from llamalit.checkpoints.detect import fetch, load_checkpoint  # torch: after the checks that need none
+
     local = fetch(cfg["ckpt"])
     tok = _tokenizer(cfg, local)
     if fmt == "gguf" and tok is None and not adapter:
@@ -256,13 +257,21 @@ def _write(fmt: str, model, out: Path, local: Path, tok: Path | None, group_size
 
 
 @hydra.main(version_base="1.3", config_path=CONFIG_PATH, config_name="export")
-def main(cfg: DictConfig) -> None:
+def hydra_main(cfg: DictConfig) -> None:
     from llamalit.cli import user_errors
 
     with user_errors():
         written = run_export(OmegaConf.to_container(cfg, resolve=True))
     for path in written:
         print(f"wrote {path}")
+
+
+def main() -> None:
+    """The console script: Hydra's own errors (an unknown option or key, an unwritable run directory) as one
+    ``error:`` line too."""
+    from llamalit.cli import run_cli
+
+    run_cli(hydra_main)
 
 
 if __name__ == "__main__":

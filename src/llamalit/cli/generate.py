@@ -66,11 +66,19 @@ def run_generate(cfg: Mapping, out: TextIO | None = None) -> list[int]:
 
 
 @hydra.main(version_base="1.3", config_path=CONFIG_PATH, config_name="generate")
-def main(cfg: DictConfig) -> None:
+def hydra_main(cfg: DictConfig) -> None:
     from llamalit.cli import user_errors
 
     with user_errors():
         run_generate(OmegaConf.to_container(cfg, resolve=True))
+
+
+def main() -> None:
+    """The console script: Hydra's own errors (an unknown option or key, an unwritable run directory) as one
+    ``error:`` line too."""
+    from llamalit.cli import run_cli
+
+    run_cli(hydra_main)
 
 
 if __name__ == "__main__":

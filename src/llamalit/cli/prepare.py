@@ -9,7 +9,7 @@ from llamalit.cli import CONFIG_PATH
 
 
 @hydra.main(version_base="1.3", config_path=CONFIG_PATH, config_name="prepare")
-def main(cfg: DictConfig) -> None:
+def hydra_main(cfg: DictConfig) -> None:
     """Prepare ``cfg.data`` under ``cfg.data.dir`` and print a one-line summary."""
     from llamalit.cli import user_errors
     from llamalit.data.prepare import run_prepare
@@ -20,6 +20,14 @@ def main(cfg: DictConfig) -> None:
         check_data_settings(cfg)
         result = run_prepare(cfg.data, cfg.paths.cache_dir, progress=bool(cfg.get("progress", True)))
     print(result.summary(), flush=True)
+
+
+def main() -> None:
+    """The console script: Hydra's own errors (an unknown option or key, an unwritable run directory) as one
+    ``error:`` line too."""
+    from llamalit.cli import run_cli
+
+    run_cli(hydra_main)
 
 
 if __name__ == "__main__":

@@ -10,7 +10,7 @@ from llamalit.cli import CONFIG_PATH
 
 
 @hydra.main(version_base="1.3", config_path=CONFIG_PATH, config_name="serve")
-def main(cfg: DictConfig) -> None:
+def hydra_main(cfg: DictConfig) -> None:
     from llamalit.cli import user_errors
 
     with user_errors():
@@ -19,6 +19,14 @@ def main(cfg: DictConfig) -> None:
         except ImportError as e:
             raise ValueError(f"llamalit-serve needs {e.name}: pip install 'llamalit[serve]'") from e
         serve(OmegaConf.to_container(cfg, resolve=True))
+
+
+def main() -> None:
+    """The console script: Hydra's own errors (an unknown option or key, an unwritable run directory) as one
+    ``error:`` line too."""
+    from llamalit.cli import run_cli
+
+    run_cli(hydra_main)
 
 
 if __name__ == "__main__":

@@ -53,10 +53,10 @@ TARBALL_SUFFIXES = (".tar.gz", ".tgz", ".tar", ".tar.bz2", ".tar.xz")
 
 # Settings that decide the shards' content (compared with the manifest's prepared_from).
 _KEYED = ("kind", "format", "source", "sha256", "tokenizer", "tokenizer_sha256", "seq_len", "val_shards",
-          "train_on_inputs", "records_per_shard", "tokenizer_train_stories",
+          "train_on_inputs", "records_per_shard", "val_size", "tokenizer_train_stories",
           "n_shards", "stories_per_shard", "seed")
 _DEFAULTS = {"format": "tinystories", "sha256": None, "tokenizer_sha256": None, "seq_len": None,
-             "val_shards": ["data00"], "train_on_inputs": False, "records_per_shard": 2000,
+             "val_shards": ["data00"], "train_on_inputs": False, "records_per_shard": 2000, "val_size": 0.1,
              "tokenizer_train_stories": 200_000, "num_workers": None,
              "n_shards": 5, "stories_per_shard": 2000, "seed": 0}
 
@@ -165,16 +165,24 @@ def source_files(cfg: dict, cache_dir: Path) -> tuple[list[Path], bool]:
 
 
 def _jobs(cfg: dict, files: list[Path], chunked: bool, out_dir: Path) -> list[ShardJob]:
-    """One job per input shard (or per ``records_per_shard`` records of a single file); no tokenizer yet."""
+    """One job per input shard (or per ``records_per_shard`` records of a single file); no tokenizer yet.
+
+    A single file whose chunks would all be validation shards (fewer records than ``records_per_shard``) is
+    split by records instead: its first :func:`val_records` records validate (``data00``), the rest train
+    (``data01``), as alpaca-lora's ``val_set_size`` does."""
     common = dict(out_dir=str(out_dir), tokenizer_path="", kind=cfg["kind"], format=cfg["format"],
                   seq_len=cfg["seq_len"] if cfg["kind"] == "instruct" else None,
                   train_on_inputs=bool(cfg["train_on_inputs"]))
     jobs = []
     if chunked:
-        n, size = len(read_records(files[0])), int(cfg["records_per_shard"])  # one big file: cut it in chunks
+        n, size = check_records(cfg, files[0]), int(cfg["records_per_shard"])  # one big file: cut it in chunks
+        names = [f"data{i:02d}" for i in range(-(-n // size))]
+        if all(_split(name, cfg) == "val" for name in names):
+            k = val_records(n, cfg["val_size"], files[0])
+            return [ShardJob(name="data00", source=str(files[0]), split="val", start=0, stop=k, **common),
+                    ShardJob(name="data01", source=str(files[0]), split="train", start=k, stop=n, **common)]
         for i, start in enumerate(range(0, n, size)):
-            name = f"data{i:02d}"
-            jobs.append(ShardJob(name=name, source=str(files[0]), split=_split(name, cfg), start=start,
+            jobs.append(ShardJob(name=names[i], source=str(files[0]), split=_split(names[i], cfg), start=start,
                                  stop=min(start + size, n), **common))
     else:
         for f in files:
@@ -182,8 +190,54 @@ def _jobs(cfg: dict, files: list[Path], chunked: bool, out_dir: Path) -> list[Sh
             jobs.append(ShardJob(name=name, source=str(f), split=_split(name, cfg), **common))
     if not any(j.split == "train" for j in jobs):
         raise ValueError(f"data.source={cfg['source']!r}: every shard ({[j.name for j in jobs]}) is in "
-                         f"data.val_shards={cfg['val_shards']}; nothing is left to train on")
+                         f"data.val_shards={cfg['val_shards']}; nothing is left to train on: list fewer shards "
+                         "in data.val_shards")
     return jobs
+
+
+def record_split(cfg: dict, jobs: list[ShardJob]) -> dict | None:
+    """The manifest's ``split`` record when :func:`_jobs` split a small file by records, else None."""
+    val, train = jobs[0], jobs[-1]
+    if len(jobs) != 2 or val.split != "val" or val.stop >= int(cfg["records_per_shard"]):
+        return None
+    return {"by": "records", "val_size": cfg["val_size"], "records": train.stop, "val_records": val.stop,
+            "train_records": train.stop - train.start, "val": f"records [0:{val.stop}] of {Path(val.source).name}"}
+
+
+def val_records(n: int, val_size: float | int, source: Path) -> int:
+    """How many of a small file's ``n`` records validate: ``val_size`` records (an integer >= 1) or that
+    fraction of ``n`` (a number in (0, 1)), at least 1, and at least one record left to train on."""
+    if isinstance(val_size, bool) or not isinstance(val_size, (int, float)) or val_size <= 0 \
+            or (isinstance(val_size, float) and val_size >= 1 and not val_size.is_integer()):
+        raise ValueError(f"data.val_size={val_size!r}: give a fraction in (0, 1) or a record count >= 1")
+    k = max(1, round(n * val_size)) if val_size < 1 else int(val_size)
+    if n < 2:
+        raise ValueError(f"{source}: {n} record; training and validation need at least 2 records "
+                         "(one of each); add records to the file")
+    if k >= n:
+        raise ValueError(f"data.val_size={val_size!r}: {k} validation records of the {n} in {source} leave none "
+                         f"to train on; use a smaller count (at most {n - 1}) or a fraction")
+    return k
+
+
+def check_records(cfg: dict, source: Path) -> int:
+    """The record count of ``source``; raises, naming the count and the fields found, when the file has no
+    record that ``data.format`` can read."""
+    records = read_records(source)
+    if not records:
+        raise ValueError(f"data.source={source}: the file holds 0 records (an empty list/file); give a "
+                         f".json array or .jsonl file of {cfg['format']} records")
+    errors = []
+    for i, record in enumerate(records):
+        try:
+            text_for_kind(cfg["kind"], cfg["format"], record, source, i)
+            return len(records)
+        except ValueError as e:
+            errors.append(e)
+    fields = sorted({k for r in records[:100] if isinstance(r, dict) for k in r})
+    raise ValueError(f"data.source={source}: none of its {len(records)} records is a usable "
+                     f"data.format={cfg['format']} record for data.kind={cfg['kind']} (fields found: {fields}; "
+                     f"first problem: {errors[0]}); set data.format to the file's format (one of {FORMATS})")
 
 
 def _split(name: str, cfg: dict) -> str:
@@ -278,6 +332,8 @@ def run_prepare(data_cfg: Mapping, cache_dir: str | Path, progress: bool = True)
         "shards": [r["entry"] for r in results],
         "prepared_from": _prepared_from(cfg),
     }
+    if chunked and (split := record_split(cfg, jobs)) is not None:
+        manifest["split"] = split
     atomic_write_json(manifest_path, manifest)  # last, and atomically: a manifest means every file is done
     return PrepareResult(manifest_path, sum(r["stories"] for r in results),
                          sum(r["entry"]["n_tokens"] for r in results),

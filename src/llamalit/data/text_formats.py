@@ -71,6 +71,8 @@ def read_records(path: str | Path) -> list:
         raise DataFormatError(f"{path}: file not found; check data.source") from e
     except (PermissionError, IsADirectoryError, UnicodeDecodeError, OSError) as e:
         raise DataFormatError(f"{path}: cannot read it ({e}); fix its permissions or re-download it") from e
+    if not text.strip():
+        return []  # an empty file: no records (the caller says so, with what it needed)
     if path.suffix == ".jsonl":
         records = []
         for i, line in enumerate(text.splitlines()):

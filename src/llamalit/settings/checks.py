@@ -11,6 +11,7 @@ import math
 import numbers
 import os
 from collections.abc import Iterable, Mapping
+from pathlib import Path
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf, open_dict
@@ -137,6 +138,11 @@ def check_data_settings(cfg: Mapping) -> None:
     integer(cfg, "data.n_shards", 2, what="synthetic shards: data00 is validation")
     integer(cfg, "data.stories_per_shard", 1)
     integer(cfg, "data.records_per_shard", 1)
+    if _is_int(v := get(cfg, "data.val_size", None)):
+        integer(cfg, "data.val_size", 1, what="validation records of a small single-file source")
+    elif v is not None:
+        number(cfg, "data.val_size", 0, 1, low_open=True, high_open=True,
+               what="the fraction of a small single-file source's records that validates")
     integer(cfg, "data.tokenizer_train_stories", 1)
 
 
@@ -183,3 +189,17 @@ def check_evaluate_settings(cfg: Mapping) -> None:
     integer(cfg, "batch_size", 1, what="prompts generated together")
     integer(cfg, "examples", 0, what="example stories printed")
     integer(cfg, "seed", 0)
+
+
+def preflight(cfg: DictConfig) -> None:
+    """Checks that need no data, before data preparation (which may download gigabytes)."""
+    from llamalit.model.llama import ModelConfig  # torch: after the checks that need none
+    from llamalit.utils.hub import parse_hub_id
+
+    init_from = cfg.get("init_from")
+    if init_from and not is_url(str(init_from)) and not Path(str(init_from)).exists() \
+            and parse_hub_id(str(init_from)) is None:
+        raise FileNotFoundError(f"init_from={init_from}: no such file or directory; give a checkpoint path, "
+                                "URL or Hugging Face Hub id (org/name), or leave it empty to train from random weights")
+    if not init_from:
+        ModelConfig.from_dict(OmegaConf.to_container(cfg.model, resolve=True))  # the shape errors, now

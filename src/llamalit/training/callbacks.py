@@ -54,8 +54,14 @@ class SpeedMonitor(L.Callback):
     :func:`peak_flops`, is what MFU is measured against here.)
     """
 
-    def __init__(self, log_every: int = 10, peak_flops_per_s: float | None = None):
+    def __init__(self, log_every: int = 10, peak_flops_per_s: float | None = None, warmup_steps: int = 3):
         self.log_every = log_every
+        # steady state: the first ``warmup_steps`` optimizer steps of each fit (compiling, allocator and cache
+        # warm-up; again after a resume) are left out of steady_tokens_per_s
+        self.warmup_steps = warmup_steps
+        self.steady_tokens = 0
+        self.steady_time_s = 0.0
+        self._steady_from = 0
         self.configured_peak = peak_flops_per_s
         self.tokens_seen = 0
         self.useful_tokens_seen = 0  # labels != -100: prompts and padding excluded (read at each log)
@@ -74,6 +80,7 @@ class SpeedMonitor(L.Callback):
     def on_train_start(self, trainer, pl_module) -> None:
         # once per fit: the device and precision do not change within it (and an unknown GPU warns once)
         self._peak = peak_flops(pl_module.device, self.configured_peak, compute_dtype(trainer.precision))
+        self._steady_from = trainer.global_step + self.warmup_steps
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         if self._window_start is None:
@@ -89,6 +96,9 @@ class SpeedMonitor(L.Callback):
         self._useful = counted if self._useful is None else self._useful + counted
         now = time.perf_counter()
         self.train_time_s += now - self._mark
+        if trainer.global_step > self._steady_from:  # this micro-batch belongs to a step after the warm-up
+            self.steady_tokens += n
+            self.steady_time_s += now - self._mark
         self._mark = now
         step = trainer.global_step
         if step == self._last_step or step % self.log_every:
@@ -132,12 +142,20 @@ class SpeedMonitor(L.Callback):
     def state_dict(self) -> dict[str, Any]:
         self._take_useful()  # a checkpoint mid-window: fold the window in first
         return {"tokens_seen": self.tokens_seen, "useful_tokens_seen": self.useful_tokens_seen,
-                "train_time_s": self.train_time_s}
+                "train_time_s": self.train_time_s, "steady_tokens": self.steady_tokens,
+                "steady_time_s": self.steady_time_s}
+
+    @property
+    def steady_tokens_per_s(self) -> float | None:
+        """Input tokens/s after each fit's first ``warmup_steps`` steps; None when no step came after them."""
+        return self.steady_tokens / self.steady_time_s if self.steady_time_s > 0 else None
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.tokens_seen = state_dict.get("tokens_seen", 0)
         self.useful_tokens_seen = state_dict.get("useful_tokens_seen", 0)
         self.train_time_s = state_dict.get("train_time_s", 0.0)
+        self.steady_tokens = state_dict.get("steady_tokens", 0)
+        self.steady_time_s = state_dict.get("steady_time_s", 0.0)
 
 
 class StepProgressBar(TQDMProgressBar):
@@ -196,6 +214,8 @@ class SampleCallback(L.Callback):
         self.last_samples: list[tuple[str, str]] = []
 
     def on_validation_end(self, trainer, pl_module) -> None:
+        if trainer.state.fn != "fit":  # the best checkpoint validated after training: its samples were printed
+            return
         self._n_val += 1
         if not self.prompts or trainer.sanity_checking or (self._n_val - 1) % self.every_n_val:
             return

@@ -2,14 +2,40 @@
 
 from __future__ import annotations
 
+import csv
 import logging
+import os
 import warnings
 from collections.abc import Mapping
 from pathlib import Path
 
 from lightning.pytorch.loggers import CSVLogger, Logger, WandbLogger
+from lightning.pytorch.loggers.csv_logs import ExperimentWriter
 
+from llamalit.training.resume import wandb_run_id
 from llamalit.utils.wandb_mode import has_wandb_credentials, wandb_mode  # noqa: F401 - also imported from here
+
+
+class _AppendingWriter(ExperimentWriter):
+    """Lightning's CSV writer, except that an existing ``metrics.csv`` (a resumed run's) is appended to, not
+    deleted."""
+
+    def _check_log_dir_exists(self) -> None:
+        if self._fs.isfile(self.metrics_file_path):
+            with self._fs.open(self.metrics_file_path, "r", newline="") as f:
+                self.metrics_keys = sorted(next(csv.reader(f), []))
+
+
+class AppendingCSVLogger(CSVLogger):
+    """:class:`CSVLogger` writing through :class:`_AppendingWriter`: one ``metrics.csv`` for a run and its
+    resumes."""
+
+    @property
+    def experiment(self) -> _AppendingWriter:
+        if self._experiment is None:
+            self._fs.makedirs(self.root_dir, exist_ok=True)
+            self._experiment = _AppendingWriter(log_dir=self.log_dir)
+        return self._experiment
 
 
 def build_logger(cfg: Mapping, run_dir: Path, run_name: str, group: str | None,
@@ -19,19 +45,25 @@ def build_logger(cfg: Mapping, run_dir: Path, run_name: str, group: str | None,
     if kind == "none":
         return None
     if kind == "csv":
-        logger = CSVLogger(save_dir=str(run_dir), name="csv", version="")
+        logger = AppendingCSVLogger(save_dir=str(run_dir), name="csv", version="")
         logger.log_hyperparams(config)
         return logger
     if kind != "wandb":
         raise ValueError(f"logger.kind={kind!r}: choose wandb, csv or none")
+    mode = wandb_mode(cfg.get("mode"))
+    run_id, resumed = wandb_run_id(run_dir)  # kept in the run directory: a resume continues the same wandb run
+    if mode == "offline":  # the ~30-line offline banner (sync hints, paths) says nothing the run directory does not
+        os.environ.setdefault("WANDB_SILENT", "true")
     logger = WandbLogger(
+        id=run_id,
+        resume="allow" if resumed else None,
         project=cfg.get("project", "llamalit"),
         entity=cfg.get("entity"),
         name=cfg.get("name") or run_name,
         group=cfg.get("group") or group,
         tags=list(cfg.get("tags") or []),
         save_dir=str(run_dir),
-        mode=wandb_mode(cfg.get("mode")),
+        mode=mode,
         log_model=bool(cfg.get("log_model", False)),
         config=config,
     )

@@ -23,7 +23,7 @@ from llamalit.checkpoints.run_export import (  # noqa: F401 - the run's export, 
 )
 from llamalit.model.llama import Llama, ModelConfig
 from llamalit.model.lora import LoraConfig
-from llamalit.settings.checks import TRAIN_PATH_KEYS, check_train_settings, expand_paths
+from llamalit.settings.checks import TRAIN_PATH_KEYS, check_train_settings, expand_paths, preflight
 from llamalit.settings.device import (
     DeviceSettings,
     apply_device_settings,
@@ -35,6 +35,7 @@ from llamalit.settings.device import (
 from llamalit.training.checkpoint_io import AtomicCheckpointIO
 from llamalit.training.loggers import build_logger, finish_wandb, quiet_library_output
 from llamalit.training.module import LlamaLitModule
+from llamalit.training.resume import check_ckpt_file, continue_in, run_dir_of, trim_metrics
 from llamalit.utils.fileio import atomic_write_json
 
 log = logging.getLogger(__name__)
@@ -45,8 +46,7 @@ def resolve_ckpt_path(ckpt_path: str | None, run_dir: Path) -> str | None:
     if not ckpt_path:
         return None
     if ckpt_path != "last":
-        if not Path(ckpt_path).is_file():
-            raise FileNotFoundError(f"ckpt_path={ckpt_path}: no such checkpoint file")
+        check_ckpt_file(ckpt_path)  # missing or truncated: said before anything else runs
         return ckpt_path
     lasts = [p for p in run_dir.parent.glob("*/checkpoints/last.ckpt") if run_dir not in p.parents]
     if not lasts:
@@ -67,6 +67,12 @@ def resolve_ckpt_path(ckpt_path: str | None, run_dir: Path) -> str | None:
         problems.append(problem)
     raise ValueError(f"ckpt_path=last: no readable checkpoint under {run_dir.parent}/*/checkpoints "
                      f"({newest}: {problems[0]}); pass ckpt_path=/path/to/a.ckpt or start afresh")
+
+
+def checkpoint_step(path: str) -> int:
+    """The ``global_step`` a training checkpoint was saved at (read through mmap: headers only)."""
+    ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    return int(ckpt.get("global_step", 0)) if isinstance(ckpt, dict) else 0
 
 
 def unreadable(path: Path) -> str | None:
@@ -181,20 +187,6 @@ def _adapter(lora: dict | None) -> dict:
     return {"enabled": True, **LoraConfig.from_dict(lora).to_dict()} if lora else {"enabled": False}
 
 
-def preflight(cfg: DictConfig) -> None:
-    """Checks that need no data, before data preparation (which may download gigabytes)."""
-    from llamalit.data.download import is_url
-    from llamalit.utils.hub import parse_hub_id
-
-    init_from = cfg.get("init_from")
-    if init_from and not is_url(str(init_from)) and not Path(str(init_from)).exists() \
-            and parse_hub_id(str(init_from)) is None:
-        raise FileNotFoundError(f"init_from={init_from}: no such file or directory; give a checkpoint path, "
-                                "URL or Hugging Face Hub id (org/name), or leave it empty to train from random weights")
-    if not init_from:
-        ModelConfig.from_dict(OmegaConf.to_container(cfg.model, resolve=True))  # the shape errors, now
-
-
 def adapt_model_to_data(run: dict, vocab_size: int, input_len: int) -> None:
     """From scratch, the model takes the tokenizer's vocab; any model grows its context to the data's."""
     model = run["model"]
@@ -281,8 +273,12 @@ def train(cfg: DictConfig) -> dict:
     check_train_settings(cfg)
     preflight(cfg)
     run_dir = Path(str(cfg.run_dir))
-    run_dir.mkdir(parents=True, exist_ok=True)
     ckpt_path = resolve_ckpt_path(cfg.get("ckpt_path"), run_dir)
+    if (resumed_dir := run_dir_of(ckpt_path)) is not None:  # continue in the checkpoint's own run directory
+        run_dir = continue_in(resumed_dir, run_dir)
+        cfg.run_dir = str(run_dir)
+        trim_metrics(run_dir, checkpoint_step(ckpt_path))
+    run_dir.mkdir(parents=True, exist_ok=True)
     L.seed_everything(cfg.seed, workers=True)
 
     # the run's config, converted and resolved once; every step below reads (and completes) this dict
@@ -337,6 +333,7 @@ def finish_run(cfg: DictConfig, resolved: dict, trainer: L.Trainer, module: Llam
         "useful_tokens_per_s": (speed.useful_tokens_seen / speed.train_time_s)
         if speed and speed.train_time_s else None,
         "mfu": speed.mfu if speed else None,
+        "tokens_per_s_steady": speed.steady_tokens_per_s if speed else None,  # warm-up steps excluded
     }
     metrics = {}
     if not trainer.fast_dev_run:

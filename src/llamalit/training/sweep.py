@@ -15,7 +15,10 @@ from llamalit.utils.fileio import atomic_path
 
 log = logging.getLogger(__name__)
 
-COLUMNS = ["rank", "alpha", "trainable_params", "val_loss", "adherence", "tokens_per_s", "step", "run_dir"]
+# tokens_per_s: the whole run's (warm-up and compiling included); tokens_per_s_steady: after each fit's first
+# callbacks.speed.warmup_steps optimizer steps, what to compare between runs
+COLUMNS = ["rank", "alpha", "trainable_params", "val_loss", "adherence", "tokens_per_s", "tokens_per_s_steady",
+           "step", "run_dir"]
 
 
 def collect_summaries(sweep_dir: Path) -> list[dict]:
@@ -28,7 +31,8 @@ def collect_summaries(sweep_dir: Path) -> list[dict]:
             "rank": lora.get("rank"), "alpha": lora.get("alpha"),
             "trainable_params": s.get("trainable_params"), "val_loss": s.get("val/loss"),
             "adherence": (s.get("adherence") or {}).get("adherence"),
-            "tokens_per_s": s.get("tokens_per_s"), "step": s.get("step"), "run_dir": str(path.parent),
+            "tokens_per_s": s.get("tokens_per_s"), "tokens_per_s_steady": s.get("tokens_per_s_steady"),
+            "step": s.get("step"), "run_dir": str(path.parent),
         })
     return rows
 

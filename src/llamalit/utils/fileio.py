@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import fnmatch
 import json
 import os
@@ -15,6 +16,35 @@ _UMASK = os.umask(0)
 os.umask(_UMASK)
 
 
+_FULL_ERRNOS = (errno.ENOSPC, errno.EFBIG, errno.EDQUOT)
+# how writers that do not raise OSError report one (torch's zip writer, safetensors' Rust io::Error)
+_FULL_TEXTS = ("File too large", "No space left", "Disk quota", "FileTooLarge", "StorageFull", "unexpected pos")
+
+
+class DiskFullError(OSError):
+    """A write stopped by a full disk or a file size limit (``ulimit -f``); the message names the file."""
+
+
+def is_disk_full(e: BaseException) -> bool:
+    """Whether ``e`` (or what caused it) is a write that ran out of room."""
+    seen: BaseException | None = e
+    for _ in range(4):
+        if seen is None:
+            return False
+        if isinstance(seen, OSError) and seen.errno in _FULL_ERRNOS or any(t in str(seen) for t in _FULL_TEXTS):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
+
+
+def disk_full_error(target: Path, e: BaseException) -> DiskFullError:
+    """One line for a write to ``target`` that ran out of room: the file, why, and that the old one stands."""
+    reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
+    return DiskFullError(f"{target}: not written, the disk is full or a file size limit (ulimit -f) was hit "
+                         f"({reason}); an earlier {target.name} there is untouched (the bytes went to a temp file, "
+                         "now removed)")
+
+
 @contextmanager
 def atomic_path(path: str | Path) -> Iterator[Path]:
     """Yield a temp path beside ``path``; on success it is renamed onto ``path``, on error removed."""
@@ -26,8 +56,10 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
         yield Path(tmp)
         os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp (and writers that recreate it) make 0600
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         Path(tmp).unlink(missing_ok=True)
+        if not isinstance(e, DiskFullError) and isinstance(e, Exception) and is_disk_full(e):
+            raise disk_full_error(path, e) from e
         raise
 
 
@@ -63,9 +95,28 @@ def atomic_dir(path: str | Path) -> Iterator[Path]:
             old.rmdir()
             raise
         shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
+    except BaseException as e:
+        being_written = _newest(tmp)
         shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(e, Exception) and is_disk_full(e):
+            raise _in_target(e, tmp, path, being_written) from e
         raise
+
+
+def _in_target(e: Exception, tmp: Path, path: Path, being_written: str | None) -> DiskFullError:
+    """The full-disk error of a write into staging directory ``tmp``, naming the file under ``path`` instead."""
+    if isinstance(e, DiskFullError):  # raised by an atomic_path inside tmp: it names the temp path
+        return DiskFullError(str(e).replace(str(tmp), str(path)))
+    return disk_full_error(path / being_written if being_written else path, e)
+
+
+def _newest(folder: Path) -> str | None:
+    """The name of the file modified last under ``folder`` (the one a failed write was writing), relative."""
+    try:
+        files = [p for p in folder.rglob("*") if p.is_file()]
+        return str(max(files, key=lambda p: p.stat().st_mtime_ns).relative_to(folder)) if files else None
+    except OSError:
+        return None
 
 
 def _owned(name: str, owned: Collection[str]) -> bool:
@@ -116,6 +167,10 @@ def atomic_checkpoint_dir(path: str | Path, owned: Collection[str], commit: str)
                 os.replace(tmp / name, path / name)
         if commit in new:
             os.replace(tmp / commit, path / commit)
+    except Exception as e:
+        if not is_disk_full(e):
+            raise
+        raise _in_target(e, tmp, path, _newest(tmp)) from e
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 

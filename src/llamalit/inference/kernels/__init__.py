@@ -3,8 +3,10 @@
 ``decode_cpu.cpp`` runs a whole :func:`llamalit.inference.decode.decode_step` (embedding to logits) on
 weights packed by :func:`pack_rows` into one arena on transparent huge pages (:func:`huge_page_arena`),
 streaming each matrix once at close to memory bandwidth. It is
-built with the system C++ compiler (``$CXX``, else ``c++``; ``-O3 -march=native -fopenmp``) into ``$LLAMALIT_KERNEL_DIR`` (default ``~/.cache/llamalit/kernels``), one
-file per source, flags, compiler and CPU. No compiler, or a failed build: :func:`load_decode_kernel`
+built with the system C++ compiler (``$CXX``, else ``c++``; ``-O3 -march=native -fopenmp``) into ``$LLAMALIT_KERNEL_DIR``
+(default ``~/.cache/llamalit/kernels``, mode 0700), one file per source, flags, compiler, CPU and torch version, with its
+sha256 beside it: a cached library is loaded only from a directory only this user can write and only when its
+sha256 is the recorded one (:func:`build_decode_kernel`). No compiler, or a failed build: :func:`load_decode_kernel`
 logs why once and returns None, and decoding keeps the PyTorch path. ``LLAMALIT_DECODE_KERNEL=0``
 turns the kernel off.
 """
@@ -19,11 +21,12 @@ import os
 import platform
 import shutil
 import subprocess
+import tempfile
 from pathlib import Path
 
 import torch
 
-from llamalit.utils.fileio import atomic_path
+from llamalit.utils.fileio import atomic_path, atomic_write_text
 
 log = logging.getLogger(__name__)
 
@@ -62,9 +65,47 @@ def _cpu_tag() -> str:
     return platform.processor() or platform.machine()
 
 
+def private_kernel_dir(path: Path | None = None) -> Path:
+    """``path`` (default :func:`kernel_dir`), made with mode 0700 if absent, when only this user can write it.
+
+    A library is loaded from a directory that nobody else can write (owned by this user, not group- or
+    other-writable); otherwise one is built afresh in a new private temp directory, and a line says why.
+    """
+    path = Path(path or kernel_dir())
+    try:
+        path.mkdir(parents=True, exist_ok=True, mode=0o700)
+        st = path.stat()
+        problem = (f"owned by uid {st.st_uid}, not this user ({os.getuid()})" if st.st_uid != os.getuid() else
+                   f"writable by others (mode {st.st_mode & 0o777:o})" if st.st_mode & 0o022 else None)
+    except OSError as e:
+        problem = f"not usable ({e})"
+    if problem is None:
+        return path
+    fresh = Path(tempfile.mkdtemp(prefix="llamalit-kernels-"))
+    log.warning("not loading a decode kernel from %s: it is %s; building one in %s instead (chmod 700 %s, or set "
+                "LLAMALIT_KERNEL_DIR to a directory only you can write)", path, problem, fresh, path)
+    return fresh
+
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def trusted(lib: Path) -> bool:
+    """Whether ``lib`` is the library this build wrote: its sha256 is the one recorded beside it at build time."""
+    record = lib.with_name(lib.name + ".sha256")
+    try:
+        return lib.is_file() and record.read_text().strip() == _sha256(lib)
+    except OSError:
+        return False
+
+
 def build_decode_kernel(out_dir: Path | None = None) -> Path:
     """Compile decode_cpu.cpp (if not already cached) and return the shared library's path.
 
+    The library's name is a hash of the source, flags, compiler, CPU and torch version; a cached one is used
+    only from a directory only this user can write (:func:`private_kernel_dir`) and when its sha256 matches the
+    one recorded beside it (``NAME.so.sha256``) when it was built: anything else is rebuilt.
     Raises RuntimeError naming the compiler and its output when no compiler is found or it fails.
     """
     cxx = os.environ.get("CXX") or shutil.which("c++") or shutil.which("g++") or shutil.which("clang++")
@@ -76,10 +117,13 @@ def build_decode_kernel(out_dir: Path | None = None) -> Path:
         raise RuntimeError(f"C++ compiler {cxx!r} does not run: {e}") from e
     source = SOURCE.read_bytes()
     key = hashlib.sha256(b"\0".join(
-        [source, " ".join(_FLAGS).encode(), version.encode(), _cpu_tag().encode()])).hexdigest()[:16]
-    lib = (out_dir or kernel_dir()) / f"decode_cpu-{key}.so"
-    if lib.exists():
+        [source, " ".join(_FLAGS).encode(), version.encode(), _cpu_tag().encode(),
+         torch.__version__.encode()])).hexdigest()[:16]
+    lib = private_kernel_dir(out_dir) / f"decode_cpu-{key}.so"
+    if trusted(lib):
         return lib
+    if lib.exists():
+        log.warning("%s does not match the sha256 recorded when it was built: rebuilding it", lib)
     log.info("compiling the llamalit decode kernel into %s", lib)
     errors = []
     for extra in (["-fopenmp"], []):  # no OpenMP (e.g. clang without libomp): one thread only
@@ -89,6 +133,8 @@ def build_decode_kernel(out_dir: Path | None = None) -> Path:
                 done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
                 if done.returncode != 0:
                     raise _BuildError(f"$ {' '.join(cmd)}\n{done.stderr.strip()[-2000:]}")
+                digest = _sha256(tmp)
+            atomic_write_text(lib.with_name(lib.name + ".sha256"), digest + "\n")
             return lib
         except _BuildError as e:
             errors.append(str(e))
