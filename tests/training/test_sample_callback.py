@@ -46,7 +46,7 @@ def test_sampling_after_a_compiled_step_compiles_nothing(compiled: str, tiny_tok
     cb = SampleCallback(prompts=["Write a story about a cat.", "Once upon a time"], max_new_tokens=12)
     dm = SimpleNamespace(tokenizer_path=str(tiny_tokenizer.path), manifest={"kind": "instruct"})
     trainer = SimpleNamespace(sanity_checking=False, global_rank=0, strategy=object(), datamodule=dm, logger=None,
-                              global_step=1)
+                              global_step=1, state=SimpleNamespace(fn="fit"))
     cb.on_validation_end(trainer, SimpleNamespace(model=model))
     assert len(cb.last_samples) == 2
     assert traced() == before, "sampling traced new graphs (it must run eagerly)"
