@@ -12,7 +12,7 @@ from collections.abc import Iterator
 
 import torch
 
-from llamalit.inference.decode import StaticDecoder, decode_step, decode_weights
+from llamalit.inference.decode import StaticDecoder, decode_step, decode_weights, greedy_kernel
 from llamalit.model.llama import Llama
 
 
@@ -123,12 +123,15 @@ def _stream(model: Llama, rows: list[list[int]], batched: bool, max_new_tokens: 
         static = None
         if static_decode and weights is not None:  # else (e.g. LoRA-wrapped layers) the ordinary step
             static = StaticDecoder(weights, caches, len(rows), device, graph=device.type == "cuda")
+        # greedy on the CPU kernel: its step writes the next ids (the argmax of its logits) into `chosen`
+        kernel = greedy_kernel(model, weights) if temperature == 0.0 and static is None else None
+        chosen = torch.empty(len(rows), dtype=torch.long) if kernel is not None else None
         tokens = torch.tensor(rows, dtype=torch.long, device=device)
         logits = model.output(model.hidden(tokens, 0, caches)[:, -1])
         pos = tokens.shape[1]
         finished = torch.zeros(len(rows), dtype=torch.bool, device=device)
         for step in range(max_new_tokens):
-            nxt = sample_next(logits, temperature, top_k, top_p, generator)
+            nxt = sample_next(logits, temperature, top_k, top_p, generator) if logits is not None else chosen
             if eos_id is not None:
                 nxt = nxt.masked_fill(finished, eos_id)
                 finished |= nxt == eos_id
@@ -146,6 +149,8 @@ def _stream(model: Llama, rows: list[list[int]], batched: bool, max_new_tokens: 
             if step + 1 < max_new_tokens:
                 if static is not None:
                     logits = static.step(nxt, pos)
+                elif kernel is not None and kernel.greedy(nxt, pos, caches, chosen):
+                    logits = None
                 else:
                     logits = decode_step(model, nxt[:, None], pos, caches, weights)
                 pos += 1
