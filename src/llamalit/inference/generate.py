@@ -127,7 +127,10 @@ def _stream(model: Llama, rows: list[list[int]], batched: bool, max_new_tokens: 
         kernel = greedy_kernel(model, weights) if temperature == 0.0 and static is None else None
         chosen = torch.empty(len(rows), dtype=torch.long) if kernel is not None else None
         tokens = torch.tensor(rows, dtype=torch.long, device=device)
-        logits = model.output(model.hidden(tokens, 0, caches)[:, -1])
+        if tokens.shape[1] == 1 and static is None and weights is not None and weights.kernel is not None:
+            logits = decode_step(model, tokens, 0, caches, weights)  # a 1-token prompt: one kernel step
+        else:
+            logits = model.output(model.hidden(tokens, 0, caches)[:, -1])
         pos = tokens.shape[1]
         finished = torch.zeros(len(rows), dtype=torch.bool, device=device)
         for step in range(max_new_tokens):
