@@ -113,7 +113,9 @@ def test_quantize_rows_bound() -> None:
     q, scale = quantize_rows(w)
     assert q.dtype == torch.int8 and q.abs().max() <= 127 and scale[7] == 0 and (q[7] == 0).all()
     err = (w.double() - scale.double()[:, None] * q.double()).abs()
-    assert (err <= scale.double()[:, None] * (0.5 + 1e-6)).all()
+    assert (err <= scale.double()[:, None] * (0.5 + 1e-6)).all() and kernels.screen_bound_holds(w, q, scale)
+    tiny = torch.full((2, 8), 1e-44)  # the scale underflows to 0: the bound fails, no screen
+    assert not kernels.screen_bound_holds(tiny, *quantize_rows(tiny))
 
 
 def test_generate_takes_the_greedy_step_and_sampling_does_not(lib, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -198,9 +198,17 @@ def quantize_rows(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     q = w / scale rounded to nearest (|w - scale q| <= scale / 2, the bound the kernel's greedy screen uses)."""
     w = w.detach().float()
     scale = w.abs().amax(dim=1) / 127
-    q = torch.where(scale[:, None] > 0, w / scale.clamp_min(torch.finfo(torch.float32).tiny)[:, None],
-                    torch.zeros((), dtype=w.dtype))
+    q = torch.where(scale[:, None] > 0, w / scale[:, None], torch.zeros((), dtype=w.dtype))
     return q.round().clamp(-127, 127).to(torch.int8), scale.contiguous()
+
+
+def screen_bound_holds(w: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> bool:
+    """Whether every row keeps the bounds the kernel's greedy screen assumes (checked in float64):
+    ``|w - scale q| <= scale / 2 (1 + 2^-10)`` and ``|w| <= 127 scale (1 + 2^-10)``. Fails only for
+    weights near the float32 underflow (a subnormal or zero scale on a nonzero row)."""
+    w, s = w.detach().double(), scale.double()[:, None]
+    slack = 1 + 2.0 ** -10
+    return bool(((w - s * q.double()).abs() <= s * 0.5 * slack).all() and (w.abs() <= s * 127 * slack).all())
 
 
 def gemv(x: torch.Tensor, packed: torch.Tensor, rows: int) -> torch.Tensor:
@@ -276,17 +284,21 @@ class DecodeKernel:
                for t in [embedding, norm, cos, sin, *mats, *(w for layer in layers for w in layer)]):
             raise ValueError("DecodeKernel: every weight must be a float32 CPU tensor")
         sizes = [-(-w.shape[0] // PANEL) * PANEL * w.shape[1] for w in mats]
+        q = None
+        self.output_scale: torch.Tensor | None = None
         with torch.no_grad():
-            screen = screen_enabled(screen) and bool(torch.isfinite(output).all())
+            if screen_enabled(screen) and bool(torch.isfinite(output).all()):
+                q, self.output_scale = quantize_rows(output)
+                if not screen_bound_holds(output, q, self.output_scale):  # weights near float32 underflow
+                    q = self.output_scale = None
+        screen = q is not None
         q_size = -(-sizes[-1] // 4) if screen else 0  # the int8 head, in floats, between the layers and the head
         self.arena = huge_page_arena(sum(sizes) + q_size, lib)
         packed, offset = [], 0
         self.output_q: torch.Tensor | None = None
-        self.output_scale: torch.Tensor | None = None
         with torch.no_grad():
             for i, (w, size) in enumerate(zip(mats, sizes)):  # one matrix at a time: no second full copy
                 if i == len(mats) - 1 and screen:  # greedy steps read it right after the layers
-                    q, self.output_scale = quantize_rows(w)
                     self.output_q = self.arena[offset:offset + q_size].view(torch.int8)[:size]
                     self.output_q.copy_(pack_rows(q).view(-1))
                     offset += q_size

@@ -7,6 +7,7 @@
 // about half the bandwidth (docs/bench_generate.md). The packed matrices sit in one arena on 2 MiB
 // pages (llk_advise_huge), in the order the step reads them; softmax and SiLU use a vector exp.
 #include <algorithm>
+#include <cfloat>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -216,8 +217,9 @@ int64_t argmax(const float* y, int64_t n) {
 // The greedy token of one row, given its screen `approx` (vocab,; overwritten): exactly the argmax of the
 // fp32 logits (bit for bit those of llk_step's logits mode), with fp32 weights read only for the rows the
 // screen cannot rule out. For each row r, |logit_r - approx_r| <= B_r = scale_r |x|_1 c: rounding w to
-// scale_r q costs at most scale_r / 2 per unit of |x|_1, and fp32 rounding in either sum at most
-// n u 127 scale_r |x|_1 (u = 2^-24), folded into c twice over. The true argmax r* then has
+// scale_r q costs at most scale_r / 2 per unit of |x|_1 (checked for every weight when the copy is made,
+// with |w| <= 127 scale_r), and fp32 rounding in either sum at most n u 127 scale_r |x|_1 (u = 2^-24),
+// folded into c twice over; the factor 1 + 2^-10 covers the float arithmetic of the test itself. The true argmax r* then has
 // approx_r* + B_r* >= max_j (approx_j - B_j) =: floor, so only the rows passing that test are recomputed, in
 // their 16-row strips with the full head's own code. Anything unusual (x not finite, a NaN, more candidate
 // strips than `limit`) computes the whole head in fp32 instead. Returns the id; *exact_rows the rows read.
@@ -229,7 +231,11 @@ int64_t greedy_row(const LlkModel& m, const float* xb, float* approx, int64_t* e
   const float lc = static_cast<float>(l1 * c * (1.0 + 1.0 / 1024));  // the slack covers the float ops below
   if (std::isfinite(lc)) {
     float floor = -INFINITY;
-    for (int64_t r = 0; r < vocab; ++r) floor = std::max(floor, approx[r] - m.output_scale[r] * lc);
+    bool finite = true;  // an overflow in the screen voids its bound
+    for (int64_t r = 0; r < vocab; ++r) {
+      floor = std::max(floor, approx[r] - m.output_scale[r] * lc);
+      finite &= std::fabs(approx[r]) <= FLT_MAX;
+    }
     const int64_t limit = vocab / STRIP / 16 + 4;  // past this, the whole head is about as cheap
     std::vector<int64_t> strips;
     for (int64_t r = 0; r < vocab && static_cast<int64_t>(strips.size()) <= limit; ++r)
@@ -237,7 +243,7 @@ int64_t greedy_row(const LlkModel& m, const float* xb, float* approx, int64_t* e
         strips.push_back(r / STRIP);
     int64_t best = -1;
     float top = -INFINITY;
-    if (floor > -INFINITY && static_cast<int64_t>(strips.size()) <= limit) {
+    if (finite && std::isfinite(floor) && static_cast<int64_t>(strips.size()) <= limit) {
       for (int64_t s : strips) {
         const int64_t p = s / per, row0 = s * STRIP, m16 = std::min<int64_t>(STRIP, vocab - row0);
         bool pass[STRIP];
