@@ -1,7 +1,8 @@
 """Sampling from a Llama with a KV cache: temperature, top-k, top-p, EOS stop, seeded.
 
 After the prompt's forward, each new token goes through ``llamalit.inference.decode``: on CUDA a static-shape step
-replayed from a CUDA graph, elsewhere :func:`~llamalit.inference.decode.decode_step` (the CPU kernel when it builds).
+replayed from a CUDA graph, elsewhere :func:`~llamalit.inference.decode.decode_step` (the CPU kernel when it builds; greedy decoding on the kernel
+takes its greedy step, which returns the argmax ids of its logits directly).
 """
 
 from __future__ import annotations

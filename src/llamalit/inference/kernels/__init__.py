@@ -2,7 +2,8 @@
 
 ``decode_cpu.cpp`` runs a whole :func:`llamalit.inference.decode.decode_step` (embedding to logits) on
 weights packed by :func:`pack_rows` into one arena on transparent huge pages (:func:`huge_page_arena`),
-streaming each matrix once at close to memory bandwidth. It is
+streaming each matrix once at close to memory bandwidth; greedy steps (:meth:`DecodeKernel.greedy`) return the argmax
+of the logits without making them, reading an int8 copy of the output head and only the candidate rows in fp32. It is
 built with the system C++ compiler (``$CXX``, else ``c++``; ``-O3 -march=native -fopenmp``) into ``$LLAMALIT_KERNEL_DIR``
 (default ``~/.cache/llamalit/kernels``, mode 0700), one file per source, flags, compiler, CPU and torch version, with its
 sha256 beside it: a cached library is loaded only from a directory only this user can write and only when its
