@@ -5,6 +5,8 @@ Variants (tokens/s of new tokens, prompt = [BOS]):
               fp32 the compiled kernel of ``llamalit.inference.kernels`` when it builds; on CUDA the static step
               replayed from a CUDA graph, ``llamalit.inference.decode.StaticDecoder``)
   kv_step     CUDA only: ``generate(..., static_decode=False)``: the KV path without CUDA graphs
+  kv_exact    ``kv`` without the int8 screen of the output head (LLAMALIT_DECODE_SCREEN=0): every greedy step
+              reads the whole fp32 head (same ids; the screen only skips rows that cannot win)
   kv_torch    ``kv`` with the kernel switched off (LLAMALIT_DECODE_KERNEL=0): the PyTorch decode step
   kv_generic  ours: KV cache through the ordinary ``Llama.hidden`` forward (what decode_step replaces)
   recompute   ours: the whole prefix through the model for every new token, no cache
@@ -52,11 +54,11 @@ import torch
 
 from llamalit.inference.decode import DecodeWeights, StaticDecoder, decode_weights
 from llamalit.inference.generate import generate
-from llamalit.inference.kernels import ENV_SWITCH
+from llamalit.inference.kernels import ENV_SWITCH, SCREEN_SWITCH
 from llamalit.model.llama import Llama, ModelConfig
 from llamalit.utils.fileio import atomic_write_json
 
-CPU_VARIANTS = ("kv", "kv_torch", "kv_generic", "recompute", "hf", "llama_cpp", "llama_cpp_q8")
+CPU_VARIANTS = ("kv", "kv_exact", "kv_torch", "kv_generic", "recompute", "hf", "llama_cpp", "llama_cpp_q8")
 DTYPES = ("fp32", "bf16", "tf32")
 CUDA_VARIANTS = ("kv", "kv_step", "kv_generic", "recompute", "hf", "static", "cudagraph", "compile")
 
@@ -85,6 +87,11 @@ def env(name: str, value: str) -> Iterator[None]:
             del os.environ[name]
         else:
             os.environ[name] = old
+
+
+def run_kv_exact(model: Llama, tokens: int) -> list[int]:
+    with env(SCREEN_SWITCH, "0"):  # read when the model's packed weights are built (its first generate)
+        return generate(model, [1], tokens, temperature=0.0)
 
 
 def run_kv_torch(model: Llama, tokens: int) -> list[int]:
@@ -250,6 +257,7 @@ def bench_one(shape: str, device: str, threads: int, tokens: int, variants: list
     hf = build_hf(model) if "hf" in variants else None
     # its own copy: switching one model between layouts would rebuild its decode weights every run
     torch_model = copy.deepcopy(model) if "kv_torch" in variants else None
+    exact_model = copy.deepcopy(model) if "kv_exact" in variants else None
     if run_c and device == "cpu":
         variants = [*variants, "run_c" if threads == 1 else "run_c_omp"]
     runner = RunC(run_c, model, threads=threads) if {"run_c", "run_c_omp"} & set(variants) else None
@@ -265,6 +273,7 @@ def bench_one(shape: str, device: str, threads: int, tokens: int, variants: list
         "kv": lambda n: generate(model, [1], n, temperature=0.0),
         "kv_step": lambda n: generate(model, [1], n, temperature=0.0, static_decode=False),
         "kv_torch": lambda n: run_kv_torch(torch_model, n),
+        "kv_exact": lambda n: run_kv_exact(exact_model, n),
         "kv_generic": lambda n: run_kv_generic(model, n),
         "recompute": lambda n: run_recompute(model, n),
         "hf": lambda n: run_hf(hf, n),
@@ -343,7 +352,7 @@ def summary(rows: list[dict]) -> list[str]:
         speed = {r["variant"]: r.get("tok_s") for r in rows if _group(r) == key}
         kv = speed.get("kv")
         parts = [f"{v}: {kv / speed[v]:.2f}x" for v in ("llama_cpp", "llama_cpp_q8", "run_c", "run_c_omp", "recompute",
-                                                          "hf", "kv_torch", "kv_generic")
+                                                          "hf", "kv_exact", "kv_torch", "kv_generic")
                  if kv and speed.get(v)]
         load = next((r.get("load_avg_1min") for r in rows if _group(r) == key
                      and r.get("load_avg_1min")), None)

@@ -70,6 +70,14 @@ def decode_step(model: Llama, tokens: torch.Tensor, pos: int, caches: list[KVCac
         return weights.step(tokens[:, 0], pos, caches)
 
 
+def greedy_kernel(model: Llama, weights: DecodeWeights | None) -> DecodeKernel | None:
+    """The compiled kernel whose :meth:`~llamalit.inference.kernels.DecodeKernel.greedy` step can replace
+    ``decode_step`` + argmax for ``model`` (fp32 CPU, kernel on, not training); else None."""
+    if weights is None or weights.kernel is None or model.training:
+        return None
+    return weights.kernel
+
+
 class DecodeWeights:
     """Weight copies laid out for one-token decoding; built by :func:`decode_weights`."""
 

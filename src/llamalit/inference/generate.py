@@ -1,7 +1,8 @@
 """Sampling from a Llama with a KV cache: temperature, top-k, top-p, EOS stop, seeded.
 
 After the prompt's forward, each new token goes through ``llamalit.inference.decode``: on CUDA a static-shape step
-replayed from a CUDA graph, elsewhere :func:`~llamalit.inference.decode.decode_step` (the CPU kernel when it builds).
+replayed from a CUDA graph, elsewhere :func:`~llamalit.inference.decode.decode_step` (the CPU kernel when it builds; greedy decoding on the kernel
+takes its greedy step, which returns the argmax ids of its logits directly).
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from collections.abc import Iterator
 
 import torch
 
-from llamalit.inference.decode import StaticDecoder, decode_step, decode_weights
+from llamalit.inference.decode import StaticDecoder, decode_step, decode_weights, greedy_kernel
 from llamalit.model.llama import Llama
 
 
@@ -123,12 +124,18 @@ def _stream(model: Llama, rows: list[list[int]], batched: bool, max_new_tokens: 
         static = None
         if static_decode and weights is not None:  # else (e.g. LoRA-wrapped layers) the ordinary step
             static = StaticDecoder(weights, caches, len(rows), device, graph=device.type == "cuda")
+        # greedy on the CPU kernel: its step writes the next ids (the argmax of its logits) into `chosen`
+        kernel = greedy_kernel(model, weights) if temperature == 0.0 and static is None else None
+        chosen = torch.empty(len(rows), dtype=torch.long) if kernel is not None else None
         tokens = torch.tensor(rows, dtype=torch.long, device=device)
-        logits = model.output(model.hidden(tokens, 0, caches)[:, -1])
+        if tokens.shape[1] == 1 and static is None and weights is not None and weights.kernel is not None:
+            logits = decode_step(model, tokens, 0, caches, weights)  # a 1-token prompt: one kernel step
+        else:
+            logits = model.output(model.hidden(tokens, 0, caches)[:, -1])
         pos = tokens.shape[1]
         finished = torch.zeros(len(rows), dtype=torch.bool, device=device)
         for step in range(max_new_tokens):
-            nxt = sample_next(logits, temperature, top_k, top_p, generator)
+            nxt = sample_next(logits, temperature, top_k, top_p, generator) if logits is not None else chosen
             if eos_id is not None:
                 nxt = nxt.masked_fill(finished, eos_id)
                 finished |= nxt == eos_id
@@ -146,6 +153,8 @@ def _stream(model: Llama, rows: list[list[int]], batched: bool, max_new_tokens: 
             if step + 1 < max_new_tokens:
                 if static is not None:
                     logits = static.step(nxt, pos)
+                elif kernel is not None and kernel.greedy(nxt, pos, caches, chosen):
+                    logits = None
                 else:
                     logits = decode_step(model, nxt[:, None], pos, caches, weights)
                 pos += 1

@@ -2,7 +2,8 @@
 
 ``decode_cpu.cpp`` runs a whole :func:`llamalit.inference.decode.decode_step` (embedding to logits) on
 weights packed by :func:`pack_rows` into one arena on transparent huge pages (:func:`huge_page_arena`),
-streaming each matrix once at close to memory bandwidth. It is
+streaming each matrix once at close to memory bandwidth; greedy steps (:meth:`DecodeKernel.greedy`) return the argmax
+of the logits without making them, reading an int8 copy of the output head and only the candidate rows in fp32. It is
 built with the system C++ compiler (``$CXX``, else ``c++``; ``-O3 -march=native -fopenmp``) into ``$LLAMALIT_KERNEL_DIR``
 (default ``~/.cache/llamalit/kernels``, mode 0700), one file per source, flags, compiler, CPU and torch version, with its
 sha256 beside it: a cached library is loaded only from a directory only this user can write and only when its
@@ -32,8 +33,9 @@ log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("decode_cpu.cpp")
 PANEL = 64  # rows per packed panel; PANEL in decode_cpu.cpp
-ABI_VERSION = 4  # llk_abi_version() in decode_cpu.cpp
+ABI_VERSION = 5  # llk_abi_version() in decode_cpu.cpp
 ENV_SWITCH = "LLAMALIT_DECODE_KERNEL"
+SCREEN_SWITCH = "LLAMALIT_DECODE_SCREEN"  # 0: greedy steps read the whole fp32 head (no int8 screen)
 _FLAGS = ["-O3", "-march=native", "-fopenmp-simd", "-fno-math-errno", "-shared", "-fPIC", "-std=c++17"]
 _P = ctypes.POINTER
 _i64, _f32p = ctypes.c_int64, _P(ctypes.c_float)
@@ -160,8 +162,8 @@ def load_decode_kernel() -> ctypes.CDLL | None:
     lib.llk_gemv.restype = None
     # plain addresses (ints): the per-token call converts no ctypes objects
     _vp = ctypes.c_void_p
-    lib.llk_step.argtypes = [_vp, _vp, _i64, _i64, _vp, _vp, _vp, ctypes.c_int]
-    lib.llk_step.restype = None
+    lib.llk_step.argtypes = [_vp, _vp, _i64, _i64, _vp, _vp, _vp, ctypes.c_int, _vp]
+    lib.llk_step.restype = _i64
     lib.llk_exp.argtypes = [_vp, _i64, _vp]
     lib.llk_exp.restype = None
     lib.llk_advise_huge.argtypes = [_vp, _i64]
@@ -175,7 +177,8 @@ class _Model(ctypes.Structure):
     _fields_ = [(name, _i64) for name in ("dim", "hidden", "n_layers", "n_heads", "n_kv_heads", "head_dim",
                                           "vocab", "max_seq_len")] + [
         ("eps", ctypes.c_float), ("embedding", _f32p), ("layers", _P(_f32p)), ("norm", _f32p),
-        ("output", _f32p), ("cos", _f32p), ("sin", _f32p), ("stream_output", _i64)]
+        ("output", _f32p), ("cos", _f32p), ("sin", _f32p), ("stream_output", _i64),
+        ("output_q", ctypes.c_void_p), ("output_scale", ctypes.c_void_p)]
 
 
 def _ptr(t: torch.Tensor) -> ctypes._Pointer:
@@ -189,6 +192,24 @@ def pack_rows(w: torch.Tensor) -> torch.Tensor:
     padded = torch.zeros(panels * PANEL, n, dtype=w.dtype, device=w.device)
     padded[:rows] = w
     return padded.view(panels, PANEL, n).transpose(1, 2).contiguous()
+
+
+def quantize_rows(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(q int8 (rows, n), scale float32 (rows,)) with w ~ scale[:, None] * q: per row, scale = max|w| / 127 and
+    q = w / scale rounded to nearest (|w - scale q| <= scale / 2, the bound the kernel's greedy screen uses)."""
+    w = w.detach().float()
+    scale = w.abs().amax(dim=1) / 127
+    q = torch.where(scale[:, None] > 0, w / scale[:, None], torch.zeros((), dtype=w.dtype))
+    return q.round().clamp(-127, 127).to(torch.int8), scale.contiguous()
+
+
+def screen_bound_holds(w: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> bool:
+    """Whether every row keeps the bounds the kernel's greedy screen assumes (checked in float64):
+    ``|w - scale q| <= scale / 2 (1 + 2^-10)`` and ``|w| <= 127 scale (1 + 2^-10)``. Fails only for
+    weights near the float32 underflow (a subnormal or zero scale on a nonzero row)."""
+    w, s = w.detach().double(), scale.double()[:, None]
+    slack = 1 + 2.0 ** -10
+    return bool(((w - s * q.double()).abs() <= s * 0.5 * slack).all() and (w.abs() <= s * 127 * slack).all())
 
 
 def gemv(x: torch.Tensor, packed: torch.Tensor, rows: int) -> torch.Tensor:
@@ -233,19 +254,29 @@ def vexp(x: torch.Tensor) -> torch.Tensor:
     return out
 
 
+def screen_enabled(flag: bool | None = None) -> bool:
+    """``flag`` when given, else ``LLAMALIT_DECODE_SCREEN`` (0 means: no int8 screen of the output head)."""
+    if flag is not None:
+        return flag
+    return os.environ.get(SCREEN_SWITCH, "1").strip().lower() not in ("0", "false", "no", "off")
+
+
 class DecodeKernel:
     """Packed weights of one fp32 CPU model and the compiled step over them.
 
     ``layers`` holds, per layer, (attention_norm weight, wq|wk|wv, wo, ffn_norm weight, w1|w3, w2)
     as plain (out, in) matrices; they are packed here, in the order the step reads them, into one
     2 MiB-aligned arena on transparent huge pages (one copy of the weights). The tensors whose
-    pointers the kernel reads are kept alive by this object.
+    pointers the kernel reads are kept alive by this object. ``screen`` (default: on unless
+    ``LLAMALIT_DECODE_SCREEN=0``, and only for a finite head) adds an int8 copy of the output head
+    (a quarter of its bytes) that :meth:`greedy` reads instead of the fp32 head, recomputing in fp32
+    only the rows it cannot rule out: the same ids as the argmax of :meth:`step`'s logits.
     """
 
     def __init__(self, lib: ctypes.CDLL, *, dim: int, hidden: int, n_heads: int, n_kv_heads: int,
                  eps: float, embedding: torch.Tensor, layers: list[tuple[torch.Tensor, ...]],
                  norm: torch.Tensor, output: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                 stream_output: bool | None = None):
+                 stream_output: bool | None = None, screen: bool | None = None):
         self.lib = lib
         if stream_output is None:  # only worth it when the head would push the layers out of the cache
             stream_output = output.numel() * 4 >= STREAM_OUTPUT_BYTES
@@ -254,10 +285,24 @@ class DecodeKernel:
                for t in [embedding, norm, cos, sin, *mats, *(w for layer in layers for w in layer)]):
             raise ValueError("DecodeKernel: every weight must be a float32 CPU tensor")
         sizes = [-(-w.shape[0] // PANEL) * PANEL * w.shape[1] for w in mats]
-        self.arena = huge_page_arena(sum(sizes), lib)
-        packed, offset = [], 0
+        q = None
+        self.output_scale: torch.Tensor | None = None
         with torch.no_grad():
-            for w, size in zip(mats, sizes):  # one matrix at a time: no second full copy at any moment
+            if screen_enabled(screen) and bool(torch.isfinite(output).all()):
+                q, self.output_scale = quantize_rows(output)
+                if not screen_bound_holds(output, q, self.output_scale):  # weights near float32 underflow
+                    q = self.output_scale = None
+        screen = q is not None
+        q_size = -(-sizes[-1] // 4) if screen else 0  # the int8 head, in floats, between the layers and the head
+        self.arena = huge_page_arena(sum(sizes) + q_size, lib)
+        packed, offset = [], 0
+        self.output_q: torch.Tensor | None = None
+        with torch.no_grad():
+            for i, (w, size) in enumerate(zip(mats, sizes)):  # one matrix at a time: no second full copy
+                if i == len(mats) - 1 and screen:  # greedy steps read it right after the layers
+                    self.output_q = self.arena[offset:offset + q_size].view(torch.int8)[:size]
+                    self.output_q.copy_(pack_rows(q).view(-1))
+                    offset += q_size
                 dst = self.arena[offset:offset + size]
                 dst.copy_(pack_rows(w).view(-1))
                 packed.append(dst)
@@ -273,10 +318,15 @@ class DecodeKernel:
         emb, nrm, cos_, sin_ = self.small
         self.model = _Model(dim, hidden, len(layers), n_heads, n_kv_heads, self.head_dim, self.vocab,
                             self.max_seq_len, eps, _ptr(emb), self.layer_ptrs, _ptr(nrm), _ptr(packed[-1]),
-                            _ptr(cos_), _ptr(sin_), int(stream_output))
+                            _ptr(cos_), _ptr(sin_), int(stream_output),
+                            self.output_q.data_ptr() if screen else None,
+                            self.output_scale.data_ptr() if screen else None)
         self._model_addr = ctypes.addressof(self.model)
         self._bound: tuple | None = None  # the caches last checked, and their pointer arrays
         self.threads: int | None = None  # threads a step uses (kernels.select's probe); None: torch's count
+        self.screen = screen
+        self.exact_rows = 0  # fp32 head rows read by the last greedy step (the screen's candidates' strips)
+        self._scratch: torch.Tensor | None = None  # greedy steps' logits scratch (B, vocab)
 
     def huge_pages(self) -> bool:
         """Whether the packed weights' memory is (at least partly) on transparent huge pages (Linux)."""
@@ -346,5 +396,31 @@ class DecodeKernel:
         ids_c = (_i64 * batch)(*ids)
         logits = torch.empty(batch, self.vocab)
         self.lib.llk_step(self._model_addr, ctypes.addressof(ids_c), batch, pos, bind[3], bind[4],
-                          logits.data_ptr(), self.threads or torch.get_num_threads())
+                          logits.data_ptr(), self.threads or torch.get_num_threads(), None)
         return logits
+
+    def greedy(self, tok: torch.Tensor, pos: int, caches: list, out: torch.Tensor) -> bool:
+        """Greedy next ids into ``out`` (B,) int64 (may be ``tok`` itself): the argmax of :meth:`step`'s logits,
+        without making them (screened by the int8 head when :attr:`screen`). False (nothing done) when the
+        caches do not fit (:meth:`accepts`)."""
+        if not 0 <= pos < self.max_seq_len:
+            raise ValueError(f"position {pos} is outside 0..{self.max_seq_len - 1}")
+        bind = self._bind(caches)
+        if bind is None:
+            return False
+        ids = tok.tolist()
+        if ids and not 0 <= min(ids) <= max(ids) < self.vocab:
+            raise ValueError(f"token ids must be in 0..{self.vocab - 1}, got {ids}")
+        batch = len(ids)
+        if bind[0] != batch:
+            raise ValueError(f"caches hold batch {bind[0]}, tokens have {batch} rows")
+        if out.dtype != torch.int64 or out.shape != (batch,) or not out.is_contiguous() or out.device.type != "cpu":
+            raise ValueError(f"greedy: out must be a contiguous CPU int64 tensor of shape ({batch},)")
+        scratch = self._scratch
+        if scratch is None or scratch.shape[0] != batch:
+            scratch = self._scratch = torch.empty(batch, self.vocab)
+        ids_c = (_i64 * batch)(*ids)
+        self.exact_rows = self.lib.llk_step(self._model_addr, ctypes.addressof(ids_c), batch, pos, bind[3], bind[4],
+                                            scratch.data_ptr(), self.threads or torch.get_num_threads(),
+                                            out.data_ptr())
+        return True

@@ -7,16 +7,38 @@
 // about half the bandwidth (docs/bench_generate.md). The packed matrices sit in one arena on 2 MiB
 // pages (llk_advise_huge), in the order the step reads them; softmax and SiLU use a vector exp.
 #include <algorithm>
+#include <cfloat>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <vector>
+#if defined(__x86_64__) || defined(__i386__)
+#include <immintrin.h>
+#endif
 #if defined(__linux__)
 #include <sys/mman.h>
 #endif
 #ifdef _OPENMP
 #include <omp.h>
 #endif
+
+extern "C" {
+// Shapes and pointers of one model; mirrored by _Model in kernels/__init__.py.
+struct LlkModel {
+  int64_t dim, hidden, n_layers, n_heads, n_kv_heads, head_dim, vocab, max_seq_len;
+  float eps;
+  const float* embedding;       // (vocab, dim), plain rows
+  const float* const* layers;   // 6 per layer: attention_norm, wqkv, wo, ffn_norm, w13, w2 (packed)
+  const float* norm;            // (dim,)
+  const float* output;          // packed (vocab x dim)
+  const float* cos;             // (max_seq_len, head_dim / 2)
+  const float* sin;
+  int64_t stream_output;        // 1: read the output head with non-temporal prefetches
+  const int8_t* output_q;       // the head's int8 copy, packed like `output` (greedy screen); or null
+  const float* output_scale;    // (vocab,): its per-row scales
+};
+
+}  // extern "C"
 
 namespace {
 
@@ -109,6 +131,139 @@ void gemv(const float* x, int64_t batch, int64_t n, const float* wp, int64_t row
 #else
   gemv_part(x, batch, n, wp, rows, y, accumulate, 0, 1);
 #endif
+}
+
+// The output head's int8 copy (greedy decoding): the same panel layout as the fp32 head, one byte a
+// weight, and one scale per row (w ~ scale * q, |q| <= 127). y[b, r] = scale[r] * sum_i q[r, i] x[b, i],
+// accumulated in fp32: a screen for the argmax (llk_step's greedy mode) reading a quarter of the bytes.
+// 16 int8 -> 16 floats (GCC scalarises __builtin_convertvector across sizes, so by intrinsics where present)
+inline vec load_q(const int8_t* p) {
+#if defined(__AVX512F__)
+  return (vec)_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
+#elif defined(__AVX2__)
+  const __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+  const __m256 lo = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(b));
+  const __m256 hi = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_unpackhi_epi64(b, b)));
+  vec out;
+  std::memcpy(&out, &lo, 32);
+  std::memcpy(reinterpret_cast<char*>(&out) + 32, &hi, 32);
+  return out;
+#else
+  float f[16];
+  for (int k = 0; k < 16; ++k) f[k] = p[k];
+  return load(f);
+#endif
+}
+
+template <bool NTA, int C>
+void screen_strip(const float* x, int64_t batch, int64_t n, const int8_t* w0, const float* scale,
+                  int64_t rows, float* y, int64_t row0) {
+  for (int64_t b = 0; b < batch; ++b) {
+    const int8_t* w = w0;
+    const float* xb = x + b * n;
+    vec a[C] = {}, c[C] = {};
+    int64_t i = 0;
+    for (; i + 2 <= n; i += 2, w += 2 * PANEL) {
+      if (NTA && b == 0) {  // one 64-byte line per input
+        __builtin_prefetch(w + 4 * NTA_AHEAD, 0, 0);
+        __builtin_prefetch(w + 4 * NTA_AHEAD + PANEL, 0, 0);
+      }
+      const float x0 = xb[i], x1 = xb[i + 1];
+      for (int k = 0; k < C; ++k) a[k] += load_q(w + 16 * k) * x0;
+      for (int k = 0; k < C; ++k) c[k] += load_q(w + PANEL + 16 * k) * x1;
+    }
+    if (i < n)
+      for (int k = 0; k < C; ++k) a[k] += load_q(w + 16 * k) * xb[i];
+    vec sums[C];
+    for (int k = 0; k < C; ++k) sums[k] = a[k] + c[k];
+    const float* s = reinterpret_cast<const float*>(sums);
+    float* yb = y + b * rows + row0;
+    const int64_t m = std::min<int64_t>(16 * C, rows - row0);
+    for (int64_t k = 0; k < m; ++k) yb[k] = s[k] * scale[row0 + k];
+  }
+}
+
+// This thread's share (t of nt) of the screen y = scale * (Q x), split in 16-row strips like gemv_part.
+template <bool NTA>
+void screen_part(const float* x, int64_t batch, int64_t n, const int8_t* wq, const float* scale, int64_t rows,
+                 float* y, int t, int nt) {
+  constexpr int64_t per = PANEL / STRIP;
+  const int64_t strips = (rows + STRIP - 1) / STRIP;
+  const int64_t s1 = strips * (t + 1) / nt;
+  for (int64_t s = strips * t / nt; s < s1;) {
+    const int64_t p = s / per, c0 = s - p * per, c1 = std::min(s1 - p * per, per);
+    const int8_t* w = wq + p * n * PANEL + c0 * STRIP;
+    const int64_t row0 = p * PANEL + c0 * STRIP;
+    switch (c1 - c0) {
+      case 4: screen_strip<NTA, 4>(x, batch, n, w, scale, rows, y, row0); break;
+      case 3: screen_strip<NTA, 3>(x, batch, n, w, scale, rows, y, row0); break;
+      case 2: screen_strip<NTA, 2>(x, batch, n, w, scale, rows, y, row0); break;
+      default: screen_strip<NTA, 1>(x, batch, n, w, scale, rows, y, row0); break;
+    }
+    s = p * per + c1;
+  }
+}
+
+// torch.argmax's answer on y[0..n): the first NaN if any, else the first maximum.
+int64_t argmax(const float* y, int64_t n) {
+  int64_t best = 0;
+  for (int64_t r = 0; r < n; ++r) {
+    if (y[r] != y[r]) return r;
+    if (y[r] > y[best]) best = r;
+  }
+  return best;
+}
+
+// The greedy token of one row, given its screen `approx` (vocab,; overwritten): exactly the argmax of the
+// fp32 logits (bit for bit those of llk_step's logits mode), with fp32 weights read only for the rows the
+// screen cannot rule out. For each row r, |logit_r - approx_r| <= B_r = scale_r |x|_1 c: rounding w to
+// scale_r q costs at most scale_r / 2 per unit of |x|_1 (checked for every weight when the copy is made,
+// with |w| <= 127 scale_r), and fp32 rounding in either sum at most n u 127 scale_r |x|_1 (u = 2^-24),
+// folded into c twice over; the factor 1 + 2^-10 covers the float arithmetic of the test itself. The true argmax r* then has
+// approx_r* + B_r* >= max_j (approx_j - B_j) =: floor, so only the rows passing that test are recomputed, in
+// their 16-row strips with the full head's own code. Anything unusual (x not finite, a NaN, more candidate
+// strips than `limit`) computes the whole head in fp32 instead. Returns the id; *exact_rows the rows read.
+int64_t greedy_row(const LlkModel& m, const float* xb, float* approx, int64_t* exact_rows) {
+  const int64_t n = m.dim, vocab = m.vocab, per = PANEL / STRIP;
+  double l1 = 0.0;
+  for (int64_t i = 0; i < n; ++i) l1 += std::fabs(static_cast<double>(xb[i]));
+  const double c = 0.5 + 512.0 * static_cast<double>(n + 4) / 16777216.0;
+  const float lc = static_cast<float>(l1 * c * (1.0 + 1.0 / 1024));  // the slack covers the float ops below
+  if (std::isfinite(lc)) {
+    float floor = -INFINITY;
+    bool finite = true;  // an overflow in the screen voids its bound
+    for (int64_t r = 0; r < vocab; ++r) {
+      floor = std::max(floor, approx[r] - m.output_scale[r] * lc);
+      finite &= std::fabs(approx[r]) <= FLT_MAX;
+    }
+    const int64_t limit = vocab / STRIP / 16 + 4;  // past this, the whole head is about as cheap
+    std::vector<int64_t> strips;
+    for (int64_t r = 0; r < vocab && static_cast<int64_t>(strips.size()) <= limit; ++r)
+      if (approx[r] + m.output_scale[r] * lc >= floor && (strips.empty() || strips.back() != r / STRIP))
+        strips.push_back(r / STRIP);
+    int64_t best = -1;
+    float top = -INFINITY;
+    if (finite && std::isfinite(floor) && static_cast<int64_t>(strips.size()) <= limit) {
+      for (int64_t s : strips) {
+        const int64_t p = s / per, row0 = s * STRIP, m16 = std::min<int64_t>(STRIP, vocab - row0);
+        bool pass[STRIP];
+        for (int64_t k = 0; k < m16; ++k) pass[k] = approx[row0 + k] + m.output_scale[row0 + k] * lc >= floor;
+        gemv_strip<false, 1>(xb, 1, n, m.output + p * n * PANEL + (s - p * per) * STRIP, vocab, approx, false,
+                             row0);
+        for (int64_t k = 0; k < m16 && best != -2; ++k) {
+          const float v = approx[row0 + k];
+          if (v != v) best = -2;
+          else if (pass[k] && (best < 0 || v > top)) best = row0 + k, top = v;
+        }
+        if (best == -2) break;
+      }
+      *exact_rows += static_cast<int64_t>(strips.size()) * STRIP;
+      if (best >= 0) return best;
+    }
+  }
+  gemv_strips<false>(xb, 1, n, m.output, vocab, approx, false, 0, (vocab + STRIP - 1) / STRIP);
+  *exact_rows += vocab;
+  return argmax(approx, vocab);
 }
 
 void rms_norm(const float* x, const float* w, int64_t n, float eps, float* out) {
@@ -236,20 +391,7 @@ void swiglu(const float* h1, const float* h3, int64_t n, float* g) {
 
 extern "C" {
 
-// Shapes and pointers of one model; mirrored by _Model in llamalit/kernels/__init__.py.
-struct LlkModel {
-  int64_t dim, hidden, n_layers, n_heads, n_kv_heads, head_dim, vocab, max_seq_len;
-  float eps;
-  const float* embedding;       // (vocab, dim), plain rows
-  const float* const* layers;   // 6 per layer: attention_norm, wqkv, wo, ffn_norm, w13, w2 (packed)
-  const float* norm;            // (dim,)
-  const float* output;          // packed (vocab x dim)
-  const float* cos;             // (max_seq_len, head_dim / 2)
-  const float* sin;
-  int64_t stream_output;        // 1: read the output head with non-temporal prefetches
-};
-
-int llk_abi_version() { return 4; }
+int llk_abi_version() { return 5; }
 
 // Ask for transparent huge pages over [p, p + bytes) (p 2 MiB aligned, not yet touched): 4 KiB pages
 // cost a TLB miss and a restart of the hardware prefetcher every 4 KiB of a weight stream. 0 on success; -1 where
@@ -286,17 +428,22 @@ void llk_gemv(const float* x, int64_t batch, int64_t n, const float* wp, int64_t
 
 // Logits (batch, vocab) of tokens `tok` (batch,) at position `pos`; writes k and v of `pos` into
 // the caches k[l], v[l], each (batch, n_kv_heads, max_seq_len, head_dim) contiguous.
+// With `greedy` (batch,) non-null: writes there the argmax of each row's logits instead (exactly those of
+// the logits mode; screened by the int8 head when the model has one: greedy_row), `logits` is scratch,
+// and the return value is the number of fp32 head rows read (0 in logits mode). `greedy` may be `tok`.
 //
 // One team of threads runs the whole token: each product is split by rows (16-row strips) over the
 // team, attention by (row, kv head); norms and SwiGLU are recomputed by every thread into its own
 // buffer (a few hundred floats) instead of a barrier. Five barriers a layer.
-void llk_step(const LlkModel* m, const int64_t* tok, int64_t batch, int64_t pos, float* const* k_cache,
-              float* const* v_cache, float* logits, int threads) {
+int64_t llk_step(const LlkModel* m, const int64_t* tok, int64_t batch, int64_t pos, float* const* k_cache,
+                 float* const* v_cache, float* logits, int threads, int64_t* greedy) {
   const int64_t dim = m->dim, hd = m->head_dim, nh = m->n_heads, nkv = m->n_kv_heads;
   const int64_t n_qkv = (nh + 2 * nkv) * hd, half = hd / 2, seq = m->max_seq_len, hidden = m->hidden;
   const int64_t group = nh / nkv;
   const float scale = 1.f / std::sqrt(static_cast<float>(hd));
-  std::vector<float> x(batch * dim), qkv(batch * n_qkv), att(batch * nh * hd), h13(batch * 2 * hidden);
+  std::vector<float> x(batch * dim), qkv(batch * n_qkv), att(batch * nh * hd), h13(batch * 2 * hidden),
+      xfin(batch * dim);
+  const bool screen = greedy != nullptr && m->output_q != nullptr;
   for (int64_t b = 0; b < batch; ++b)
     std::copy_n(m->embedding + tok[b] * dim, dim, x.data() + b * dim);
   const float* cos = m->cos + pos * half;
@@ -350,12 +497,29 @@ void llk_step(const LlkModel* m, const int64_t* tok, int64_t batch, int64_t pos,
       LLK_BARRIER
     }
     for (int64_t b = 0; b < batch; ++b) rms_norm(&x[b * dim], m->norm, dim, m->eps, &xn[b * dim]);
-    gemv_part(xn.data(), batch, dim, m->output, m->vocab, logits, false, t, nt, m->stream_output != 0);
+    if (t == 0) std::copy(xn.begin(), xn.end(), xfin.begin());
+    if (!screen)
+      gemv_part(xn.data(), batch, dim, m->output, m->vocab, logits, false, t, nt, m->stream_output != 0);
+    else if (m->stream_output != 0)
+      screen_part<true>(xn.data(), batch, dim, m->output_q, m->output_scale, m->vocab, logits, t, nt);
+    else
+      screen_part<false>(xn.data(), batch, dim, m->output_q, m->output_scale, m->vocab, logits, t, nt);
 #undef LLK_BARRIER
   }
 #ifdef _OPENMP
   omp_set_dynamic(dynamic);
 #endif
+  int64_t exact_rows = 0;
+  for (int64_t b = 0; greedy != nullptr && b < batch; ++b) {
+    float* row = logits + b * m->vocab;
+    if (screen) {
+      greedy[b] = greedy_row(*m, &xfin[b * dim], row, &exact_rows);
+    } else {
+      greedy[b] = argmax(row, m->vocab);
+      exact_rows += m->vocab;
+    }
+  }
+  return exact_rows;
 }
 
 }  // extern "C"
