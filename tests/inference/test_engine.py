@@ -5,9 +5,11 @@ from __future__ import annotations
 import threading
 
 import pytest
+import torch
 
 from llamalit.generate import generate
 from llamalit.inference.engine import Engine, QueueFull, SamplingParams, tokens
+from llamalit.model import Llama, ModelConfig
 
 EOS = 2
 SETTINGS = [dict(temperature=0.0), dict(temperature=1.0, seed=3), dict(temperature=0.8, top_k=20, seed=5),
@@ -76,6 +78,51 @@ def test_bad_settings_and_long_prompts_are_refused(served_model):
     with pytest.raises(ValueError, match="temperature"):
         engine.submit([1], SamplingParams(max_tokens=4, temperature=-1), EOS)
     engine.close()
+
+
+def _greedy_holding_eos(model, prompt: list[int], n: int, eos: int, hold: int) -> list[int]:
+    """Greedy decoding by full forward passes, EOS masked for the first ``hold`` tokens, ending at EOS."""
+    ids = list(prompt)
+    with torch.inference_mode():
+        for i in range(n):
+            logits = model.output(model.hidden(torch.tensor([ids]))[:, -1])[0]
+            if i < hold:
+                logits[eos] = float("-inf")
+            if int(logits.argmax()) == eos:
+                break
+            ids.append(int(logits.argmax()))
+    return ids[len(prompt):]
+
+
+def test_min_tokens_holds_eos_back():
+    """EOS set to a token greedy decoding picks at the prefill or at a decode step: without min_tokens a request
+    stops there; with it (requests batched, different holds) EOS is passed over until min_tokens tokens, as
+    llama.cpp's server does, and each request's tokens are those of greedy decoding with EOS masked that long."""
+    torch.manual_seed(0)
+    model = Llama(ModelConfig.preset("stories260k", vocab_size=300)).eval()
+    with torch.no_grad():  # untied random head: greedy tokens vary (a tied random model repeats its last token)
+        model.output.weight = torch.nn.Parameter(torch.randn_like(model.output.weight))
+    prompts = PROMPTS[:3]
+    free = [generate(model, p, 16, temperature=0.0) for p in prompts]
+    at = [0, 3, 6]  # where each request's EOS would come: the prefill, then decode steps
+    eos = [f[i] for f, i in zip(free, at)]
+    assert all(f.index(e) == i for f, e, i in zip(free, eos, at))
+    holds = [5, 8, 16]
+    engine = Engine(model, slots=3, max_queue=8).start()
+    try:
+        plain = [engine.submit(p, SamplingParams(max_tokens=16, temperature=0.0), e) for p, e in zip(prompts, eos)]
+        held = [engine.submit(p, SamplingParams(max_tokens=16, temperature=0.0, min_tokens=h), e)
+                for p, e, h in zip(prompts, eos, holds)]
+        outs = [list(tokens(r)) for r in plain + held]
+        with pytest.raises(ValueError, match="min_tokens=5"):
+            engine.submit(prompts[0], SamplingParams(max_tokens=4, min_tokens=5), eos[0])
+    finally:
+        engine.close()
+    assert outs[:3] == [f[:i] for f, i in zip(free, at)] and all(r.finish_reason == "stop" for r in plain)
+    for p, e, h, out in zip(prompts, eos, holds, outs[3:]):
+        assert len(out) >= h and e not in out[:h]
+        assert out == _greedy_holding_eos(model, p, 16, e, h)
+    assert held[2].finish_reason == "length" and len(outs[5]) == 16
 
 
 @pytest.mark.gpu

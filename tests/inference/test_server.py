@@ -93,6 +93,7 @@ BAD = [
     ("/v1/chat/completions", {"messages": []}, "messages: the list is empty"),
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": "the cat " * 400}]}, "context"),
     ("/v1/completions", {"prompt": "the cat " * 400}, "fill the model's context"),
+    ("/v1/completions", {"prompt": "x", "max_tokens": 4, "min_tokens": 5}, "min_tokens=5"),
 ]
 
 

@@ -41,6 +41,7 @@ class SamplingParams:
     top_k: int | None = None
     top_p: float | None = None
     seed: int | None = None
+    min_tokens: int = 0  # EOS is not picked before this many tokens (llama.cpp's and vLLM's ``min_tokens``)
 
 
 @dataclass(eq=False)
@@ -124,6 +125,8 @@ class Engine:
         Without ``sink``, read the tokens with :func:`tokens`.
         """
         check_sampling_args(params.max_tokens, params.temperature, params.top_k, params.top_p, params.seed)
+        if not 0 <= params.min_tokens <= params.max_tokens:
+            raise ValueError(f"min_tokens={params.min_tokens}: must be in [0, max_tokens={params.max_tokens}]")
         if not prompt_ids:
             raise ValueError("the prompt is empty; pass at least one token (e.g. BOS)")
         if len(prompt_ids) + params.max_tokens > self.context:
@@ -190,6 +193,7 @@ class Engine:
         if req.params.temperature != 0:
             req.generator = torch.Generator(device=self.device)
             req.generator.manual_seed(req.params.seed if req.params.seed is not None else random.getrandbits(63))
+        self._hold_eos([req], logits, row=False)
         self._take(req, logits)
 
     def _decode(self) -> None:
@@ -207,10 +211,18 @@ class Engine:
             pos_t = torch.tensor(pos, dtype=torch.long, device=self.device)
             logits = self.weights.static_step(tok_t, pos_t, views, self.positions[:keys])
         self.steps += 1
+        self._hold_eos(reqs, logits)
         picked = self._sample(reqs, logits)
         for r in reqs:
             r.pos += 1
             self._take(r, logits[r.slot:r.slot + 1], picked[r.slot])
+
+    @staticmethod
+    def _hold_eos(reqs: list[Request], logits: torch.Tensor, row: bool = True) -> None:
+        """EOS out of the running (in place) for each request short of its ``min_tokens``."""
+        for r in reqs:
+            if r.eos_id is not None and r.n_generated < r.params.min_tokens:
+                logits[r.slot if row else 0, r.eos_id] = float("-inf")
 
     def _sample(self, reqs: list[Request], logits: torch.Tensor) -> dict[int, int]:
         """Next token per slot: argmax rows at once; sampled rows filtered and softmaxed together per

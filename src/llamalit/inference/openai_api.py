@@ -115,9 +115,13 @@ def sampling(body: Mapping, prompt_len: int, context: int, default_max: int) -> 
         raise ApiError(f"top_k={top_k}: must be >= 1 (keep the k most likely tokens), or 0 / -1 for off",
                        param="top_k")
     seed = _integer(body, "seed")
+    min_tokens = _integer(body, "min_tokens") or 0
+    if not 0 <= min_tokens <= max_tokens:
+        raise ApiError(f"min_tokens={min_tokens}: must be in [0, {key}={max_tokens}] (EOS is held back until "
+                       "that many tokens)", param="min_tokens")
     return SamplingParams(max_tokens=max_tokens, temperature=temperature,
                           top_k=top_k if top_k and top_k > 0 else None,
-                          top_p=None if top_p in (None, 1.0) else top_p, seed=seed)
+                          top_p=None if top_p in (None, 1.0) else top_p, seed=seed, min_tokens=min_tokens)
 
 
 def stop_strings(body: Mapping) -> list[str]:
