@@ -14,9 +14,10 @@ from test_cli_interop import VOCAB, Recorder, tiny, tokenizer_path  # noqa: F401
 
 from llamalit.checkpoints import load_hf, read_llama2c_bin, save_model
 from llamalit.cli.export import run_export
-from llamalit.cli.generate import resolve_device, run_generate
+from llamalit.cli.generate import run_generate
 from llamalit.data.tokenizer import Tokenizer, TokenizerError, fetch_tokenizer, train_tokenizer
 from llamalit.inference.generate import generate, generate_stream
+from llamalit.inference.loading import resolve_device
 from llamalit.model.llama import Llama, ModelConfig
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -14,9 +14,10 @@ import torch
 from llamalit.checkpoints import find_tokenizer, load_checkpoint, load_hf, read_llama2c_bin, save_model
 from llamalit.checkpoints.adapter import save_adapter
 from llamalit.cli.export import run_export
-from llamalit.cli.generate import StreamDecoder, run_generate
+from llamalit.cli.generate import run_generate
 from llamalit.data.tokenizer import Tokenizer, read_llama2c_tokenizer_bin, train_tokenizer
 from llamalit.inference.generate import generate
+from llamalit.inference.streaming import StreamDecoder
 from llamalit.model.llama import Llama, ModelConfig
 from llamalit.model.lora import LoraConfig, apply_lora
 

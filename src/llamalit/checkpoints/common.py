@@ -128,15 +128,14 @@ def fetch(path_or_url: str | Path) -> Path:
     """A local path for ``path_or_url``: URLs are downloaded into the cache (once); a Hugging Face Hub id
     (``org/name[@revision]``, see :mod:`llamalit.utils.hub`) comes from the Hub cache; a local path wins."""
     from llamalit.data.download import cached_download, default_cache_dir, is_url
-    from llamalit.utils.hub import hub_checkpoint, parse_hub_id
+    from llamalit.utils.hub import hub_checkpoint, parse_hub_id, require_checkpoint
 
+    require_checkpoint(path_or_url)
     if is_url(str(path_or_url)):
         return cached_download(str(path_or_url), default_cache_dir())
     path = Path(path_or_url).expanduser()
     if not path.exists():
-        if (ref := parse_hub_id(str(path_or_url))) is not None:
-            return hub_checkpoint(ref, "checkpoint")
-        raise FileNotFoundError(f"checkpoint {path}: no such file or directory")
+        return hub_checkpoint(parse_hub_id(str(path_or_url)), "checkpoint")
     return path
 
 

@@ -20,7 +20,6 @@ import hydra
 from omegaconf import DictConfig, OmegaConf
 
 from llamalit.cli import CONFIG_PATH
-from llamalit.inference.loading import pick_tokenizer, resolve_device
 
 
 def format_table(result: Mapping, title: str = "") -> str:
@@ -52,6 +51,7 @@ def run_evaluate(cfg: Mapping, out: TextIO | None = None) -> dict:
     from llamalit.checkpoints.detect import fetch, load_checkpoint
     from llamalit.data.tokenizer import Tokenizer
     from llamalit.inference.evaluation import evaluate_adherence, held_out_records
+    from llamalit.inference.loading import pick_tokenizer, resolve_device
     from llamalit.settings.checks import DATA_PATH_KEYS, check_evaluate_settings, expand_paths
     from llamalit.utils.fileio import atomic_write_json
 

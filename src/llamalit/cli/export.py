@@ -23,6 +23,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from llamalit.cli import CONFIG_PATH
 from llamalit.utils.fileio import atomic_path
+from llamalit.utils.hub import require_checkpoint
 
 BIN_VERSIONS = {"llama2c": 0, "llama2c_v1": 1, "llama2c_q8": 2}
 DIR_FORMATS = ("hf", "peft", "merged")
@@ -155,6 +156,7 @@ def run_export(cfg: Mapping) -> list[Path]:
         raise ValueError(f"format={fmt!r}: choose one of {list(FORMATS)}")
     overwrite, group_size, adapter = _flag(cfg, "overwrite"), _group_size(cfg), _flag(cfg, "adapter")
     dtype = _gguf_settings(cfg, fmt, adapter)
+    require_checkpoint(cfg["ckpt"])
     from llamalit.checkpoints.detect import fetch, load_checkpoint  # torch: after the checks that need none
 
     local = fetch(cfg["ckpt"])
@@ -185,8 +187,6 @@ def run_export(cfg: Mapping) -> list[Path]:
 
 def _gguf_settings(cfg: Mapping, fmt: str, adapter: bool) -> str:
     """``dtype`` of format=gguf (f16 when unset), checked; ``dtype``/``adapter`` with another format is refused."""
-    from llamalit.checkpoints.gguf import check_dtype
-
     dtype = cfg.get("dtype")
     if fmt != "gguf":
         if dtype is not None or adapter:
@@ -197,6 +197,8 @@ def _gguf_settings(cfg: Mapping, fmt: str, adapter: bool) -> str:
         import gguf  # noqa: F401
     except ImportError as e:
         raise ValueError("format=gguf needs llama.cpp's gguf package: pip install gguf (or llamalit[gguf])") from e
+    from llamalit.checkpoints.gguf import check_dtype
+
     return check_dtype(str(dtype) if dtype is not None else "f16")
 
 

@@ -15,25 +15,21 @@ import hydra
 from omegaconf import DictConfig, OmegaConf
 
 from llamalit.cli import CONFIG_PATH
-from llamalit.inference.loading import (  # noqa: F401 - their public path of earlier versions
-    LLAMA2_TOKENIZER_SHA256,
-    LLAMA2_TOKENIZER_URL,
-    LLAMA2_VOCAB,
-    load_for_sampling,
-    resolve_device,
-    resolve_tokenizer,
-)
-from llamalit.inference.streaming import StreamDecoder
 
 
 def run_generate(cfg: Mapping, out: TextIO | None = None) -> list[int]:
     """Load, encode the prompt, stream the sample to ``out`` (stdout); return the new token ids."""
-    from llamalit.inference.generate import check_sampling_args, generate_stream
     from llamalit.settings.checks import expand_paths, require
+    from llamalit.utils.hub import require_checkpoint
 
     require(cfg, "ckpt", "the checkpoint to sample from (a path or URL)")
     cfg = dict(cfg)
     expand_paths(cfg, ("ckpt", "tokenizer"))
+    require_checkpoint(cfg["ckpt"])  # before torch is imported: a mistyped path is reported at once
+    from llamalit.inference.generate import check_sampling_args, generate_stream
+    from llamalit.inference.loading import load_for_sampling
+    from llamalit.inference.streaming import StreamDecoder
+
     out = out if out is not None else sys.stdout
     max_new_setting = cfg.get("max_new_tokens")  # null: fill the context
     top_k, top_p, seed = cfg.get("top_k"), cfg.get("top_p"), cfg.get("seed")

@@ -62,6 +62,14 @@ def parse_hub_id(ref: str | Path | None) -> HubRef | None:
     return HubRef(match["repo"], match["file"].lstrip("/") or None, match["revision"])
 
 
+def require_checkpoint(ref: str | Path) -> None:
+    """FileNotFoundError naming ``ref`` when it is neither a URL, an existing path nor a Hub id: the check every
+    command makes before importing torch, so a mistyped path is reported at once."""
+    if is_url(str(ref)) or Path(ref).expanduser().exists() or parse_hub_id(str(ref)) is not None:
+        return
+    raise FileNotFoundError(f"checkpoint {Path(ref).expanduser()}: no such file or directory")
+
+
 def _offline() -> bool:
     """``HF_HUB_OFFLINE`` as set now (huggingface_hub reads it once, when first imported)."""
     from huggingface_hub import constants
