@@ -1,11 +1,16 @@
 """Requests/s of llamalit's lm-eval model against the harness's own HFLM, same model, same tasks, same run.
 
-    python scripts/bench_eval.py [--preset stories260k] [--docs 64] [--batch-size 16] [--device cpu|cuda]
+    python scripts/bench_eval.py [--shape stories260k] [--docs 64] [--batch-size 16] [--repeat 3]
+                                 [--tasks b_mc,b_ppl,b_gen] [--device cpu|cuda] [--json rows.json]
 
-Builds an offline setup in a temp dir (synthetic stories, a 512-piece tokenizer, a random ``--preset`` model
-saved as our run dir, which is also a Hugging Face dir), writes a multiple-choice task (loglikelihood), a
-rolling perplexity task and a generation task, and times each LM on each (after one warm-up pass).
-Prints a table; ``--json`` writes the rows. Timings on a shared machine are noisy: compare the ratio.
+Builds an offline setup in a temp dir (synthetic stories, a 512-piece tokenizer, a random model of shape
+``--shape`` (a ``ModelConfig`` preset, vocab 512) saved as our run dir, which is also a Hugging Face dir), writes
+a multiple-choice task (loglikelihood), a rolling perplexity task and a generation task, and times each LM on
+each: one warm-up pass each, then ``--repeat`` passes alternating which LM goes first; the median is reported.
+Two figures per LM: end to end (``simple_evaluate``, including the harness's own task building and environment
+report, the same for both) and LM (the time inside the LM's request method, what the LM controls).
+Prints a table with the load average; ``--json`` writes the rows. Timings on a shared machine are noisy:
+compare the ratios.
 """
 
 from __future__ import annotations
@@ -14,6 +19,7 @@ import argparse
 import json
 import os
 import random
+import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -68,22 +74,49 @@ def setup(tmp: Path, preset: str) -> tuple[Path, list[str]]:
     return tmp / "run", stories
 
 
-def timed(lm, task: str, manager, n_requests: dict) -> tuple[float, int]:
+METHODS = ("loglikelihood", "loglikelihood_rolling", "generate_until")
+
+
+def clock_requests(lm) -> dict:
+    """Wrap ``lm``'s request methods (on the instance) to add their seconds to the returned dict's "lm"."""
+    spent = {"lm": 0.0}
+
+    def clocked(method):
+        def wrapped(*a, **kw):
+            start = time.perf_counter()
+            try:
+                return method(*a, **kw)
+            finally:
+                spent["lm"] += time.perf_counter() - start
+        return wrapped
+
+    for name in METHODS:
+        setattr(lm, name, clocked(getattr(lm, name)))
+    return spent
+
+
+def timed(lm, spent: dict, task: str, manager) -> tuple[float, float]:
+    """(end-to-end seconds, seconds inside the LM) of one ``simple_evaluate`` of ``task``."""
     from lm_eval import simple_evaluate
 
+    spent["lm"] = 0.0
     start = time.perf_counter()
-    out = simple_evaluate(model=lm, tasks=[task], task_manager=manager, bootstrap_iters=0, log_samples=False)
-    seconds = time.perf_counter() - start
-    return seconds, out["results"][task]
+    simple_evaluate(model=lm, tasks=[task], task_manager=manager, bootstrap_iters=0, log_samples=False)
+    return time.perf_counter() - start, spent["lm"]
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--preset", default="stories260k")
+    ap.add_argument("--shape", "--preset", dest="preset", default="stories260k",
+                    help="model shape: a ModelConfig preset (stories260k, stories15m, ...); vocab is 512 either way")
     ap.add_argument("--docs", type=int, default=64)
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--max-gen", type=int, default=64)
     ap.add_argument("--device", default="cuda" if __import__("torch").cuda.is_available() else "cpu")
+    ap.add_argument("--repeat", type=int, default=3, help="timed passes per LM and task (median reported)")
+    ap.add_argument("--tasks", default="b_mc,b_ppl,b_gen", help="comma-separated subset of b_mc,b_ppl,b_gen")
+    ap.add_argument("--threads", type=int, default=0,
+                    help="torch CPU threads for both LMs (0: torch's default); on a loaded machine 1 is far steadier")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
 
@@ -96,6 +129,8 @@ def main() -> None:
     from llamalit.inference.harness import LlamalitLM
 
     logging.getLogger("lm_eval").setLevel(logging.ERROR)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     with tempfile.TemporaryDirectory() as tmp:
         run, stories = setup(Path(tmp), args.preset)
         tasks = write_tasks(Path(tmp), stories, args.docs, args.max_gen)
@@ -104,20 +139,39 @@ def main() -> None:
         lms = {"llamalit": LlamalitLM.from_checkpoint(run, device=args.device, batch_size=args.batch_size),
                "HFLM": HFLM(pretrained=str(run), device=args.device, batch_size=args.batch_size, dtype=hf_dtype)}
         requests = {"b_mc": 4 * args.docs, "b_ppl": args.docs, "b_gen": args.docs}
+        clocks = {name: clock_requests(lm) for name, lm in lms.items()}
+        wanted = [t for t in args.tasks.split(",") if t]
+        unknown = sorted(set(wanted) - set(tasks))
+        if unknown:
+            raise SystemExit(f"error: --tasks {','.join(unknown)}: unknown; choose from {','.join(tasks)}")
+        load_before = os.getloadavg()
         rows = []
-        for task in tasks:
+        for task in wanted:
+            times: dict[str, list[tuple[float, float]]] = {name: [] for name in lms}
             for name, lm in lms.items():
-                timed(lm, task, manager, requests)  # warm-up: datasets cache, kernels, CUDA graphs
-                seconds, metrics = timed(lm, task, manager, requests)
-                rows.append({"task": task, "lm": name, "requests": requests[task], "seconds": round(seconds, 3),
-                             "requests_per_s": round(requests[task] / seconds, 1)})
+                timed(lm, clocks[name], task, manager)  # warm-up: datasets cache, kernels, CUDA graphs
+            for rep in range(args.repeat):
+                order = list(lms) if rep % 2 == 0 else list(lms)[::-1]
+                for name in order:
+                    times[name].append(timed(lms[name], clocks[name], task, manager))
+            for name in lms:
+                total = statistics.median(t for t, _ in times[name])
+                inside = statistics.median(t for _, t in times[name])
+                rows.append({"task": task, "lm": name, "requests": requests[task], "seconds": round(total, 3),
+                             "lm_seconds": round(inside, 3), "requests_per_s": round(requests[task] / total, 1),
+                             "lm_requests_per_s": round(requests[task] / inside, 1),
+                             "passes": [[round(t, 3), round(i, 3)] for t, i in times[name]]})
+        load_after = os.getloadavg()
         print(f"\nmodel {args.preset} (random weights, vocab 512), device {args.device}, batch {args.batch_size}, "
-              f"torch {torch.__version__}; end-to-end simple_evaluate time per task (noisy on a shared machine)")
-        print(f"{'task':<8} {'requests':>8} {'llamalit req/s':>15} {'HFLM req/s':>11} {'speedup':>8}")
-        for task in tasks:
+              f"torch {torch.__version__}, {torch.get_num_threads()} threads on {os.cpu_count()} CPUs, load average {load_before[0]:.1f} before, "
+              f"{load_after[0]:.1f} after; median of {args.repeat} alternating passes (noisy on a shared machine)")
+        print(f"{'task':<8} {'requests':>8} {'llamalit req/s':>15} {'HFLM req/s':>11} {'speedup':>8}"
+              f" {'LM-only llamalit':>17} {'LM-only HFLM':>13} {'speedup':>8}")
+        for task in wanted:
             ours, theirs = (next(r for r in rows if r["task"] == task and r["lm"] == n) for n in lms)
             print(f"{task:<8} {ours['requests']:>8} {ours['requests_per_s']:>15.1f} {theirs['requests_per_s']:>11.1f} "
-                  f"{ours['requests_per_s'] / theirs['requests_per_s']:>7.2f}x")
+                  f"{theirs['seconds'] / ours['seconds']:>7.2f}x {ours['lm_requests_per_s']:>17.1f} "
+                  f"{theirs['lm_requests_per_s']:>13.1f} {theirs['lm_seconds'] / ours['lm_seconds']:>7.2f}x")
         if args.json:
             Path(args.json).write_text(json.dumps(rows, indent=1))
 
