@@ -117,6 +117,8 @@ def main() -> None:
     ap.add_argument("--tasks", default="b_mc,b_ppl,b_gen", help="comma-separated subset of b_mc,b_ppl,b_gen")
     ap.add_argument("--threads", type=int, default=0,
                     help="torch CPU threads for both LMs (0: torch's default); on a loaded machine 1 is far steadier")
+    ap.add_argument("--max-batch-tokens", type=int, default=None,
+                    help="llamalit only: scoring batches more short rows per forward up to this many tokens")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
 
@@ -136,7 +138,8 @@ def main() -> None:
         tasks = write_tasks(Path(tmp), stories, args.docs, args.max_gen)
         manager = TaskManager(include_path=tmp, include_defaults=False)
         hf_dtype = "bfloat16" if args.device.startswith("cuda") else "float32"
-        lms = {"llamalit": LlamalitLM.from_checkpoint(run, device=args.device, batch_size=args.batch_size),
+        lms = {"llamalit": LlamalitLM.from_checkpoint(run, device=args.device, batch_size=args.batch_size,
+                                                       max_batch_tokens=args.max_batch_tokens),
                "HFLM": HFLM(pretrained=str(run), device=args.device, batch_size=args.batch_size, dtype=hf_dtype)}
         requests = {"b_mc": 4 * args.docs, "b_ppl": args.docs, "b_gen": args.docs}
         clocks = {name: clock_requests(lm) for name, lm in lms.items()}

@@ -42,10 +42,10 @@ def requests(seed: int, limit: int) -> list[tuple[list[int], list[int], list[int
     return out
 
 
-@pytest.mark.parametrize("batch_size", [1, 2, 5])
-def test_scores_equal_each_request_alone(model, batch_size):
+@pytest.mark.parametrize(("batch_size", "max_tokens"), [(1, None), (2, None), (5, None), (1, 100)])
+def test_scores_equal_each_request_alone(model, batch_size, max_tokens):
     reqs = requests(batch_size, model.cfg.max_seq_len)
-    got = score_continuations(model, reqs, batch_size=batch_size)
+    got = score_continuations(model, reqs, batch_size=batch_size, max_tokens=max_tokens)
     for req, (ll, greedy) in zip(reqs, got):
         want_ll, want_greedy = alone(model, *req)
         assert abs(ll - want_ll) < 1e-4

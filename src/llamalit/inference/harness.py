@@ -55,7 +55,8 @@ class LlamalitLM(TemplateLM):
     """An lm_eval model over a :class:`~llamalit.model.llama.Llama` and its SentencePiece tokenizer."""
 
     def __init__(self, model: Llama, tokenizer: Any, device: str | torch.device = "cpu", batch_size: int = 8,
-                 max_gen_toks: int | None = None, truncate: bool = True, name: str = "llamalit") -> None:
+                 max_gen_toks: int | None = None, truncate: bool = True, name: str = "llamalit",
+                 max_batch_tokens: int | None = None) -> None:
         super().__init__()
         if tokenizer.vocab_size != model.cfg.vocab_size:
             raise ValueError(f"tokenizer {getattr(tokenizer, 'path', '')} has {tokenizer.vocab_size} pieces but the "
@@ -68,6 +69,9 @@ class LlamalitLM(TemplateLM):
         self._batch_size = int(batch_size)
         self.max_length = model.cfg.max_seq_len
         self._max_gen_toks = int(max_gen_toks) if max_gen_toks else min(256, self.max_length // 2)
+        if max_batch_tokens is not None and int(max_batch_tokens) < 1:
+            raise ValueError(f"max_batch_tokens={max_batch_tokens!r}: must be an integer >= 1 (or unset)")
+        self.max_tokens = int(max_batch_tokens) if max_batch_tokens else None  # more short rows per scoring forward
         self.truncate = bool(truncate)
         self.name = name
         self.bos_text, self.eos_text = tokenizer.sp.id_to_piece(tokenizer.bos_id), tokenizer.sp.id_to_piece(tokenizer.eos_id)
@@ -167,7 +171,8 @@ class LlamalitLM(TemplateLM):
                 row = self._fit(req, ctx, cont)
                 cut = len(row) - len(cont) + 1  # the prefix ends with the token that predicts the first target
                 inputs.append((row[:cut], row[cut:], cont))
-        answers = iter(score_continuations(self.model, inputs, self.batch_size, self._autocast) if inputs else [])
+        answers = iter(score_continuations(self.model, inputs, self.batch_size, self.max_tokens,
+                                                   self._autocast) if inputs else [])
         out = [next(answers) if cont else (0.0, True) for _, _, cont in requests]
         for (req, _, _), answer in zip(requests, out):
             if req is not None:

@@ -57,15 +57,26 @@ def _padded(rows: Sequence[Sequence[int]], device: torch.device) -> torch.Tensor
     return tokens.to(device)
 
 
+@dataclass
+class _Budget:
+    """Rows per forward: ``rows``, or more while rows x width (padding included) stay within ``tokens``."""
+
+    rows: int
+    tokens: int | None = None
+
+    def fits(self, rows: int, width: int) -> bool:
+        return rows <= self.rows or (self.tokens is not None and rows * width <= self.tokens)
+
+
 def _suffix_chunks(items: list[tuple[int, tuple[int, ...]]], lengths: list[int], limit: int,
-                   size: int) -> list[list[tuple[int, tuple[int, ...]]]]:
-    """(group slot, suffix) rows cut into chunks of at most ``size`` whose longest prefix + longest suffix fit
-    ``limit`` (the rows of a chunk share one cache width)."""
+                   budget: _Budget) -> list[list[tuple[int, tuple[int, ...]]]]:
+    """(group slot, suffix) rows (longest suffix first) cut into chunks within ``budget`` whose longest prefix +
+    longest suffix fit ``limit`` (the rows of a chunk share one cache width)."""
     chunks: list[list[tuple[int, tuple[int, ...]]]] = []
     width_p = width_s = 0
     for slot, suffix in items:
         p, s = max(width_p, lengths[slot]), max(width_s, len(suffix))
-        if not chunks or len(chunks[-1]) >= size or p + s > limit:
+        if not chunks or not budget.fits(len(chunks[-1]) + 1, p + s) or p + s > limit:
             chunks.append([])
             p, s = lengths[slot], len(suffix)
         chunks[-1].append((slot, suffix))
@@ -76,9 +87,9 @@ def _suffix_chunks(items: list[tuple[int, tuple[int, ...]]], lengths: list[int],
 class _Batch:
     """Hidden states of one batch of groups, gathered at the scored positions of each request."""
 
-    def __init__(self, model: Llama, groups: list[_Group], scored: Sequence[int], batch_size: int,
+    def __init__(self, model: Llama, groups: list[_Group], scored: Sequence[int], budget: _Budget,
                  device: torch.device):
-        self.model, self.groups, self.scored, self.size, self.device = model, groups, scored, batch_size, device
+        self.model, self.groups, self.scored, self.budget, self.device = model, groups, scored, budget, device
         self.lengths = [len(g.prefix) for g in groups]
         self.flat: list[torch.Tensor] = []  # flattened hidden states of each forward
         self.picks: dict[int, list[tuple[int, int]]] = {}  # request -> (forward, flat index) per scored token
@@ -104,7 +115,7 @@ class _Batch:
                 if g.shared and suffix:
                     items.append((slot, suffix))
         items.sort(key=lambda it: -len(it[1]))
-        for chunk in _suffix_chunks(items, self.lengths, cfg.max_seq_len, self.size):
+        for chunk in _suffix_chunks(items, self.lengths, cfg.max_seq_len, self.budget):
             self._suffixes(chunk, caches)
 
     def _suffixes(self, chunk: list[tuple[int, tuple[int, ...]]], caches: list[KVCache]) -> None:
@@ -137,19 +148,26 @@ class _Batch:
 
 @torch.inference_mode()
 def score_continuations(model: Llama, requests: Sequence[tuple[Sequence[int], Sequence[int], Sequence[int]]],
-                        batch_size: int = 8, autocast: Callable[[], AbstractContextManager] = nullcontext,
-                        ) -> list[tuple[float, bool]]:
+                        batch_size: int = 8, max_tokens: int | None = None,
+                        autocast: Callable[[], AbstractContextManager] = nullcontext) -> list[tuple[float, bool]]:
     """(sum of log p(target), whether every target is the argmax) for each (prefix, suffix, targets) request.
 
-    ``batch_size``: rows per forward (prefixes or whole inputs; then suffix rows). Every input must fit the
-    model's context (cut it first). Log-softmax is taken in float32.
+    ``batch_size``: rows per forward (prefixes or whole inputs; then suffix rows); ``max_tokens``: more rows
+    while rows x width stays within it (short inputs, fewer forwards). Every input must fit the model's
+    context (cut it first). Log-softmax is taken in float32, the sums in float64 (float32 on MPS).
     """
     device = model.output.weight.device
     scored = [len(targets) for _, _, targets in requests]
     groups = sorted(_groups(requests), key=lambda g: (-len(g.prefix), g.prefix))
     out: list[tuple[float, bool]] = [(0.0, False)] * len(requests)
-    for start in range(0, len(groups), batch_size):
-        batch = _Batch(model, groups[start:start + batch_size], scored, batch_size, device)
+    budget = _Budget(batch_size, max_tokens)
+    start = 0
+    while start < len(groups):
+        width, end = len(groups[start].prefix), start + 1  # longest first: the first sets the width
+        while end < len(groups) and budget.fits(end - start + 1, width):
+            end += 1
+        batch = _Batch(model, groups[start:end], scored, budget, device)
+        start = end
         with autocast():
             batch.run()
             order = list(batch.picks)
@@ -163,7 +181,8 @@ def score_continuations(model: Llama, requests: Sequence[tuple[Sequence[int], Se
         logprobs = torch.log_softmax(logits.float(), dim=-1)
         picked = logprobs.gather(1, targets[:, None])[:, 0]
         missed = (logprobs.argmax(-1) != targets).float()
-        sums = torch.zeros(len(order), device=device).index_add_(0, owner, picked)
+        wide = torch.float32 if device.type == "mps" else torch.float64
+        sums = torch.zeros(len(order), dtype=wide, device=device).index_add_(0, owner, picked.to(wide))
         misses = torch.zeros(len(order), device=device).index_add_(0, owner, missed)
         for i, total, miss in zip(order, sums.tolist(), misses.tolist()):
             out[i] = (total, miss == 0)
