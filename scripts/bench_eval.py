@@ -8,7 +8,8 @@ Builds an offline setup in a temp dir (synthetic stories, a 512-piece tokenizer,
 a multiple-choice task (loglikelihood), a rolling perplexity task and a generation task, and times each LM on
 each: one warm-up pass each, then ``--repeat`` passes alternating which LM goes first; the median is reported.
 Two figures per LM: end to end (``simple_evaluate``, including the harness's own task building and environment
-report, the same for both) and LM (the time inside the LM's request method, what the LM controls).
+report, the same for both) and LM (the time inside the LM's request method, what the LM controls); and the
+tokens each LM fed its model in the last pass (padding included), a figure free of the machine's noise.
 Prints a table with the load average; ``--json`` writes the rows. Timings on a shared machine are noisy:
 compare the ratios.
 """
@@ -95,11 +96,20 @@ def clock_requests(lm) -> dict:
     return spent
 
 
+def count_tokens(lm, spent: dict) -> None:
+    """Add the tokens (padding included) each forward feeds ``lm``'s model to ``spent["tokens"]``."""
+    embed = lm.model.tok_embeddings if hasattr(lm.model, "tok_embeddings") else lm.model.get_input_embeddings()
+
+    def hook(module, args, output):
+        spent["tokens"] += args[0].numel()
+    embed.register_forward_hook(hook)
+
+
 def timed(lm, spent: dict, task: str, manager) -> tuple[float, float]:
     """(end-to-end seconds, seconds inside the LM) of one ``simple_evaluate`` of ``task``."""
     from lm_eval import simple_evaluate
 
-    spent["lm"] = 0.0
+    spent["lm"], spent["tokens"] = 0.0, 0
     start = time.perf_counter()
     simple_evaluate(model=lm, tasks=[task], task_manager=manager, bootstrap_iters=0, log_samples=False)
     return time.perf_counter() - start, spent["lm"]
@@ -137,12 +147,14 @@ def main() -> None:
         run, stories = setup(Path(tmp), args.preset)
         tasks = write_tasks(Path(tmp), stories, args.docs, args.max_gen)
         manager = TaskManager(include_path=tmp, include_defaults=False)
+        ours_kw = {"max_batch_tokens": args.max_batch_tokens} if args.max_batch_tokens else {}
         hf_dtype = "bfloat16" if args.device.startswith("cuda") else "float32"
-        lms = {"llamalit": LlamalitLM.from_checkpoint(run, device=args.device, batch_size=args.batch_size,
-                                                       max_batch_tokens=args.max_batch_tokens),
+        lms = {"llamalit": LlamalitLM.from_checkpoint(run, device=args.device, batch_size=args.batch_size, **ours_kw),
                "HFLM": HFLM(pretrained=str(run), device=args.device, batch_size=args.batch_size, dtype=hf_dtype)}
         requests = {"b_mc": 4 * args.docs, "b_ppl": args.docs, "b_gen": args.docs}
         clocks = {name: clock_requests(lm) for name, lm in lms.items()}
+        for name, lm in lms.items():
+            count_tokens(lm, clocks[name])
         wanted = [t for t in args.tasks.split(",") if t]
         unknown = sorted(set(wanted) - set(tasks))
         if unknown:
@@ -160,7 +172,8 @@ def main() -> None:
             for name in lms:
                 total = statistics.median(t for t, _ in times[name])
                 inside = statistics.median(t for _, t in times[name])
-                rows.append({"task": task, "lm": name, "requests": requests[task], "seconds": round(total, 3),
+                rows.append({"task": task, "lm": name, "requests": requests[task], "tokens": clocks[name]["tokens"],
+                             "seconds": round(total, 3),
                              "lm_seconds": round(inside, 3), "requests_per_s": round(requests[task] / total, 1),
                              "lm_requests_per_s": round(requests[task] / inside, 1),
                              "passes": [[round(t, 3), round(i, 3)] for t, i in times[name]]})
@@ -169,12 +182,13 @@ def main() -> None:
               f"torch {torch.__version__}, {torch.get_num_threads()} threads on {os.cpu_count()} CPUs, load average {load_before[0]:.1f} before, "
               f"{load_after[0]:.1f} after; median of {args.repeat} alternating passes (noisy on a shared machine)")
         print(f"{'task':<8} {'requests':>8} {'llamalit req/s':>15} {'HFLM req/s':>11} {'speedup':>8}"
-              f" {'LM-only llamalit':>17} {'LM-only HFLM':>13} {'speedup':>8}")
+              f" {'LM-only llamalit':>17} {'LM-only HFLM':>13} {'speedup':>8} {'tokens llamalit/HFLM':>21}")
         for task in wanted:
             ours, theirs = (next(r for r in rows if r["task"] == task and r["lm"] == n) for n in lms)
             print(f"{task:<8} {ours['requests']:>8} {ours['requests_per_s']:>15.1f} {theirs['requests_per_s']:>11.1f} "
                   f"{theirs['seconds'] / ours['seconds']:>7.2f}x {ours['lm_requests_per_s']:>17.1f} "
-                  f"{theirs['lm_requests_per_s']:>13.1f} {theirs['lm_seconds'] / ours['lm_seconds']:>7.2f}x")
+                  f"{theirs['lm_requests_per_s']:>13.1f} {theirs['lm_seconds'] / ours['lm_seconds']:>7.2f}x "
+                  f"{ours['tokens']:>10}/{theirs['tokens']:<10}")
         if args.json:
             Path(args.json).write_text(json.dumps(rows, indent=1))
 

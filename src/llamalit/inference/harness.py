@@ -2,12 +2,13 @@
 
 Every checkpoint llamalit loads works (run and HF directories, LoRA adapters applied, llama2.c files, Hub ids):
 :meth:`LlamalitLM.from_checkpoint` loads it as ``llamalit-generate`` does. Requests are batched on the device
-(CUDA under bf16 autocast, the CPU in fp32), sorted longest first with the harness's own ``Collator`` as its
-``HFLM`` does, so a batch wastes little padding and multiple-choice requests that share a context run once.
+(CUDA under bf16 autocast, the CPU in fp32), sorted longest first so that a batch wastes little padding.
 
-- ``loglikelihood``: contexts longer than the model's context lose their oldest tokens (one warning);
-  ``truncate=False`` makes that an error. A continuation that cannot fit at all is always an error.
-  Only the continuation positions go through the output head.
+- ``loglikelihood``: :func:`llamalit.inference.scoring.score_continuations`: a context shared by several
+  continuations (multiple choice) runs once and its KV cache serves each continuation; only the continuation
+  positions go through the output head. ``batch_size`` rows per forward, more short ones up to
+  ``max_batch_tokens`` tokens when set. Contexts longer than the model's context lose their oldest tokens (one
+  warning); ``truncate=False`` makes that an error. A continuation that cannot fit at all is always an error.
 - ``loglikelihood_rolling``: the text without BOS, in disjoint windows of the model's context (the harness's
   ``get_rolling_token_windows``), the first conditioned on BOS.
 - ``generate_until``: :func:`llamalit.inference.evaluation.generate_left_padded` (one KV-cached left-padded batch),
