@@ -5,7 +5,8 @@
 
 Builds an offline setup in a temp dir (synthetic stories, a 512-piece tokenizer, a random model of shape
 ``--shape`` (a ``ModelConfig`` preset, vocab 512) saved as our run dir, which is also a Hugging Face dir), writes
-a multiple-choice task (loglikelihood), a rolling perplexity task and a generation task, and times each LM on
+a multiple-choice task (loglikelihood; ``b_mcw``: the same with long contexts and one-word answers), a rolling
+perplexity task and a generation task, and times each LM on
 each: one warm-up pass each, then ``--repeat`` passes alternating which LM goes first; the median is reported.
 Two figures per LM: end to end (``simple_evaluate``, including the harness's own task building and environment
 report, the same for both) and LM (the time inside the LM's request method, what the LM controls); and the
@@ -29,14 +30,21 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
 
 def write_tasks(folder: Path, stories: list[str], docs: int, max_gen: int) -> list[str]:
-    rng = random.Random(0)
+    rng, rng_w = random.Random(0), random.Random(1)  # b_mc's choices as before b_mcw was added
     sentences = [s.split(". ") for s in stories]
-    rows = {"mc": [], "ppl": [], "gen": []}
+    rows = {"mc": [], "mcw": [], "ppl": [], "gen": []}
     for s in sentences[:docs]:
         right = s[1] if len(s) > 1 else s[0]
         choices = [right] + [rng.choice(o) for o in rng.sample(sentences, 3)]
         rng.shuffle(choices)
         rows["mc"].append({"q": s[0] + ".", "choices": choices, "answer": choices.index(right)})
+        words = " ".join(s).split()  # a long context, one-word answers (the shape of ARC-like tasks)
+        cut = max(1, len(words) * 2 // 3)
+        others = [rng_w.choice(o.split() or ["the"]) for o in rng_w.choice(sentences)[:3]]
+        choices = [words[cut]] + (others + ["the", "a", "and"])[:3] if cut < len(words) else [words[0], "a", "b", "c"]
+        rng_w.shuffle(choices)
+        rows["mcw"].append({"q": " ".join(words[:cut]), "choices": choices,
+                            "answer": choices.index(words[cut] if cut < len(words) else words[0])})
     rows["ppl"] = [{"text": t} for t in stories[:docs]]
     rows["gen"] = [{"prompt": " ".join(t.split()[:12])} for t in stories[:docs]]
     for name, items in rows.items():
@@ -46,6 +54,10 @@ def write_tasks(folder: Path, stories: list[str], docs: int, max_gen: int) -> li
                                       "output_type: multiple_choice\ndoc_to_text: '{{q}}'\n"
                                       "doc_to_choice: '{{choices}}'\ndoc_to_target: '{{answer}}'\n"
                                       "metric_list:\n  - metric: acc\n")
+    (folder / "b_mcw.yaml").write_text("task: b_mcw\n" + head.format(folder / "mcw.jsonl") +
+                                       "output_type: multiple_choice\ndoc_to_text: '{{q}}'\n"
+                                       "doc_to_choice: '{{choices}}'\ndoc_to_target: '{{answer}}'\n"
+                                       "metric_list:\n  - metric: acc\n")
     (folder / "b_ppl.yaml").write_text("task: b_ppl\n" + head.format(folder / "ppl.jsonl") +
                                        "output_type: loglikelihood_rolling\ndoc_to_text: ''\n"
                                        "doc_to_target: '{{text}}'\nmetric_list:\n  - metric: word_perplexity\n")
@@ -54,7 +66,7 @@ def write_tasks(folder: Path, stories: list[str], docs: int, max_gen: int) -> li
                                        "doc_to_target: ''\ngeneration_kwargs:\n  until: ['\\n\\n']\n"
                                        f"  max_gen_toks: {max_gen}\n  do_sample: false\n"
                                        "metric_list:\n  - metric: exact_match\n")
-    return ["b_mc", "b_ppl", "b_gen"]
+    return ["b_mc", "b_mcw", "b_ppl", "b_gen"]
 
 
 def setup(tmp: Path, preset: str) -> tuple[Path, list[str]]:
@@ -124,7 +136,8 @@ def main() -> None:
     ap.add_argument("--max-gen", type=int, default=64)
     ap.add_argument("--device", default="cuda" if __import__("torch").cuda.is_available() else "cpu")
     ap.add_argument("--repeat", type=int, default=3, help="timed passes per LM and task (median reported)")
-    ap.add_argument("--tasks", default="b_mc,b_ppl,b_gen", help="comma-separated subset of b_mc,b_ppl,b_gen")
+    ap.add_argument("--tasks", default="b_mc,b_ppl,b_gen",
+                    help="comma-separated subset of b_mc,b_mcw (long context, one-word answers),b_ppl,b_gen")
     ap.add_argument("--threads", type=int, default=0,
                     help="torch CPU threads for both LMs (0: torch's default); on a loaded machine 1 is far steadier")
     ap.add_argument("--max-batch-tokens", type=int, default=None,
@@ -151,7 +164,7 @@ def main() -> None:
         hf_dtype = "bfloat16" if args.device.startswith("cuda") else "float32"
         lms = {"llamalit": LlamalitLM.from_checkpoint(run, device=args.device, batch_size=args.batch_size, **ours_kw),
                "HFLM": HFLM(pretrained=str(run), device=args.device, batch_size=args.batch_size, dtype=hf_dtype)}
-        requests = {"b_mc": 4 * args.docs, "b_ppl": args.docs, "b_gen": args.docs}
+        requests = {"b_mc": 4 * args.docs, "b_mcw": 4 * args.docs, "b_ppl": args.docs, "b_gen": args.docs}
         clocks = {name: clock_requests(lm) for name, lm in lms.items()}
         for name, lm in lms.items():
             count_tokens(lm, clocks[name])
