@@ -2,12 +2,13 @@
 
 Every checkpoint llamalit loads works (run and HF directories, LoRA adapters applied, llama2.c files, Hub ids):
 :meth:`LlamalitLM.from_checkpoint` loads it as ``llamalit-generate`` does. Requests are batched on the device
-(CUDA under bf16 autocast, the CPU in fp32), sorted longest first with the harness's own ``Collator`` as its
-``HFLM`` does, so a batch wastes little padding and multiple-choice requests that share a context run once.
+(CUDA under bf16 autocast, the CPU in fp32), sorted longest first so that a batch wastes little padding.
 
-- ``loglikelihood``: contexts longer than the model's context lose their oldest tokens (one warning);
-  ``truncate=False`` makes that an error. A continuation that cannot fit at all is always an error.
-  Only the continuation positions go through the output head.
+- ``loglikelihood``: :func:`llamalit.inference.scoring.score_continuations`: a context shared by several
+  continuations (multiple choice) runs once and its KV cache serves each continuation; only the continuation
+  positions go through the output head. ``batch_size`` rows per forward, more short ones up to
+  ``max_batch_tokens`` tokens when set. Contexts longer than the model's context lose their oldest tokens (one
+  warning); ``truncate=False`` makes that an error. A continuation that cannot fit at all is always an error.
 - ``loglikelihood_rolling``: the text without BOS, in disjoint windows of the model's context (the harness's
   ``get_rolling_token_windows``), the first conditioned on BOS.
 - ``generate_until``: :func:`llamalit.inference.evaluation.generate_left_padded` (one KV-cached left-padded batch),
@@ -31,6 +32,7 @@ from typing import Any
 import torch
 
 from llamalit.inference.evaluation import generate_left_padded
+from llamalit.inference.scoring import score_continuations
 from llamalit.model.llama import Llama
 
 MISSING = "lm-evaluation-harness is not installed; pip install llamalit[eval] (or pip install lm-eval)"
@@ -54,7 +56,8 @@ class LlamalitLM(TemplateLM):
     """An lm_eval model over a :class:`~llamalit.model.llama.Llama` and its SentencePiece tokenizer."""
 
     def __init__(self, model: Llama, tokenizer: Any, device: str | torch.device = "cpu", batch_size: int = 8,
-                 max_gen_toks: int | None = None, truncate: bool = True, name: str = "llamalit") -> None:
+                 max_gen_toks: int | None = None, truncate: bool = True, name: str = "llamalit",
+                 max_batch_tokens: int | None = None) -> None:
         super().__init__()
         if tokenizer.vocab_size != model.cfg.vocab_size:
             raise ValueError(f"tokenizer {getattr(tokenizer, 'path', '')} has {tokenizer.vocab_size} pieces but the "
@@ -67,6 +70,9 @@ class LlamalitLM(TemplateLM):
         self._batch_size = int(batch_size)
         self.max_length = model.cfg.max_seq_len
         self._max_gen_toks = int(max_gen_toks) if max_gen_toks else min(256, self.max_length // 2)
+        if max_batch_tokens is not None and int(max_batch_tokens) < 1:
+            raise ValueError(f"max_batch_tokens={max_batch_tokens!r}: must be an integer >= 1 (or unset)")
+        self.max_tokens = int(max_batch_tokens) if max_batch_tokens else None  # more short rows per scoring forward
         self.truncate = bool(truncate)
         self.name = name
         self.bos_text, self.eos_text = tokenizer.sp.id_to_piece(tokenizer.bos_id), tokenizer.sp.id_to_piece(tokenizer.eos_id)
@@ -157,40 +163,25 @@ class LlamalitLM(TemplateLM):
             self._truncated += 1
         return whole[-(self.max_length + 1):-1]
 
-    @torch.inference_mode()
-    def _continuation_logprobs(self, rows: list[list[int]], cont_lens: list[int]) -> list[torch.Tensor]:
-        """Log-softmax (fp32) at the last ``cont_lens[i]`` positions of each row, in one right-padded batch."""
-        width = max(len(r) for r in rows)
-        tokens = torch.zeros(len(rows), width, dtype=torch.long)
-        for i, r in enumerate(rows):
-            tokens[i, :len(r)] = torch.tensor(r, dtype=torch.long)
-        index = torch.cat([torch.arange(len(r) - n, len(r)) + i * width for i, (r, n) in enumerate(zip(rows, cont_lens))])
-        with self._autocast():
-            h = self.model.hidden(tokens.to(self._device)).flatten(0, 1)
-            logits = self.model.output(h.index_select(0, index.to(self._device)))
-        return list(torch.log_softmax(logits.float(), dim=-1).split(cont_lens))
-
     def _loglikelihood_tokens(self, requests: list, disable_tqdm: bool = False, **kwargs: Any) -> list[tuple[float, bool]]:
-        """(log p(continuation | context), whether it is the greedy continuation) for each request."""
-        collator = Collator(requests, sort_fn=lambda r: (-len(r[1] + r[2]), tuple(r[1] + r[2])),
-                            group_by="contexts", group_fn=lambda r: r[1] + r[2][:-1])
-        self._truncated, out = 0, []
-        for chunk in collator.get_batched(n=self.batch_size):
-            rows = [self._fit(req, ctx, cont) for req, ctx, cont in chunk]
-            scored = self._continuation_logprobs(rows, [len(cont) for _, _, cont in chunk])
-            for (req, ctx, cont), logprobs in zip(chunk, scored):
-                for req_str, cont_toks, lp in collator.get_cache(req_str=req, cxt_toks=ctx, cont_toks=cont,
-                                                                 logits=logprobs[None]):
-                    target = torch.tensor(cont_toks, dtype=torch.long, device=lp.device)
-                    lp = lp[0, -len(cont_toks):]
-                    answer = (float(lp.gather(1, target[:, None]).sum()), bool((lp.argmax(-1) == target).all()))
-                    out.append(answer)
-                    if req_str is not None:
-                        self.cache_hook.add_partial("loglikelihood", req_str, answer)
+        """(log p(continuation | context), whether it is the greedy continuation) for each request; requests that
+        share a context run it once (:func:`~llamalit.inference.scoring.score_continuations`)."""
+        self._truncated, inputs = 0, []
+        for req, ctx, cont in requests:
+            if cont:  # an empty continuation has probability 1 (as HFLM scores it)
+                row = self._fit(req, ctx, cont)
+                cut = len(row) - len(cont) + 1  # the prefix ends with the token that predicts the first target
+                inputs.append((row[:cut], row[cut:], cont))
+        answers = iter(score_continuations(self.model, inputs, self.batch_size, self.max_tokens,
+                                                   self._autocast) if inputs else [])
+        out = [next(answers) if cont else (0.0, True) for _, _, cont in requests]
+        for (req, _, _), answer in zip(requests, out):
+            if req is not None:
+                self.cache_hook.add_partial("loglikelihood", req, answer)
         if self._truncated:
             log.warning("%d request(s) longer than the model's context of %d tokens lost their oldest context "
                         "tokens (truncate=false makes this an error)", self._truncated, self.max_length)
-        return collator.get_original(out)
+        return out
 
     def loglikelihood_rolling(self, requests: list, disable_tqdm: bool = False) -> list[float]:
         """Log-likelihood of whole texts, in disjoint windows of the model's context, all windows batched."""
