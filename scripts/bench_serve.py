@@ -36,7 +36,7 @@ from pathlib import Path
 
 import httpx
 
-from llamalit.inference.server_process import free_port, start_server
+from llamalit.inference.server_process import free_port, start_server, wait_ready
 
 PROMPTS = ["Once upon a time", "The little dog", "One day, a girl named Lily", "Tom and his mom went to the park",
            "There was a big tree", "A cat sat on the mat", "The sun was hot and", "Ben had a red ball"]
@@ -219,16 +219,7 @@ def llama_cpp_server(gguf: Path, ctx: int, threads: int, log: Path, stack: conte
            "--interrupt_requests", "False", "--model_alias", "gguf", "--verbose", "False", *extra]
     proc = subprocess.Popen(cmd, stdout=log.open("w"), stderr=subprocess.STDOUT)
     stack.callback(stop, proc)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + START_TIMEOUT_S
-    while time.monotonic() < deadline and proc.poll() is None:
-        try:
-            if httpx.get(f"{url}/v1/models", timeout=2).status_code == 200:
-                return proc, url
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.3)
-    raise RuntimeError(f"llama_cpp.server did not start within {START_TIMEOUT_S} s:\n{log.read_text()[-2000:]}")
+    return proc, wait_ready(proc, f"http://127.0.0.1:{port}", "/v1/models", log, START_TIMEOUT_S, "llama_cpp.server")
 
 
 def anchors(args: argparse.Namespace, ckpt: Path, ctx: int, tmp: Path, stack: contextlib.ExitStack) -> tuple[

@@ -2,6 +2,7 @@
 
 - ``served_model``: (run dir, Llama, Tokenizer); the embedding is scaled so greedy decoding is not decided
   by float noise.
+- ``lib``: the C++ decode kernel library, or a skip where it cannot be built.
 - ``live_server``: a factory; ``live_server(slots=..., max_queue=..., api_key=...)`` starts
   ``python serve.py ckpt=<run dir>`` on 127.0.0.1 (a free port) and returns its base URL; stopped at the end.
 """
@@ -17,6 +18,7 @@ import torch
 
 from llamalit.checkpoints import save_model
 from llamalit.data.tokenizer import Tokenizer, train_tokenizer
+from llamalit.inference.kernels import load_decode_kernel
 from llamalit.inference.server_process import start_server
 from llamalit.model import Llama, ModelConfig
 
@@ -56,3 +58,12 @@ def live_server(served_model, tmp_path_factory):
             proc.wait(timeout=20)
         except subprocess.TimeoutExpired:
             proc.kill()
+
+
+@pytest.fixture
+def lib():
+    """The C++ decode kernel's library (skips where it cannot be built)."""
+    found = load_decode_kernel()
+    if found is None:
+        pytest.skip("the decode kernel cannot be built here (no C++ compiler?)")
+    return found

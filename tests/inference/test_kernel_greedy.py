@@ -8,16 +8,8 @@ import torch
 from llamalit.inference import kernels
 from llamalit.inference.decode import decode_weights
 from llamalit.inference.generate import generate
-from llamalit.inference.kernels import DecodeKernel, load_decode_kernel, quantize_rows
+from llamalit.inference.kernels import DecodeKernel, quantize_rows
 from llamalit.model.llama import Llama, ModelConfig
-
-
-@pytest.fixture
-def lib():
-    found = load_decode_kernel()
-    if found is None:
-        pytest.skip("the decode kernel cannot be built here (no C++ compiler?)")
-    return found
 
 
 def _model(vocab: int = 611, tie: bool = False, seed: int = 0) -> Llama:

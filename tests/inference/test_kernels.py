@@ -18,14 +18,6 @@ from llamalit.model.llama import Llama, ModelConfig
 
 
 @pytest.fixture
-def lib():
-    found = load_decode_kernel()
-    if found is None:
-        pytest.skip("the decode kernel cannot be built here (no C++ compiler?)")
-    return found
-
-
-@pytest.fixture
 def fresh_loader():
     """load_decode_kernel forgets its cached result before and after the test."""
     load_decode_kernel.cache_clear()

@@ -380,8 +380,9 @@ class DecodeKernel:
                              f"{self.max_seq_len}, {self.head_dim})")
         return logits
 
-    def try_step(self, tok: torch.Tensor, pos: int, caches: list) -> torch.Tensor | None:
-        """:meth:`step`, or None (nothing done) when the caches do not fit (:meth:`accepts`)."""
+    def _checked(self, tok: torch.Tensor, pos: int, caches: list) -> tuple[tuple, int, ctypes.Array] | None:
+        """(the caches' binding, batch, the ids as a C array) for a step at ``pos``, or None when the caches do
+        not fit; a position or id out of range, or a batch the caches do not hold, is a ValueError."""
         if not 0 <= pos < self.max_seq_len:
             raise ValueError(f"position {pos} is outside 0..{self.max_seq_len - 1}")
         bind = self._bind(caches)
@@ -390,10 +391,16 @@ class DecodeKernel:
         ids = tok.tolist()
         if ids and not 0 <= min(ids) <= max(ids) < self.vocab:
             raise ValueError(f"token ids must be in 0..{self.vocab - 1}, got {ids}")
-        batch = len(ids)
-        if bind[0] != batch:
-            raise ValueError(f"caches hold batch {bind[0]}, tokens have {batch} rows")
-        ids_c = (_i64 * batch)(*ids)
+        if bind[0] != len(ids):
+            raise ValueError(f"caches hold batch {bind[0]}, tokens have {len(ids)} rows")
+        return bind, len(ids), (_i64 * len(ids))(*ids)
+
+    def try_step(self, tok: torch.Tensor, pos: int, caches: list) -> torch.Tensor | None:
+        """:meth:`step`, or None (nothing done) when the caches do not fit (:meth:`accepts`)."""
+        checked = self._checked(tok, pos, caches)
+        if checked is None:
+            return None
+        bind, batch, ids_c = checked
         logits = torch.empty(batch, self.vocab)
         self.lib.llk_step(self._model_addr, ctypes.addressof(ids_c), batch, pos, bind[3], bind[4],
                           logits.data_ptr(), self.threads or torch.get_num_threads(), None)
@@ -403,23 +410,15 @@ class DecodeKernel:
         """Greedy next ids into ``out`` (B,) int64 (may be ``tok`` itself): the argmax of :meth:`step`'s logits,
         without making them (screened by the int8 head when :attr:`screen`). False (nothing done) when the
         caches do not fit (:meth:`accepts`)."""
-        if not 0 <= pos < self.max_seq_len:
-            raise ValueError(f"position {pos} is outside 0..{self.max_seq_len - 1}")
-        bind = self._bind(caches)
-        if bind is None:
+        checked = self._checked(tok, pos, caches)
+        if checked is None:
             return False
-        ids = tok.tolist()
-        if ids and not 0 <= min(ids) <= max(ids) < self.vocab:
-            raise ValueError(f"token ids must be in 0..{self.vocab - 1}, got {ids}")
-        batch = len(ids)
-        if bind[0] != batch:
-            raise ValueError(f"caches hold batch {bind[0]}, tokens have {batch} rows")
+        bind, batch, ids_c = checked
         if out.dtype != torch.int64 or out.shape != (batch,) or not out.is_contiguous() or out.device.type != "cpu":
             raise ValueError(f"greedy: out must be a contiguous CPU int64 tensor of shape ({batch},)")
         scratch = self._scratch
         if scratch is None or scratch.shape[0] != batch:
             scratch = self._scratch = torch.empty(batch, self.vocab)
-        ids_c = (_i64 * batch)(*ids)
         self.exact_rows = self.lib.llk_step(self._model_addr, ctypes.addressof(ids_c), batch, pos, bind[3], bind[4],
                                             scratch.data_ptr(), self.threads or torch.get_num_threads(),
                                             out.data_ptr())
