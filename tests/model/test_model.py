@@ -20,7 +20,7 @@ from llamalit.checkpoints.hf_layout import (
 )
 from llamalit.inference.decode import decode_step, decode_weights
 from llamalit.inference.kernels import load_decode_kernel
-from llamalit.model.llama import IGNORE_INDEX, Llama, ModelConfig, RMSNorm
+from llamalit.model.llama import IGNORE_INDEX, Llama, ModelConfig, RMSNorm, apply_rope, rope_tables
 
 
 @pytest.mark.parametrize("name, expected", [
@@ -107,6 +107,35 @@ def test_rope_permutation_round_trip() -> None:
         assert torch.equal(back[name], t), name
     back_cfg = config_from_hf(hf_config_dict(cfg))
     assert replace(back_cfg, multiple_of=cfg.multiple_of) == cfg  # multiple_of is moot: hidden_dim given
+
+
+@pytest.mark.parametrize("per_row", [False, True])
+def test_rope_complex_and_real_forms_agree(per_row: bool, monkeypatch) -> None:
+    """Eager mode rotates with one complex multiply, torch.compile with the real form: same values and gradients
+    (float64), for shared (T, D/2) and per-row (B, T, D/2) tables, and half precision comes back as it went in."""
+    torch.manual_seed(0)
+    cos, sin = rope_tables(8, 16)
+    if per_row:
+        positions = torch.randint(0, 16, (2, 5))
+        cos, sin = cos[positions], sin[positions]
+    else:
+        cos, sin = cos[:5], sin[:5]
+    x = torch.randn(2, 5, 3, 8, dtype=torch.float64)
+    results = []
+    for compiling in (False, True):
+        monkeypatch.setattr(torch.compiler, "is_compiling", lambda c=compiling: c)
+        leaf = x.clone().requires_grad_()
+        out = apply_rope(leaf, cos.double(), sin.double())
+        out.pow(2).mul(torch.arange(8.0, dtype=torch.float64)).sum().backward()
+        results.append((out.detach(), leaf.grad))
+    torch.testing.assert_close(results[0][0], results[1][0], rtol=0, atol=1e-12)
+    torch.testing.assert_close(results[0][1], results[1][1], rtol=0, atol=1e-12)
+    x0, x1 = x[..., 0::2], x[..., 1::2]  # the definition: pair (x0, x1) turned by the position's angle
+    c, s = cos.double().unsqueeze(-2), sin.double().unsqueeze(-2)
+    torch.testing.assert_close(results[0][0][..., 0::2], x0 * c - x1 * s, rtol=0, atol=1e-12)
+    torch.testing.assert_close(results[0][0][..., 1::2], x0 * s + x1 * c, rtol=0, atol=1e-12)
+    monkeypatch.undo()
+    assert apply_rope(x.bfloat16(), cos, sin).dtype == torch.bfloat16
 
 
 def test_loss_equals_cross_entropy_and_its_gradient() -> None:

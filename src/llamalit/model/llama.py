@@ -112,10 +112,15 @@ def rope_tables(head_dim: int, end: int, theta: float = 10000.0) -> tuple[torch.
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Rotate adjacent channel pairs (2i, 2i+1) of x (B, T, H, D); cos/sin are (T, D/2) or (B, T, D/2)."""
-    xr, xi = _at_least_fp32(x).reshape(*x.shape[:-1], -1, 2).unbind(-1)
-    cos = cos.unsqueeze(-2)  # broadcast over heads
-    sin = sin.unsqueeze(-2)
-    out = torch.stack((xr * cos - xi * sin, xr * sin + xi * cos), dim=-1)
+    xf = _at_least_fp32(x)
+    if torch.compiler.is_compiling() or x.device.type == "mps":
+        # Inductor fuses the real form into one kernel, while complex tensors break its graph (MPS lacks them).
+        xr, xi = xf.reshape(*x.shape[:-1], -1, 2).unbind(-1)
+        cos, sin = cos.unsqueeze(-2), sin.unsqueeze(-2)  # broadcast over heads
+        out = torch.stack((xr * cos - xi * sin, xr * sin + xi * cos), dim=-1)
+    else:  # eager: one complex multiply instead of eight element-wise kernels (6-30x faster on CPU)
+        pairs = torch.view_as_complex(xf.contiguous().reshape(*x.shape[:-1], -1, 2))
+        out = torch.view_as_real(pairs * torch.complex(cos, sin).unsqueeze(-2))
     return out.flatten(-2).type_as(x)
 
 
