@@ -64,8 +64,8 @@ def test_a_shared_context_runs_once(model):
         got = score_continuations(model, reqs, batch_size=8)
     finally:
         hook.remove()
-    tokens_run = sum(b * t for b, t in seen)  # padded rows count in full
-    assert tokens_run <= 2 * len(context) + 3 * 3  # prefixes padded to 30, three suffix rows of width 3
+    tokens_run = sum(shape.numel() for shape in seen)  # the padding never reaches the embedding
+    assert tokens_run == len(context) + len(other) + 2 + 1 + 3  # each prefix once, suffixes less their last token
     assert tokens_run < sum(len(p) + len(s) for p, s, _ in reqs)
     for req, answer in zip(reqs, got):
         assert abs(answer[0] - alone(model, *req)[0]) < 1e-4
@@ -76,19 +76,21 @@ def test_bad_request_is_refused(model):
         score_continuations(model, [([1, 2], [3], [3])])
 
 
-def test_long_prefix_and_long_suffix_rows_go_to_separate_forwards(model):
+def test_long_prefix_and_long_suffix_rows_go_to_separate_forwards(model, monkeypatch):
     """A 40-token context with short continuations beside a 3-token one with 40-token continuations: together
     wider than the model's context of 48, so their suffix rows run apart; scores still those of each alone."""
     rng = random.Random(1)
     toks = lambda n: [rng.randrange(64) for _ in range(n)]  # noqa: E731
     long_ctx, short_ctx = toks(40), toks(3)
     reqs = [(long_ctx, c[:-1], c) for c in (toks(3), toks(3))] + [(short_ctx, c[:-1], c) for c in (toks(41), toks(41))]
-    widths = []
-    hook = model.tok_embeddings.register_forward_hook(lambda m, args, out: widths.append(args[0].shape[1]))
-    try:
-        got = score_continuations(model, reqs, batch_size=8)
-    finally:
-        hook.remove()
+    widths, hidden = [], model.hidden
+
+    def recording(tokens, *args, **kw):
+        widths.append(tokens.shape[1])
+        return hidden(tokens, *args, **kw)
+    monkeypatch.setattr(model, "hidden", recording)
+    got = score_continuations(model, reqs, batch_size=8)
+    monkeypatch.undo()
     assert widths == [40, 40, 2]  # both prefixes, then each context's suffix rows on their own
     for req, (ll, greedy) in zip(reqs, got):
         want_ll, want_greedy = alone(model, *req)

@@ -138,6 +138,28 @@ def test_rope_complex_and_real_forms_agree(per_row: bool, monkeypatch) -> None:
     assert apply_rope(x.bfloat16(), cos, sin).dtype == torch.bfloat16
 
 
+def test_unpadded_rows_equal_padded_rows_at_the_real_tokens() -> None:
+    """``hidden(lengths=...)`` runs norms, linears and SwiGLU on the real tokens only: the same values (float64)
+    as the padded forward at those tokens, whole rows from position 0 and rows on top of a KV cache."""
+    torch.manual_seed(0)
+    model = Llama(_small(4, 2, tie=True)).double().eval()
+    lengths = torch.tensor([7, 3, 5])
+    tokens = torch.randint(1, 61, (3, 7))
+    real = torch.arange(7)[None, :] < lengths[:, None]
+    with torch.no_grad():
+        torch.testing.assert_close(model.hidden(tokens, lengths=lengths), model.hidden(tokens)[real],
+                                   rtol=0, atol=1e-12)
+        caches, padded_caches = model.new_caches(3), model.new_caches(3)
+        model.hidden(tokens, 0, caches)
+        model.hidden(tokens, 0, padded_caches)
+        more = torch.randint(1, 61, (3, 4))
+        more_lengths = torch.tensor([4, 2, 1])
+        got = model.hidden(more, 7, caches, lengths=more_lengths)
+        want = model.hidden(more, 7, padded_caches)[torch.arange(4)[None, :] < more_lengths[:, None]]
+    assert got.shape == (7, 32)
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-12)
+
+
 def test_loss_equals_cross_entropy_and_its_gradient() -> None:
     cfg = _small(4, 2, tie=True)
     torch.manual_seed(0)

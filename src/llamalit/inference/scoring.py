@@ -11,7 +11,8 @@ continuations, so requests are grouped by prefix:
   differing only in the scored token) share one row.
 - any other request runs whole, in right-padded causal rows sorted longest first (little padding).
 
-The output head runs only on the scored positions, and the sums and greedy checks are made in a few tensor ops
+The padding of those rows is left out of everything but attention (``Llama.hidden(lengths=...)``), the output head
+runs only on the scored positions, and the sums and greedy checks are made in a few tensor ops
 per batch. Results equal scoring each request alone up to float rounding.
 """
 
@@ -57,6 +58,14 @@ def _padded(rows: Sequence[Sequence[int]], device: torch.device) -> torch.Tensor
     return tokens.to(device)
 
 
+def _starts(lengths: Sequence[int]) -> list[int]:
+    """Where each row begins in the unpadded hidden states (the rows' real tokens one after another)."""
+    starts = [0]
+    for n in lengths[:-1]:
+        starts.append(starts[-1] + n)
+    return starts
+
+
 @dataclass
 class _Budget:
     """Rows per forward: ``rows``, or more while rows x width (padding included) stay within ``tokens``."""
@@ -85,13 +94,13 @@ def _suffix_chunks(items: list[tuple[int, tuple[int, ...]]], lengths: list[int],
 
 
 class _Batch:
-    """Hidden states of one batch of groups, gathered at the scored positions of each request."""
+    """Hidden states of one batch of groups (each forward's real tokens only), gathered at the scored positions."""
 
     def __init__(self, model: Llama, groups: list[_Group], scored: Sequence[int], budget: _Budget,
                  device: torch.device):
         self.model, self.groups, self.scored, self.budget, self.device = model, groups, scored, budget, device
         self.lengths = [len(g.prefix) for g in groups]
-        self.flat: list[torch.Tensor] = []  # flattened hidden states of each forward
+        self.flat: list[torch.Tensor] = []  # (N, dim) hidden states of each forward
         self.picks: dict[int, list[tuple[int, int]]] = {}  # request -> (forward, flat index) per scored token
 
     def run(self) -> None:
@@ -103,11 +112,11 @@ class _Batch:
             caches = [KVCache(len(self.groups), cfg.n_kv_heads, max(self.lengths), cfg.head_dim, ref.dtype, ref.device)
                       for _ in range(cfg.n_layers)]
         tokens = _padded([g.prefix for g in self.groups], self.device)
-        width = tokens.shape[1]
-        self.flat.append(self.model.hidden(tokens, 0, caches).flatten(0, 1))
+        self.flat.append(self.model.hidden(tokens, 0, caches, lengths=self._on_device(self.lengths)))
+        starts = _starts(self.lengths)
         items = []
         for slot, g in enumerate(self.groups):
-            last = slot * width + self.lengths[slot] - 1
+            last = starts[slot] + self.lengths[slot] - 1
             for suffix, idx in g.rows.items():
                 n = 1 if g.shared else self.scored[idx[0]]  # a whole row holds every scored position
                 for i in idx:
@@ -125,7 +134,7 @@ class _Batch:
         starts = torch.tensor([self.lengths[slot] for slot, _ in chunk], device=dev)
         width_p = int(starts.max())
         tokens = _padded([s for _, s in chunk], dev)
-        width_s = tokens.shape[1]
+        width_s, lengths = tokens.shape[1], [len(s) for _, s in chunk]
         ref = caches[0].k
         rows = []
         for cache in caches:
@@ -138,12 +147,15 @@ class _Batch:
         sees_prefix = torch.arange(width_p, device=dev)[None, None, :] < starts[:, None, None]  # (B, 1, P)
         causal = torch.ones(width_s, width_s, dtype=torch.bool, device=dev).tril()
         mask = torch.cat([sees_prefix.expand(-1, width_s, -1), causal.expand(len(chunk), -1, -1)], dim=2)
-        hidden = self.model.hidden(tokens, width_p, rows, positions=positions, mask=mask[:, None])
         forward = len(self.flat)
-        self.flat.append(hidden.flatten(0, 1))
-        for r, (slot, suffix) in enumerate(chunk):
+        self.flat.append(self.model.hidden(tokens, width_p, rows, positions=positions, mask=mask[:, None],
+                                           lengths=self._on_device(lengths)))
+        for (slot, suffix), start in zip(chunk, _starts(lengths)):
             for i in self.groups[slot].rows[suffix]:
-                self.picks[i] += [(forward, r * width_s + p) for p in range(len(suffix))]
+                self.picks[i] += [(forward, start + p) for p in range(len(suffix))]
+
+    def _on_device(self, values: list[int]) -> torch.Tensor:
+        return torch.tensor(values, device=self.device)
 
 
 @torch.inference_mode()

@@ -14,7 +14,7 @@ from llamalit.model.losses import IGNORE_INDEX, LossOutput, linear_cross_entropy
 from llamalit.model.masks import FLEX_MIN_HEAD_DIM, attend, check_backend, document_mask, resolve_backend
 
 __all__ = ["FLEX_MIN_HEAD_DIM", "IGNORE_INDEX", "KVCache", "Llama", "ModelConfig", "RMSNorm", "TransformerBlock",
-           "apply_rope", "counted_positions", "document_mask", "rope_tables"]
+           "Unpadded", "apply_rope", "counted_positions", "document_mask", "rope_tables"]
 
 _PRESETS: dict[str, dict] = {
     # Shapes of the llama2.c releases; stories260K uses multiple_of=4.
@@ -124,6 +124,29 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return out.flatten(-2).type_as(x)
 
 
+class Unpadded:
+    """Right-padded rows (B, T) with their padding left out: the N real tokens, row after row.
+
+    Norms, linears and SwiGLU act on each position alone, so they run on (N, dim) and skip the padding's work;
+    attention alone needs the rows, so :meth:`pad` scatters queries, keys and values back into (B, T, ...) (zeros
+    where the padding was: a real token never attends to them, as the padding comes after it).
+    """
+
+    def __init__(self, lengths: torch.Tensor, width: int):
+        self.shape = (len(lengths), width)
+        cols = torch.arange(width, device=lengths.device)
+        self.index = (cols[None, :] < lengths[:, None]).flatten().nonzero().squeeze(1)
+
+    def pad(self, x: torch.Tensor) -> torch.Tensor:
+        """(N, ...) -> (B, T, ...), zeros at the padding."""
+        out = x.new_zeros(self.shape[0] * self.shape[1], *x.shape[1:])
+        return out.index_copy_(0, self.index, x).view(*self.shape, *x.shape[1:])
+
+    def unpad(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, T, ...) -> (N, ...)."""
+        return x.flatten(0, 1).index_select(0, self.index)
+
+
 class RMSNorm(nn.Module):
     """Root-mean-square norm computed in float32."""
 
@@ -168,16 +191,21 @@ class Attention(nn.Module):
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                 cache: KVCache | None = None, start_pos: int = 0,
-                mask: torch.Tensor | None = None) -> torch.Tensor:
-        b, t, _ = x.shape
-        q = apply_rope(self.wq(x).view(b, t, self.n_heads, self.head_dim), cos, sin).transpose(1, 2)
-        k = apply_rope(self.wk(x).view(b, t, self.n_kv_heads, self.head_dim), cos, sin).transpose(1, 2)
-        v = self.wv(x).view(b, t, self.n_kv_heads, self.head_dim).transpose(1, 2)
+                mask: torch.Tensor | None = None, unpadded: Unpadded | None = None) -> torch.Tensor:
+        """x (B, T, dim), or (N, dim) with ``unpadded`` (cos/sin then per token, (N, D/2))."""
+        rows = x.shape[:-1]
+        q = apply_rope(self.wq(x).view(*rows, self.n_heads, self.head_dim), cos, sin)
+        k = apply_rope(self.wk(x).view(*rows, self.n_kv_heads, self.head_dim), cos, sin)
+        v = self.wv(x).view(*rows, self.n_kv_heads, self.head_dim)
+        if unpadded is not None:
+            q, k, v = unpadded.pad(q), unpadded.pad(k), unpadded.pad(v)
+        b, t = q.shape[:2]
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
         if cache is not None:
             k, v = cache.update(start_pos, k, v)
         if isinstance(mask, BlockMask):  # packed rows on CUDA: flex attention skips the masked-out blocks
             out = attend(q, k, v, mask, enable_gqa=self.n_kv_heads != self.n_heads)
-            return self.resid_dropout(self.wo(out.transpose(1, 2).reshape(b, t, -1)))
+            return self._project(out, unpadded)
         is_causal = False
         if mask is None and t > 1:
             if k.shape[2] == t:
@@ -189,7 +217,12 @@ class Attention(nn.Module):
             dropout_p=self.dropout if self.training else 0.0,
             enable_gqa=self.n_kv_heads != self.n_heads,
         )
-        return self.resid_dropout(self.wo(out.transpose(1, 2).reshape(b, t, -1)))
+        return self._project(out, unpadded)
+
+    def _project(self, out: torch.Tensor, unpadded: Unpadded | None) -> torch.Tensor:
+        """Heads (B, H, T, D) joined and through ``wo``, on the real tokens only when ``unpadded``."""
+        out = out.transpose(1, 2).flatten(2)
+        return self.resid_dropout(self.wo(out if unpadded is None else unpadded.unpad(out)))
 
 
 class FeedForward(nn.Module):
@@ -212,8 +245,8 @@ class TransformerBlock(nn.Module):
         self.attention_norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
 
-    def forward(self, x, cos, sin, cache=None, start_pos=0, mask=None):
-        h = x + self.attention(self.attention_norm(x), cos, sin, cache, start_pos, mask)
+    def forward(self, x, cos, sin, cache=None, start_pos=0, mask=None, unpadded=None):
+        h = x + self.attention(self.attention_norm(x), cos, sin, cache, start_pos, mask, unpadded)
         return h + self.feed_forward(self.ffn_norm(h))
 
 
@@ -255,12 +288,15 @@ class Llama(nn.Module):
 
     def hidden(self, tokens: torch.Tensor, start_pos: int = 0, caches: list[KVCache] | None = None,
                positions: torch.Tensor | None = None, mask: torch.Tensor | BlockMask | None = None,
-               segments: torch.Tensor | None = None) -> torch.Tensor:
+               segments: torch.Tensor | None = None, lengths: torch.Tensor | None = None) -> torch.Tensor:
         """Final-norm hidden states (B, T, dim).
 
         Packed rows: ``positions`` (B, T) are each token's RoPE position within its document and ``segments``
         (B, T) number the documents, so each token attends only to earlier tokens of its own document
         (:func:`document_mask`; ``mask`` overrides it).
+
+        Right-padded rows: ``lengths`` (B,) are the rows' real lengths; everything but attention then skips the
+        padding (:class:`Unpadded`) and the result is (N, dim), the rows' real tokens one row after another.
         """
         t = tokens.shape[1]
         if segments is not None and mask is None:
@@ -269,13 +305,18 @@ class Llama(nn.Module):
             raise ValueError(
                 f"sequence of {start_pos + t} tokens exceeds max_seq_len={self.cfg.max_seq_len}"
             )
+        unpadded = None if lengths is None else Unpadded(lengths, t)
+        if unpadded is not None:
+            if positions is None:
+                positions = torch.arange(start_pos, start_pos + t, device=tokens.device).expand(len(tokens), -1)
+            positions, tokens = unpadded.unpad(positions), unpadded.unpad(tokens)
         if positions is None:
             cos, sin = self.freqs_cos[start_pos:start_pos + t], self.freqs_sin[start_pos:start_pos + t]
         else:
             cos, sin = self.freqs_cos[positions], self.freqs_sin[positions]
         h = self.dropout(self.tok_embeddings(tokens))
         for i, layer in enumerate(self.layers):
-            h = layer(h, cos, sin, caches[i] if caches is not None else None, start_pos, mask)
+            h = layer(h, cos, sin, caches[i] if caches is not None else None, start_pos, mask, unpadded)
         return self.norm(h)
 
     def forward(self, tokens: torch.Tensor, start_pos: int = 0,
