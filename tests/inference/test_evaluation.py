@@ -189,13 +189,19 @@ def test_run_evaluate_finds_the_checkpoints_tokenizer(corpus, tok, model, tmp_pa
         run_evaluate({**cfg, "ckpt": str(tmp_path / "wrong")}, out=io.StringIO())
 
 
-def test_left_padded_batches_give_each_prompt_its_greedy_story_alone(corpus, tok, model):
+@pytest.mark.parametrize("fused", [True, False], ids=["fused-step", "model-forward"])
+def test_left_padded_batches_give_each_prompt_its_greedy_story_alone(corpus, tok, model, fused, monkeypatch):
     """The batched path the training device takes (prompts of any length in one KV-cached batch, left-padded)
-    produces exactly the tokens of generating each prompt alone, EOS stops and per-row limits included."""
+    produces exactly the tokens of generating each prompt alone, EOS stops and per-row limits included; both
+    with the fused decode step and with the model's own forward (what LoRA-wrapped layers get)."""
     from collections import Counter
 
+    import llamalit.inference.evaluation as evaluation
     from llamalit.inference.evaluation import generate_left_padded
     from llamalit.inference.generate import generate
+
+    if not fused:
+        monkeypatch.setattr(evaluation, "decode_weights", lambda model, kernel=None: None)
 
     m64 = Llama(model.cfg).double().eval()
     torch.manual_seed(0)

@@ -140,11 +140,15 @@ class DecodeWeights:
             return F.rms_norm(x, (x.shape[-1],), norm.weight, norm.eps)
         return norm(x)
 
-    def step(self, tok: torch.Tensor, pos: int, caches: list[KVCache]) -> torch.Tensor:
+    def step(self, tok: torch.Tensor, pos: int, caches: list[KVCache], rope_pos: torch.Tensor | None = None,
+             visible: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits of ``tok`` (B,) written at cache column ``pos``; left-padded rows give each row's RoPE position
+        (``rope_pos``, (B,)) and the keys it sees (``visible``, (B, 1, 1, pos + 1) bool)."""
         cfg = self.cfg
         b, hd, nh, nkv = tok.shape[0], cfg.head_dim, cfg.n_heads, cfg.n_kv_heads
         k_end = (nh + nkv) * hd
-        rot = self.rot[pos]  # cos + i sin: RoPE on adjacent pairs is a complex product
+        # cos + i sin: RoPE on adjacent pairs is a complex product
+        rot = self.rot[pos] if rope_pos is None else self.rot[rope_pos][:, None]
         x = self.embedding[tok]  # (B, dim)
         for (attn_norm, wqkv, wo, ffn_norm, w13, w2), cache in zip(self.layers, caches):
             qkv = self._norm(x, attn_norm) @ wqkv
@@ -152,8 +156,8 @@ class DecodeWeights:
             qk = torch.view_as_real(qk * rot).flatten(-2).type_as(x)  # (B, nh + nkv, hd)
             cache.k[:, :, pos] = qk[:, nh:]
             cache.v[:, :, pos] = qkv[:, k_end:].view(b, nkv, hd)
-            out = F.scaled_dot_product_attention(
-                qk[:, :nh, None], cache.k[:, :, :pos + 1], cache.v[:, :, :pos + 1], enable_gqa=nh != nkv)
+            out = F.scaled_dot_product_attention(qk[:, :nh, None], cache.k[:, :, :pos + 1], cache.v[:, :, :pos + 1],
+                                                 attn_mask=visible, enable_gqa=nh != nkv)
             x = x + out.view(b, nh * hd) @ wo
             h1, h3 = (self._norm(x, ffn_norm) @ w13).chunk(2, dim=-1)
             x = x + F.linear(F.silu(h1) * h3, w2)

@@ -18,6 +18,7 @@ import torch
 
 from llamalit.data.text_formats import DataFormatError, read_records, text_for_kind
 from llamalit.inference.adherence import aggregate, parse_prompt, score_story
+from llamalit.inference.decode import decode_weights
 from llamalit.inference.generate import generate, sample_next
 from llamalit.model.llama import Llama
 
@@ -82,7 +83,8 @@ def generate_left_padded(model: Llama, prompts: Sequence[Sequence[int]], steps: 
     was_training = model.training
     model.eval()
     try:
-        caches = model.new_caches(rows)
+        weights = decode_weights(model, kernel=False)
+        caches = model.new_caches(rows, length=width + max(steps))  # zeroing max_seq_len cost up to 10% on CPU
         logits = model.output(model.hidden(tokens, 0, caches, positions=positions, mask=mask[:, None])[:, -1])
         cap = torch.tensor(list(steps), device=device)
         done = torch.zeros(rows, dtype=torch.bool, device=device)
@@ -100,9 +102,12 @@ def generate_left_padded(model: Llama, prompts: Sequence[Sequence[int]], steps: 
             if step + 1 == max(steps) or bool(done.all()):
                 break
             own = torch.cat([own, torch.ones(rows, 1, dtype=torch.bool, device=device)], dim=1)
-            pos = (lengths + step)[:, None]
-            h = model.hidden(nxt[:, None], width + step, caches, positions=pos, mask=own[:, None, None, :])
-            logits = model.output(h[:, -1])
+            if weights is not None:  # fused projections (decode_weights), a quarter fewer ops per step
+                logits = weights.step(nxt, width + step, caches, rope_pos=lengths + step, visible=own[:, None, None, :])
+            else:  # e.g. LoRA-wrapped layers
+                h = model.hidden(nxt[:, None], width + step, caches, positions=(lengths + step)[:, None],
+                                 mask=own[:, None, None, :])
+                logits = model.output(h[:, -1])
     finally:
         model.train(was_training)
     ids = torch.stack(out, dim=1).tolist()

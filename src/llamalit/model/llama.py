@@ -346,11 +346,11 @@ class Llama(nn.Module):
             return linear_cross_entropy(h, self.output.weight, targets, impl=loss_impl, accuracy=accuracy)
         return logits_cross_entropy(self.output(h), targets, accuracy)
 
-    def new_caches(self, batch: int, dtype: torch.dtype | None = None) -> list[KVCache]:
-        """Fresh per-layer KV caches sized to max_seq_len."""
+    def new_caches(self, batch: int, dtype: torch.dtype | None = None, length: int | None = None) -> list[KVCache]:
+        """Fresh per-layer KV caches of ``length`` positions (default max_seq_len: what the decode kernel needs)."""
         ref = self.output.weight
         return [
-            KVCache(batch, self.cfg.n_kv_heads, self.cfg.max_seq_len, self.cfg.head_dim,
+            KVCache(batch, self.cfg.n_kv_heads, length or self.cfg.max_seq_len, self.cfg.head_dim,
                     dtype or ref.dtype, ref.device)
             for _ in range(self.cfg.n_layers)
         ]
