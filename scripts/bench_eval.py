@@ -9,8 +9,11 @@ a multiple-choice task (loglikelihood; ``b_mcw``: the same with long contexts an
 perplexity task and a generation task, and times each LM on
 each: one warm-up pass each, then ``--repeat`` passes alternating which LM goes first; the median is reported.
 Two figures per LM: end to end (``simple_evaluate``, including the harness's own task building and environment
-report, the same for both) and LM (the time inside the LM's request method, what the LM controls); and the
-tokens each LM fed its model in the last pass (padding included), a figure free of the machine's noise.
+report, the same for both) and LM (the time inside the LM's request method, what the LM controls, as wall time
+and as this process's CPU time: on a shared machine the CPU time leaves out the moments another job held the
+core, so with ``--threads 1`` it is the steadier ratio); and the
+tokens each LM's embedding saw in the last pass (padding included wherever the model computes it), a figure free
+of the machine's noise.
 Prints a table with the load average; ``--json`` writes the rows. Timings on a shared machine are noisy:
 compare the ratios.
 """
@@ -91,16 +94,18 @@ METHODS = ("loglikelihood", "loglikelihood_rolling", "generate_until")
 
 
 def clock_requests(lm) -> dict:
-    """Wrap ``lm``'s request methods (on the instance) to add their seconds to the returned dict's "lm"."""
-    spent = {"lm": 0.0}
+    """Wrap ``lm``'s request methods (on the instance) to add their wall seconds to the returned dict's "lm" and
+    their CPU seconds (this process, all threads) to its "cpu"."""
+    spent = {"lm": 0.0, "cpu": 0.0}
 
     def clocked(method):
         def wrapped(*a, **kw):
-            start = time.perf_counter()
+            start, start_cpu = time.perf_counter(), time.process_time()
             try:
                 return method(*a, **kw)
             finally:
                 spent["lm"] += time.perf_counter() - start
+                spent["cpu"] += time.process_time() - start_cpu
         return wrapped
 
     for name in METHODS:
@@ -117,14 +122,14 @@ def count_tokens(lm, spent: dict) -> None:
     embed.register_forward_hook(hook)
 
 
-def timed(lm, spent: dict, task: str, manager) -> tuple[float, float]:
-    """(end-to-end seconds, seconds inside the LM) of one ``simple_evaluate`` of ``task``."""
+def timed(lm, spent: dict, task: str, manager) -> tuple[float, float, float]:
+    """(end-to-end seconds, seconds inside the LM, CPU seconds inside the LM) of one ``simple_evaluate``."""
     from lm_eval import simple_evaluate
 
-    spent["lm"], spent["tokens"] = 0.0, 0
+    spent["lm"], spent["cpu"], spent["tokens"] = 0.0, 0.0, 0
     start = time.perf_counter()
     simple_evaluate(model=lm, tasks=[task], task_manager=manager, bootstrap_iters=0, log_samples=False)
-    return time.perf_counter() - start, spent["lm"]
+    return time.perf_counter() - start, spent["lm"], spent["cpu"]
 
 
 def main() -> None:
@@ -175,7 +180,7 @@ def main() -> None:
         load_before = os.getloadavg()
         rows = []
         for task in wanted:
-            times: dict[str, list[tuple[float, float]]] = {name: [] for name in lms}
+            times: dict[str, list[tuple[float, float, float]]] = {name: [] for name in lms}
             for name, lm in lms.items():
                 timed(lm, clocks[name], task, manager)  # warm-up: datasets cache, kernels, CUDA graphs
             for rep in range(args.repeat):
@@ -183,24 +188,28 @@ def main() -> None:
                 for name in order:
                     times[name].append(timed(lms[name], clocks[name], task, manager))
             for name in lms:
-                total = statistics.median(t for t, _ in times[name])
-                inside = statistics.median(t for _, t in times[name])
+                total = statistics.median(t for t, _, _ in times[name])
+                inside = statistics.median(t for _, t, _ in times[name])
+                cpu = statistics.median(c for _, _, c in times[name])
                 rows.append({"task": task, "lm": name, "requests": requests[task], "tokens": clocks[name]["tokens"],
                              "seconds": round(total, 3),
                              "lm_seconds": round(inside, 3), "requests_per_s": round(requests[task] / total, 1),
                              "lm_requests_per_s": round(requests[task] / inside, 1),
-                             "passes": [[round(t, 3), round(i, 3)] for t, i in times[name]]})
+                             "lm_cpu_seconds": round(cpu, 3),
+                             "passes": [[round(t, 3), round(i, 3), round(c, 3)] for t, i, c in times[name]]})
         load_after = os.getloadavg()
         print(f"\nmodel {args.preset} (random weights, vocab 512), device {args.device}, batch {args.batch_size}, "
               f"torch {torch.__version__}, {torch.get_num_threads()} threads on {os.cpu_count()} CPUs, load average {load_before[0]:.1f} before, "
               f"{load_after[0]:.1f} after; median of {args.repeat} alternating passes (noisy on a shared machine)")
         print(f"{'task':<8} {'requests':>8} {'llamalit req/s':>15} {'HFLM req/s':>11} {'speedup':>8}"
-              f" {'LM-only llamalit':>17} {'LM-only HFLM':>13} {'speedup':>8} {'tokens llamalit/HFLM':>21}")
+              f" {'LM-only llamalit':>17} {'LM-only HFLM':>13} {'speedup':>8} {'LM CPU-time speedup':>20}"
+              f" {'tokens llamalit/HFLM':>21}")
         for task in wanted:
             ours, theirs = (next(r for r in rows if r["task"] == task and r["lm"] == n) for n in lms)
             print(f"{task:<8} {ours['requests']:>8} {ours['requests_per_s']:>15.1f} {theirs['requests_per_s']:>11.1f} "
                   f"{theirs['seconds'] / ours['seconds']:>7.2f}x {ours['lm_requests_per_s']:>17.1f} "
                   f"{theirs['lm_requests_per_s']:>13.1f} {theirs['lm_seconds'] / ours['lm_seconds']:>7.2f}x "
+                  f"{theirs['lm_cpu_seconds'] / ours['lm_cpu_seconds']:>19.2f}x "
                   f"{ours['tokens']:>10}/{theirs['tokens']:<10}")
         if args.json:
             Path(args.json).write_text(json.dumps(rows, indent=1))

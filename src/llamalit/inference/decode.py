@@ -89,7 +89,7 @@ class DecodeWeights:
         self.kernel_requested = kernel
         self.fp32 = model.output.weight.dtype == torch.float32
         self.kernel = self._build_kernel(model) if kernel else None
-        self.embedding = model.tok_embeddings.weight
+        self.embed = model.tok_embeddings  # the module: its hooks see the decoded tokens
         self.layers = []
         if self.kernel is not None:  # it holds the only copy needed
             return
@@ -149,7 +149,7 @@ class DecodeWeights:
         k_end = (nh + nkv) * hd
         # cos + i sin: RoPE on adjacent pairs is a complex product
         rot = self.rot[pos] if rope_pos is None else self.rot[rope_pos][:, None]
-        x = self.embedding[tok]  # (B, dim)
+        x = self.embed(tok)  # (B, dim)
         for (attn_norm, wqkv, wo, ffn_norm, w13, w2), cache in zip(self.layers, caches):
             qkv = self._norm(x, attn_norm) @ wqkv
             qk = torch.view_as_complex(_at_least_fp32(qkv[:, :k_end]).unflatten(-1, (nh + nkv, hd // 2, 2)))
@@ -175,7 +175,7 @@ class DecodeWeights:
         rot = self.rot.index_select(0, pos)[:, None]  # (1 or B, 1, hd/2)
         visible = (positions[None] <= pos[:, None])[:, None, None]  # (1 or B, 1, 1, max_seq_len): keys up to pos
         rows = torch.arange(b, device=tok.device)
-        x = self.embedding[tok]
+        x = self.embed(tok)
         for (attn_norm, wqkv, wo, ffn_norm, w13, w2), cache in zip(self.layers, caches):
             qkv = self._norm(x, attn_norm) @ wqkv
             qk = torch.view_as_complex(_at_least_fp32(qkv[:, :k_end]).unflatten(-1, (nh + nkv, hd // 2, 2)))
