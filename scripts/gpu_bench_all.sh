@@ -14,6 +14,7 @@
 # (docs/BENCHMARKS.md, GPU section). SMOKE=1 runs every step at CPU-sized shapes: a rehearsal without a GPU.
 # The GPU checks of earlier issues stay available, one device call each:
 #   ONLY="loss generate sync tests"   ONLY="train_eager lora qlora"   ONLY="fsdp"
+#   ONLY="eval" (issue 23: LlamalitLM vs HFLM under bf16; carry lm-eval and its dependencies as wheels too)
 set -uo pipefail
 OUT=${OUT:-gpu_results}
 L2C=${1:-}
@@ -190,6 +191,9 @@ run generate 150 python scripts/bench_generate.py --devices cuda --shapes storie
 run lora 150 python scripts/bench_lora.py --preset stories110m --device cuda --batch 16 --seq 350 --steps 20 \
     --warmup 5 --json "$OUT/bench_lora.json"
 run qlora 240 python scripts/bench_qlora.py --json "$OUT/bench_qlora.json"
+EVAL_DEVICE=$([[ "$SMOKE" == 1 ]] && echo cpu || echo cuda)
+run eval 200 python scripts/bench_eval.py --device "$EVAL_DEVICE" --shape stories15m --docs 64 \
+    --tasks b_mc,b_mcw,b_ppl,b_gen --repeat 3 --json "$OUT/bench_eval.json"
 run sync 150 bash -c "python scripts/check_sync.py && python scripts/check_sync.py --packed --compile && \
     python scripts/check_sync.py --lightning --packed --compile"
 # -m "": the gpu-marked tests (flex training, the CUDA-graph decode) and the slow ones too
