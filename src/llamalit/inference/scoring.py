@@ -21,6 +21,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
+from itertools import accumulate
 
 import torch
 
@@ -60,10 +61,7 @@ def _padded(rows: Sequence[Sequence[int]], device: torch.device) -> torch.Tensor
 
 def _starts(lengths: Sequence[int]) -> list[int]:
     """Where each row begins in the unpadded hidden states (the rows' real tokens one after another)."""
-    starts = [0]
-    for n in lengths[:-1]:
-        starts.append(starts[-1] + n)
-    return starts
+    return [0, *accumulate(lengths[:-1])]
 
 
 @dataclass
