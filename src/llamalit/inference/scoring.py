@@ -110,7 +110,7 @@ class _Batch:
             caches = [KVCache(len(self.groups), cfg.n_kv_heads, max(self.lengths), cfg.head_dim, ref.dtype, ref.device)
                       for _ in range(cfg.n_layers)]
         tokens = _padded([g.prefix for g in self.groups], self.device)
-        self.flat.append(self.model.hidden(tokens, 0, caches, lengths=self._on_device(self.lengths)))
+        self.flat.append(self.model.hidden(tokens, 0, caches, lengths=torch.tensor(self.lengths, device=self.device)))
         starts = _starts(self.lengths)
         items = []
         for slot, g in enumerate(self.groups):
@@ -141,19 +141,16 @@ class _Batch:
             row.v[:, :, :width_p] = cache.v[slots, :, :width_p]
             rows.append(row)
         cols = torch.arange(width_s, device=dev)
-        positions = (starts[:, None] + cols[None]).clamp(max=cfg.max_seq_len - 1)  # padding stays in the table
+        positions = starts[:, None] + cols[None]  # padding leaves (lengths) before the RoPE lookup
         sees_prefix = torch.arange(width_p, device=dev)[None, None, :] < starts[:, None, None]  # (B, 1, P)
         causal = torch.ones(width_s, width_s, dtype=torch.bool, device=dev).tril()
         mask = torch.cat([sees_prefix.expand(-1, width_s, -1), causal.expand(len(chunk), -1, -1)], dim=2)
         forward = len(self.flat)
         self.flat.append(self.model.hidden(tokens, width_p, rows, positions=positions, mask=mask[:, None],
-                                           lengths=self._on_device(lengths)))
+                                           lengths=torch.tensor(lengths, device=dev)))
         for (slot, suffix), start in zip(chunk, _starts(lengths)):
             for i in self.groups[slot].rows[suffix]:
                 self.picks[i] += [(forward, start + p) for p in range(len(suffix))]
-
-    def _on_device(self, values: list[int]) -> torch.Tensor:
-        return torch.tensor(values, device=self.device)
 
 
 @torch.inference_mode()
