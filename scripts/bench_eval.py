@@ -120,6 +120,15 @@ def count_tokens(lm, spent: dict) -> None:
     def hook(module, args, output):
         spent["tokens"] += args[0].numel()
     embed.register_forward_hook(hook)
+    if hasattr(lm.model, "tok_embeddings"):  # ours: the compiled CPU decode step embeds its tokens in C++
+        from llamalit.inference.kernels import DecodeKernel
+
+        checked = DecodeKernel._checked
+
+        def counted(self, tok, *args, **kw):
+            spent["tokens"] += tok.numel()
+            return checked(self, tok, *args, **kw)
+        DecodeKernel._checked = counted
 
 
 def timed(lm, spent: dict, task: str, manager) -> tuple[float, float, float]:

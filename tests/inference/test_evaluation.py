@@ -189,21 +189,33 @@ def test_run_evaluate_finds_the_checkpoints_tokenizer(corpus, tok, model, tmp_pa
         run_evaluate({**cfg, "ckpt": str(tmp_path / "wrong")}, out=io.StringIO())
 
 
-@pytest.mark.parametrize("fused", [True, False], ids=["fused-step", "model-forward"])
-def test_left_padded_batches_give_each_prompt_its_greedy_story_alone(corpus, tok, model, fused, monkeypatch):
+@pytest.mark.parametrize("path", ["kernel", "fused-step", "model-forward"])
+def test_left_padded_batches_give_each_prompt_its_greedy_story_alone(corpus, tok, model, path, monkeypatch):
     """The batched path the training device takes (prompts of any length in one KV-cached batch, left-padded)
-    produces exactly the tokens of generating each prompt alone, EOS stops and per-row limits included; both
-    with the fused decode step and with the model's own forward (what LoRA-wrapped layers get)."""
+    produces exactly the tokens of generating each prompt alone, EOS stops and per-row limits included: with the
+    compiled CPU kernel (fp32; per-row RoPE positions and first visible key), with the fused decode step
+    (float64) and with the model's own forward (what LoRA-wrapped layers get)."""
     from collections import Counter
 
     import llamalit.inference.evaluation as evaluation
+    from llamalit.inference.decode import decode_weights
     from llamalit.inference.evaluation import generate_left_padded
     from llamalit.inference.generate import generate
+    from llamalit.inference.kernels import DecodeKernel, load_decode_kernel
 
-    if not fused:
+    calls = Counter()
+    if path == "model-forward":
         monkeypatch.setattr(evaluation, "decode_weights", lambda model, kernel=None: None)
+    elif path == "kernel":
+        if load_decode_kernel() is None:
+            pytest.skip("the decode kernel does not build here")
+        monkeypatch.setattr(evaluation, "decode_weights", lambda model, kernel=None: decode_weights(model, True))
+        for name in ("step", "greedy"):
+            real = getattr(DecodeKernel, name)
+            monkeypatch.setattr(DecodeKernel, name, lambda self, *a, _real=real, _name=name, **kw: (
+                calls.update([_name]), _real(self, *a, **kw))[1])
 
-    m64 = Llama(model.cfg).double().eval()
+    m64 = Llama(model.cfg).to(torch.float32 if path == "kernel" else torch.float64).eval()
     torch.manual_seed(0)
     with torch.no_grad():  # wide weights: a random tiny model at init repeats its input token
         for p in m64.parameters():
@@ -218,6 +230,13 @@ def test_left_padded_batches_give_each_prompt_its_greedy_story_alone(corpus, tok
     assert sum(len(a) < n for a, n in zip(alone, steps)) >= 2  # rows stop at EOS at different steps
     assert generate_left_padded(m64, prompts, steps, eos_id=None) == free
     assert generate_left_padded(m64, prompts, steps, eos_id=eos) == alone
+    if path == "kernel":
+        assert calls["greedy"] > 0
+        sampled = [generate_left_padded(m64, prompts, steps, 0.8, 20, eos, torch.Generator().manual_seed(3))
+                   for _ in range(2)]
+        assert calls["step"] > 0 and sampled[0] == sampled[1]
+        monkeypatch.setattr(evaluation, "decode_weights", lambda model, kernel=None: decode_weights(model, False))
+        assert generate_left_padded(m64, prompts, steps, 0.8, 20, eos, torch.Generator().manual_seed(3)) == sampled[0]
     padded = evaluate_adherence(m64, tok, held_out_records(corpus, n=6, seed=0), max_new_tokens=8, batch_size=6,
                                 n_examples=6, batching="padded")
     by_length = evaluate_adherence(m64, tok, held_out_records(corpus, n=6, seed=0), max_new_tokens=8,

@@ -182,6 +182,38 @@ def test_env_switch_turns_the_kernel_off(lib, monkeypatch: pytest.MonkeyPatch) -
     assert decode_weights(model).kernel is not None
 
 
+@pytest.mark.parametrize("n_heads, n_kv_heads, dim", [(4, 2, 32), (2, 2, 96)], ids=["hd8-gqa", "hd48"])
+def test_left_padded_rows_match_the_torch_step(lib, n_heads: int, n_kv_heads: int, dim: int) -> None:
+    """Per-row RoPE positions and first visible key (left-padded rows) give the PyTorch step's logits, whose
+    per-row positions and key mask express the same rows; a value out of range is an error naming it."""
+    model = _model(n_heads, n_kv_heads, True, dim)
+    fast, torch_path = decode_weights(model, kernel=True), decode_weights(model, kernel=False)
+    pad = torch.tensor([0, 3, 5])  # row b's real tokens start at cache column pad[b]
+    tokens = torch.randint(0, 97, (3, 12), generator=torch.Generator().manual_seed(4))
+    outs = {}
+    for name in ("kernel", "torch"):
+        caches = model.new_caches(3)
+        with torch.no_grad():  # fill columns 0..7 as a prefill would (padding columns hold junk keys)
+            model.hidden(tokens[:, :8], 0, caches)
+            steps = []
+            for pos in range(8, 12):
+                rope = pos - pad
+                if name == "kernel":
+                    steps.append(fast.kernel.step(tokens[:, pos], pos, caches, rope_pos=rope, first_key=pad))
+                else:
+                    visible = torch.arange(pos + 1)[None, :] >= pad[:, None]
+                    steps.append(torch_path.step(tokens[:, pos], pos, caches, rope_pos=rope,
+                                                 visible=visible[:, None, None, :]))
+            outs[name] = torch.stack(steps, dim=1)
+    tol = 2e-5 * float(outs["torch"].abs().max())
+    torch.testing.assert_close(outs["kernel"], outs["torch"], atol=tol, rtol=1e-5)
+    caches = model.new_caches(3)
+    with pytest.raises(ValueError, match=r"first_key must be \(3,\) values in 0\.\.2"):
+        fast.kernel.step(tokens[:, 2], 2, caches, first_key=torch.tensor([0, 3, 0]))
+    with pytest.raises(ValueError, match=r"rope_pos must be \(3,\) values in 0\.\.63"):
+        fast.kernel.step(tokens[:, 2], 2, caches, rope_pos=torch.tensor([0, 64, 1]))
+
+
 def test_kernel_rejects_bad_tokens_and_unfit_caches(lib) -> None:
     model = _model()
     weights = decode_weights(model)

@@ -83,14 +83,19 @@ def generate_left_padded(model: Llama, prompts: Sequence[Sequence[int]], steps: 
     was_training = model.training
     model.eval()
     try:
-        weights = decode_weights(model, kernel=False)
-        caches = model.new_caches(rows, length=width + max(steps))  # zeroing max_seq_len cost up to 10% on CPU
+        weights = decode_weights(model)  # the compiled CPU step when it builds and is the faster here
+        kernel = weights.kernel if weights is not None else None
+        # the kernel's caches span max_seq_len; otherwise prompt + steps (zeroing max_seq_len cost up to 10%)
+        caches = model.new_caches(rows, length=None if kernel is not None else width + max(steps))
+        if kernel is not None and not kernel.accepts(caches):
+            kernel = None
         logits = model.output(model.hidden(tokens, 0, caches, positions=positions, mask=mask[:, None])[:, -1])
         cap = torch.tensor(list(steps), device=device)
         done = torch.zeros(rows, dtype=torch.bool, device=device)
+        chosen = torch.empty(rows, dtype=torch.long) if kernel is not None and temperature == 0.0 else None
         out = []
         for step in range(max(steps)):
-            nxt = sample_next(logits, temperature, top_k, top_p, generator=generator)
+            nxt = chosen.clone() if logits is None else sample_next(logits, temperature, top_k, top_p, generator=generator)
             done |= cap <= step
             if eos_id is not None:
                 nxt = nxt.masked_fill(done, eos_id)
@@ -101,6 +106,13 @@ def generate_left_padded(model: Llama, prompts: Sequence[Sequence[int]], steps: 
                 done |= torch.tensor(stopped([_until_stop(r, eos_id) for r in so_far]), device=device)
             if step + 1 == max(steps) or bool(done.all()):
                 break
+            if kernel is not None:  # row b sees cache columns pad[b]..width + step
+                if chosen is not None:  # greedy: the step writes the argmax of its logits into `chosen`
+                    kernel.greedy(nxt, width + step, caches, chosen, rope_pos=lengths + step, first_key=pad)
+                    logits = None
+                else:
+                    logits = kernel.step(nxt, width + step, caches, rope_pos=lengths + step, first_key=pad)
+                continue
             own = torch.cat([own, torch.ones(rows, 1, dtype=torch.bool, device=device)], dim=1)
             if weights is not None:  # fused projections (decode_weights), a quarter fewer ops per step
                 logits = weights.step(nxt, width + step, caches, rope_pos=lengths + step, visible=own[:, None, None, :])

@@ -391,7 +391,7 @@ void swiglu(const float* h1, const float* h3, int64_t n, float* g) {
 
 extern "C" {
 
-int llk_abi_version() { return 5; }
+int llk_abi_version() { return 6; }
 
 // Ask for transparent huge pages over [p, p + bytes) (p 2 MiB aligned, not yet touched): 4 KiB pages
 // cost a TLB miss and a restart of the hardware prefetcher every 4 KiB of a weight stream. 0 on success; -1 where
@@ -428,6 +428,9 @@ void llk_gemv(const float* x, int64_t batch, int64_t n, const float* wp, int64_t
 
 // Logits (batch, vocab) of tokens `tok` (batch,) at position `pos`; writes k and v of `pos` into
 // the caches k[l], v[l], each (batch, n_kv_heads, max_seq_len, head_dim) contiguous.
+// Left-padded rows: `rope_pos` (batch,) gives each row's RoPE position (null: `pos` for all) and
+// `first_key` (batch,) the first cache column a row attends to (null: 0), so row b sees columns
+// first_key[b]..pos.
 // With `greedy` (batch,) non-null: writes there the argmax of each row's logits instead (exactly those of
 // the logits mode; screened by the int8 head when the model has one: greedy_row), `logits` is scratch,
 // and the return value is the number of fp32 head rows read (0 in logits mode). `greedy` may be `tok`.
@@ -436,7 +439,8 @@ void llk_gemv(const float* x, int64_t batch, int64_t n, const float* wp, int64_t
 // team, attention by (row, kv head); norms and SwiGLU are recomputed by every thread into its own
 // buffer (a few hundred floats) instead of a barrier. Five barriers a layer.
 int64_t llk_step(const LlkModel* m, const int64_t* tok, int64_t batch, int64_t pos, float* const* k_cache,
-                 float* const* v_cache, float* logits, int threads, int64_t* greedy) {
+                 float* const* v_cache, float* logits, int threads, int64_t* greedy, const int64_t* rope_pos,
+                 const int64_t* first_key) {
   const int64_t dim = m->dim, hd = m->head_dim, nh = m->n_heads, nkv = m->n_kv_heads;
   const int64_t n_qkv = (nh + 2 * nkv) * hd, half = hd / 2, seq = m->max_seq_len, hidden = m->hidden;
   const int64_t group = nh / nkv;
@@ -446,8 +450,6 @@ int64_t llk_step(const LlkModel* m, const int64_t* tok, int64_t batch, int64_t p
   const bool screen = greedy != nullptr && m->output_q != nullptr;
   for (int64_t b = 0; b < batch; ++b)
     std::copy_n(m->embedding + tok[b] * dim, dim, x.data() + b * dim);
-  const float* cos = m->cos + pos * half;
-  const float* sin = m->sin + pos * half;
 #ifdef _OPENMP
   const int dynamic = omp_get_dynamic();
   omp_set_dynamic(1);
@@ -470,6 +472,9 @@ int64_t llk_step(const LlkModel* m, const int64_t* tok, int64_t batch, int64_t p
       for (int64_t job = t; job < batch * nkv; job += nt) {  // one kv head and its query heads
         const int64_t b = job / nkv, kh = job % nkv;
         float* q = &qkv[b * n_qkv];
+        const int64_t rp = rope_pos != nullptr ? rope_pos[b] : pos, first = first_key != nullptr ? first_key[b] : 0;
+        const float* cos = m->cos + rp * half;
+        const float* sin = m->sin + rp * half;
         for (int64_t h = -1; h < group; ++h) {  // RoPE on adjacent pairs: the k head, then its q heads
           float* v = h < 0 ? q + (nh + kh) * hd : q + (kh * group + h) * hd;
           for (int64_t j = 0; j < half; ++j) {
@@ -482,8 +487,9 @@ int64_t llk_step(const LlkModel* m, const int64_t* tok, int64_t batch, int64_t p
         float* vc = v_cache[l] + (b * nkv + kh) * seq * hd;
         std::copy_n(q + (nh + kh) * hd, hd, kc + pos * hd);
         std::copy_n(q + (nh + nkv + kh) * hd, hd, vc + pos * hd);
-        for (int64_t h = kh * group; h < (kh + 1) * group; ++h)  // softmax(q k^T / sqrt(hd)) v, 0..pos
-          attend(q + h * hd, kc, vc, pos + 1, hd, scale, scores.data(), &att[(b * nh + h) * hd]);
+        for (int64_t h = kh * group; h < (kh + 1) * group; ++h)  // softmax(q k^T / sqrt(hd)) v, first..pos
+          attend(q + h * hd, kc + first * hd, vc + first * hd, pos + 1 - first, hd, scale, scores.data(),
+                 &att[(b * nh + h) * hd]);
       }
       LLK_BARRIER
       gemv_part(att.data(), batch, nh * hd, w[2], dim, x.data(), true, t, nt);
