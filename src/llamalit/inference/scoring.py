@@ -25,6 +25,7 @@ from itertools import accumulate
 
 import torch
 
+from llamalit.inference.kernels.attention import kernel_attention
 from llamalit.model.llama import KVCache, Llama
 
 
@@ -163,11 +164,20 @@ def score_continuations(model: Llama, requests: Sequence[tuple[Sequence[int], Se
     while rows x width stays within it (short inputs, fewer forwards). Every input must fit the model's
     context (cut it first). Log-softmax is taken in float32, the sums in float64 (float32 on MPS).
     """
-    device = model.output.weight.device
     scored = [len(targets) for _, _, targets in requests]
     groups = sorted(_groups(requests), key=lambda g: (-len(g.prefix), g.prefix))
     out: list[tuple[float, bool]] = [(0.0, False)] * len(requests)
     budget = _Budget(batch_size, max_tokens)
+    with kernel_attention(model):  # small heads on the CPU: the compiled attention (SDPA elsewhere)
+        _score_groups(model, requests, groups, scored, budget, autocast, out)
+    return out
+
+
+def _score_groups(model: Llama, requests: Sequence[tuple[Sequence[int], Sequence[int], Sequence[int]]],
+                  groups: list[_Group], scored: list[int], budget: _Budget,
+                  autocast: Callable[[], AbstractContextManager], out: list[tuple[float, bool]]) -> None:
+    """Fill ``out`` with each request's (sum, greedy), a batch of groups at a time."""
+    device = model.output.weight.device
     start = 0
     while start < len(groups):
         width, end = len(groups[start].prefix), start + 1  # longest first: the first sets the width
@@ -193,4 +203,3 @@ def score_continuations(model: Llama, requests: Sequence[tuple[Sequence[int], Se
         misses = torch.zeros(len(order), device=device).index_add_(0, owner, missed)
         for i, total, miss in zip(order, sums.tolist(), misses.tolist()):
             out[i] = (total, miss == 0)
-    return out

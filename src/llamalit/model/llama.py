@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, fields
 
 import torch
@@ -188,6 +189,9 @@ class Attention(nn.Module):
         self.wo = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.dim, bias=False)
         self.dropout = cfg.dropout
         self.resid_dropout = nn.Dropout(cfg.dropout)
+        # inference only: (q, k, v, mask) -> output or None (then SDPA), with SDPA's mask semantics and mask None
+        # causal; set for a ``with`` block by llamalit.inference.kernels.attention.kernel_attention
+        self.attend_impl: Callable[..., torch.Tensor | None] | None = None
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                 cache: KVCache | None = None, start_pos: int = 0,
@@ -203,6 +207,10 @@ class Attention(nn.Module):
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
         if cache is not None:
             k, v = cache.update(start_pos, k, v)
+        if self.attend_impl is not None and not self.training and not isinstance(mask, BlockMask):
+            out = self.attend_impl(q, k, v, mask)
+            if out is not None:
+                return self._project(out, unpadded)
         if isinstance(mask, BlockMask):  # packed rows on CUDA: flex attention skips the masked-out blocks
             out = attend(q, k, v, mask, enable_gqa=self.n_kv_heads != self.n_heads)
             return self._project(out, unpadded)

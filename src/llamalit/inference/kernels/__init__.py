@@ -33,7 +33,7 @@ log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("decode_cpu.cpp")
 PANEL = 64  # rows per packed panel; PANEL in decode_cpu.cpp
-ABI_VERSION = 6  # llk_abi_version() in decode_cpu.cpp
+ABI_VERSION = 7  # llk_abi_version() in decode_cpu.cpp
 ENV_SWITCH = "LLAMALIT_DECODE_KERNEL"
 SCREEN_SWITCH = "LLAMALIT_DECODE_SCREEN"  # 0: greedy steps read the whole fp32 head (no int8 screen)
 _FLAGS = ["-O3", "-march=native", "-fopenmp-simd", "-fno-math-errno", "-shared", "-fPIC", "-std=c++17"]
@@ -168,6 +168,9 @@ def load_decode_kernel() -> ctypes.CDLL | None:
     lib.llk_exp.restype = None
     lib.llk_advise_huge.argtypes = [_vp, _i64]
     lib.llk_advise_huge.restype = ctypes.c_int
+    lib.llk_attention.argtypes = [_vp, *[_i64] * 3, _vp, *[_i64] * 3, _vp, *[_i64] * 3, _vp, *[_i64] * 3, _vp,
+                                  *[_i64] * 6, ctypes.c_float, ctypes.c_int]
+    lib.llk_attention.restype = None
     return lib
 
 

@@ -376,6 +376,67 @@ void attend(const float* q, const float* k, const float* v, int64_t n, int64_t h
   }
 }
 
+// Scores of one query q (hd,) against keys [0, n) held transposed in kt (hd rows of lp floats, lp a
+// multiple of 16 >= n, zero past the keys): s[j] = scale * q . k_j, 16 keys a vector (no horizontal sums).
+void key_scores(const float* q, const float* kt, int64_t lp, int64_t hd, int64_t n, float scale, float* s) {
+  for (int64_t j = 0; j < n; j += 16) {
+    vec a = {}, b = {};
+    int64_t i = 0;
+    for (; i + 2 <= hd; i += 2) {
+      a += load(kt + i * lp + j) * q[i];
+      b += load(kt + (i + 1) * lp + j) * q[i + 1];
+    }
+    if (i < hd) a += load(kt + i * lp + j) * q[i];
+    const vec r = (a + b) * scale;
+    std::memcpy(s + j, &r, sizeof r);
+  }
+}
+
+// out (hd,) = sum_j p[j] v_j / total over values v (n rows, `stride` floats apart). HD > 0 fixes the head
+// size at compile time: four partial sums then stay in registers, so consecutive keys' products do not wait on
+// one another; HD = 0 reads it from `hd` and sums in `out`.
+template <int64_t HD>
+void weighted_values(const float* p, const float* v, int64_t stride, int64_t n, int64_t hd, float total,
+                     float* out) {
+  const float inv = 1.f / total;
+  if constexpr (HD > 0) {
+    float a0[HD] = {}, a1[HD] = {}, a2[HD] = {}, a3[HD] = {};
+    int64_t j = 0;
+    for (; j + 4 <= n; j += 4) {
+      const float* vj = v + j * stride;
+#pragma omp simd
+      for (int64_t i = 0; i < HD; ++i) {
+        a0[i] += p[j] * vj[i];
+        a1[i] += p[j + 1] * vj[stride + i];
+        a2[i] += p[j + 2] * vj[2 * stride + i];
+        a3[i] += p[j + 3] * vj[3 * stride + i];
+      }
+    }
+    for (; j < n; ++j)
+#pragma omp simd
+      for (int64_t i = 0; i < HD; ++i) a0[i] += p[j] * v[j * stride + i];
+    for (int64_t i = 0; i < HD; ++i) out[i] = ((a0[i] + a1[i]) + (a2[i] + a3[i])) * inv;
+  } else {
+    std::fill_n(out, hd, 0.f);
+    for (int64_t j = 0; j < n; ++j)
+#pragma omp simd
+      for (int64_t i = 0; i < hd; ++i) out[i] += p[j] * v[j * stride + i];
+    for (int64_t i = 0; i < hd; ++i) out[i] *= inv;
+  }
+}
+
+void weighted_values_any(const float* p, const float* v, int64_t stride, int64_t n, int64_t hd, float total,
+                         float* out) {
+  switch (hd) {
+    case 8: return weighted_values<8>(p, v, stride, n, hd, total, out);
+    case 16: return weighted_values<16>(p, v, stride, n, hd, total, out);
+    case 32: return weighted_values<32>(p, v, stride, n, hd, total, out);
+    case 48: return weighted_values<48>(p, v, stride, n, hd, total, out);
+    case 64: return weighted_values<64>(p, v, stride, n, hd, total, out);
+    default: return weighted_values<0>(p, v, stride, n, hd, total, out);
+  }
+}
+
 // g = silu(h1) * h3 = h1 / (1 + exp(-h1)) * h3
 void swiglu(const float* h1, const float* h3, int64_t n, float* g) {
   int64_t i = 0;
@@ -391,7 +452,7 @@ void swiglu(const float* h1, const float* h3, int64_t n, float* g) {
 
 extern "C" {
 
-int llk_abi_version() { return 6; }
+int llk_abi_version() { return 7; }
 
 // Ask for transparent huge pages over [p, p + bytes) (p 2 MiB aligned, not yet touched): 4 KiB pages
 // cost a TLB miss and a restart of the hardware prefetcher every 4 KiB of a weight stream. 0 on success; -1 where
@@ -403,6 +464,61 @@ int llk_advise_huge(void* p, int64_t bytes) {
   (void)p; (void)bytes;
   return -1;
 #endif
+}
+
+// Attention of many queries, fp32: out (batch, t, n_heads, hd) contiguous = softmax(q k^T * scale + mask) v
+// for q (batch, t, n_heads, hd) and k, v (batch, n_kv_heads, len, hd), each given by its strides in floats
+// (head dims contiguous); query head h reads kv head h / (n_heads / n_kv_heads). Query i of row b sees the
+// keys j with mask[b * msb + i * mst + j] != 0 when `mask` is given (msb 0: one mask for all rows), else
+// j <= i + causal_offset. A query that sees no key gets zeros. Made for small heads (SDPA's CPU kernel spends
+// most of its time per (row, head) block there): the keys of a (row, kv head) are transposed once, so a
+// query's scores take hd vector products per 16 keys.
+void llk_attention(const float* q, int64_t qsb, int64_t qst, int64_t qsh, const float* k, int64_t ksb,
+                   int64_t ksh, int64_t kst, const float* v, int64_t vsb, int64_t vsh, int64_t vst,
+                   const uint8_t* mask, int64_t msb, int64_t mst, int64_t causal_offset, float* out,
+                   int64_t batch, int64_t t, int64_t n_heads, int64_t n_kv_heads, int64_t len, int64_t hd,
+                   float scale, int threads) {
+  const int64_t group = n_heads / n_kv_heads, lp = (len + 15) / 16 * 16;
+#ifdef _OPENMP
+#pragma omp parallel num_threads(team_size(threads)) if (threads > 1)
+#endif
+  {
+    std::vector<float> kt(hd * lp, 0.f), s(lp);
+#ifdef _OPENMP
+#pragma omp for schedule(dynamic)
+#endif
+    for (int64_t job = 0; job < batch * n_kv_heads; ++job) {
+      const int64_t b = job / n_kv_heads, kh = job % n_kv_heads;
+      const float* kb = k + b * ksb + kh * ksh;
+      const float* vb = v + b * vsb + kh * vsh;
+      for (int64_t j = 0; j < len; ++j)
+        for (int64_t i = 0; i < hd; ++i) kt[i * lp + j] = kb[j * kst + i];
+      for (int64_t h = kh * group; h < (kh + 1) * group; ++h)
+        for (int64_t i = 0; i < t; ++i) {
+          float* o = out + ((b * t + i) * n_heads + h) * hd;
+          const uint8_t* m = mask != nullptr ? mask + b * msb + i * mst : nullptr;
+          int64_t n = std::min(len, std::max<int64_t>(0, i + causal_offset + 1));
+          if (m != nullptr)  // keys up to the last visible one
+            for (n = len; n > 0 && m[n - 1] == 0;) --n;
+          float top = -INFINITY;
+          if (n > 0) {
+            float* sc = s.data();
+            key_scores(q + b * qsb + i * qst + h * qsh, kt.data(), lp, hd, n, scale, sc);
+            if (m != nullptr)
+#pragma omp simd
+              for (int64_t j = 0; j < n; ++j) sc[j] = m[j] != 0 ? sc[j] : -INFINITY;
+#pragma omp simd reduction(max : top)
+            for (int64_t j = 0; j < n; ++j) top = std::max(top, sc[j]);
+          }
+          if (top == -INFINITY) {  // no visible key
+            std::fill_n(o, hd, 0.f);
+            continue;
+          }
+          const float total = softmax_numerators(s.data(), n, top);
+          weighted_values_any(s.data(), vb, vst, n, hd, total, o);
+        }
+    }
+  }
 }
 
 // out = exp(x) elementwise with the kernel's vector exp (for tests).
