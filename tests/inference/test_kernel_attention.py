@@ -28,8 +28,8 @@ def _reference(q, k, v, mask):
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=q.shape[1] != k.shape[1])
 
 
-@pytest.mark.parametrize("h, kv, d", [(8, 4, 8), (4, 4, 16), (2, 1, 12), (6, 6, 48)], ids=["hd8-gqa", "hd16",
-                                                                                          "hd12-any", "hd48"])
+@pytest.mark.parametrize("h, kv, d", [(8, 4, 8), (4, 4, 16), (2, 1, 12), (6, 6, 48), (4, 2, 64)],
+                         ids=["hd8-gqa", "hd16", "hd12-any", "hd48", "hd64-gqa"])
 @pytest.mark.parametrize("t, length, masked", [(13, 13, False), (7, 20, False), (1, 9, False), (25, 38, True),
                                                (40, 40, True)], ids=["causal", "cached", "one-query", "mask",
                                                                      "mask-square"])

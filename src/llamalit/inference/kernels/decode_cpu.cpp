@@ -376,64 +376,64 @@ void attend(const float* q, const float* k, const float* v, int64_t n, int64_t h
   }
 }
 
-// Scores of one query q (hd,) against keys [0, n) held transposed in kt (hd rows of lp floats, lp a
-// multiple of 16 >= n, zero past the keys): s[j] = scale * q . k_j, 16 keys a vector (no horizontal sums).
-void key_scores(const float* q, const float* kt, int64_t lp, int64_t hd, int64_t n, float scale, float* s) {
+constexpr int QB = 4;  // queries a block in llk_attention: each key and value load serves four of them
+typedef float vec8 __attribute__((vector_size(32), aligned(4)));  // 8 floats: one head of 8 dims
+
+// Scores of QB queries q[r] (hd floats each) against keys [0, n) held transposed in kt (hd rows of lp floats, lp
+// a multiple of 16 >= n, zero past the keys): s[r * lp + j] = scale * q_r . k_j, 16 keys a vector product.
+void block_scores(const float* const* q, const float* kt, int64_t lp, int64_t hd, int64_t n, float scale,
+                  float* s) {
   for (int64_t j = 0; j < n; j += 16) {
-    vec a = {}, b = {};
-    int64_t i = 0;
-    for (; i + 2 <= hd; i += 2) {
-      a += load(kt + i * lp + j) * q[i];
-      b += load(kt + (i + 1) * lp + j) * q[i + 1];
+    vec a[QB] = {};
+    for (int64_t d = 0; d < hd; ++d) {
+      const vec kv = load(kt + d * lp + j);
+      for (int r = 0; r < QB; ++r) a[r] += kv * q[r][d];
     }
-    if (i < hd) a += load(kt + i * lp + j) * q[i];
-    const vec r = (a + b) * scale;
-    std::memcpy(s + j, &r, sizeof r);
+    for (int r = 0; r < QB; ++r) {
+      const vec o = a[r] * scale;
+      std::memcpy(s + r * lp + j, &o, sizeof o);
+    }
   }
 }
 
-// out (hd,) = sum_j p[j] v_j / total over values v (n rows, `stride` floats apart). HD > 0 fixes the head
-// size at compile time: four partial sums then stay in registers, so consecutive keys' products do not wait on
-// one another; HD = 0 reads it from `hd` and sums in `out`.
-template <int64_t HD>
-void weighted_values(const float* p, const float* v, int64_t stride, int64_t n, int64_t hd, float total,
-                     float* out) {
-  const float inv = 1.f / total;
-  if constexpr (HD > 0) {
-    float a0[HD] = {}, a1[HD] = {}, a2[HD] = {}, a3[HD] = {};
-    int64_t j = 0;
-    for (; j + 4 <= n; j += 4) {
-      const float* vj = v + j * stride;
-#pragma omp simd
-      for (int64_t i = 0; i < HD; ++i) {
-        a0[i] += p[j] * vj[i];
-        a1[i] += p[j + 1] * vj[stride + i];
-        a2[i] += p[j + 2] * vj[2 * stride + i];
-        a3[i] += p[j + 3] * vj[3 * stride + i];
-      }
+// out[r] (hd,) = inv[r] * sum_j p[r * lp + j] v_j for r < nq, values v (n rows, `stride` floats apart): the
+// head held in C vectors of W floats (L), QB x C sums in registers.
+template <typename L, int64_t W, int64_t C>
+void block_values_t(const float* p, int64_t lp, const float* v, int64_t stride, int64_t n, const float* inv,
+                    float* const* out, int nq) {
+  L acc[QB][C] = {};
+  for (int64_t j = 0; j < n; ++j) {
+    L vv[C];
+    for (int64_t c = 0; c < C; ++c) std::memcpy(&vv[c], v + j * stride + c * W, sizeof(L));
+    for (int r = 0; r < QB; ++r) {
+      const float pj = p[r * lp + j];
+      for (int64_t c = 0; c < C; ++c) acc[r][c] += vv[c] * pj;
     }
-    for (; j < n; ++j)
-#pragma omp simd
-      for (int64_t i = 0; i < HD; ++i) a0[i] += p[j] * v[j * stride + i];
-    for (int64_t i = 0; i < HD; ++i) out[i] = ((a0[i] + a1[i]) + (a2[i] + a3[i])) * inv;
-  } else {
-    std::fill_n(out, hd, 0.f);
-    for (int64_t j = 0; j < n; ++j)
-#pragma omp simd
-      for (int64_t i = 0; i < hd; ++i) out[i] += p[j] * v[j * stride + i];
-    for (int64_t i = 0; i < hd; ++i) out[i] *= inv;
   }
+  for (int r = 0; r < nq; ++r)
+    for (int64_t c = 0; c < C; ++c) {
+      const L o = acc[r][c] * inv[r];
+      std::memcpy(out[r] + c * W, &o, sizeof o);
+    }
 }
 
-void weighted_values_any(const float* p, const float* v, int64_t stride, int64_t n, int64_t hd, float total,
-                         float* out) {
+void block_values(const float* p, int64_t lp, const float* v, int64_t stride, int64_t n, int64_t hd,
+                  const float* inv, float* const* out, int nq) {
   switch (hd) {
-    case 8: return weighted_values<8>(p, v, stride, n, hd, total, out);
-    case 16: return weighted_values<16>(p, v, stride, n, hd, total, out);
-    case 32: return weighted_values<32>(p, v, stride, n, hd, total, out);
-    case 48: return weighted_values<48>(p, v, stride, n, hd, total, out);
-    case 64: return weighted_values<64>(p, v, stride, n, hd, total, out);
-    default: return weighted_values<0>(p, v, stride, n, hd, total, out);
+    case 8: return block_values_t<vec8, 8, 1>(p, lp, v, stride, n, inv, out, nq);
+    case 16: return block_values_t<vec, 16, 1>(p, lp, v, stride, n, inv, out, nq);
+    case 32: return block_values_t<vec, 16, 2>(p, lp, v, stride, n, inv, out, nq);
+    case 48: return block_values_t<vec, 16, 3>(p, lp, v, stride, n, inv, out, nq);
+    case 64: return block_values_t<vec, 16, 4>(p, lp, v, stride, n, inv, out, nq);
+    default:  // any other head size: plain loops
+      for (int r = 0; r < nq; ++r) {
+        float* o = out[r];
+        std::fill_n(o, hd, 0.f);
+        for (int64_t j = 0; j < n; ++j)
+#pragma omp simd
+          for (int64_t i = 0; i < hd; ++i) o[i] += p[r * lp + j] * v[j * stride + i];
+        for (int64_t i = 0; i < hd; ++i) o[i] *= inv[r];
+      }
   }
 }
 
@@ -483,7 +483,7 @@ void llk_attention(const float* q, int64_t qsb, int64_t qst, int64_t qsh, const 
 #pragma omp parallel num_threads(team_size(threads)) if (threads > 1)
 #endif
   {
-    std::vector<float> kt(hd * lp, 0.f), s(lp);
+    std::vector<float> kt(hd * lp, 0.f), s(QB * lp);
 #ifdef _OPENMP
 #pragma omp for schedule(dynamic)
 #endif
@@ -494,28 +494,48 @@ void llk_attention(const float* q, int64_t qsb, int64_t qst, int64_t qsh, const 
       for (int64_t j = 0; j < len; ++j)
         for (int64_t i = 0; i < hd; ++i) kt[i * lp + j] = kb[j * kst + i];
       for (int64_t h = kh * group; h < (kh + 1) * group; ++h)
-        for (int64_t i = 0; i < t; ++i) {
-          float* o = out + ((b * t + i) * n_heads + h) * hd;
-          const uint8_t* m = mask != nullptr ? mask + b * msb + i * mst : nullptr;
-          int64_t n = std::min(len, std::max<int64_t>(0, i + causal_offset + 1));
-          if (m != nullptr)  // keys up to the last visible one
-            for (n = len; n > 0 && m[n - 1] == 0;) --n;
-          float top = -INFINITY;
+        for (int64_t i0 = 0; i0 < t; i0 += QB) {  // QB queries at once; past t the last one again, unwritten
+          const int nq = static_cast<int>(std::min<int64_t>(QB, t - i0));
+          const float* qs[QB];
+          float* os[QB];
+          const uint8_t* ms[QB];
+          int64_t ns[QB], n = 0;
+          for (int r = 0; r < QB; ++r) {
+            const int64_t i = i0 + std::min(r, nq - 1);
+            qs[r] = q + b * qsb + i * qst + h * qsh;
+            os[r] = out + ((b * t + i) * n_heads + h) * hd;
+            ms[r] = mask != nullptr ? mask + b * msb + i * mst : nullptr;
+            ns[r] = std::min(len, std::max<int64_t>(0, i + causal_offset + 1));
+            if (ms[r] != nullptr)  // keys up to the last visible one
+              for (ns[r] = len; ns[r] > 0 && ms[r][ns[r] - 1] == 0;) --ns[r];
+            n = std::max(n, ns[r]);
+          }
+          float inv[QB] = {};
           if (n > 0) {
-            float* sc = s.data();
-            key_scores(q + b * qsb + i * qst + h * qsh, kt.data(), lp, hd, n, scale, sc);
-            if (m != nullptr)
+            block_scores(qs, kt.data(), lp, hd, n, scale, s.data());
+            for (int r = 0; r < nq; ++r) {
+              float* sc = s.data() + r * lp;
+              const uint8_t* m = ms[r];
+              const int64_t nr = ns[r];
+              if (m != nullptr) {
 #pragma omp simd
-              for (int64_t j = 0; j < n; ++j) sc[j] = m[j] != 0 ? sc[j] : -INFINITY;
+                for (int64_t j = 0; j < n; ++j) sc[j] = j < nr && m[j] != 0 ? sc[j] : -INFINITY;
+              } else {
+                std::fill(sc + nr, sc + n, -INFINITY);
+              }
+              float top = -INFINITY;
 #pragma omp simd reduction(max : top)
-            for (int64_t j = 0; j < n; ++j) top = std::max(top, sc[j]);
+              for (int64_t j = 0; j < n; ++j) top = std::max(top, sc[j]);
+              if (top == -INFINITY) {  // no visible key: zeros
+                std::fill_n(sc, n, 0.f);
+                continue;
+              }
+              inv[r] = 1.f / softmax_numerators(sc, n, top);
+            }
+            block_values(s.data(), lp, vb, vst, n, hd, inv, os, nq);
+          } else {
+            for (int r = 0; r < nq; ++r) std::fill_n(os[r], hd, 0.f);
           }
-          if (top == -INFINITY) {  // no visible key
-            std::fill_n(o, hd, 0.f);
-            continue;
-          }
-          const float total = softmax_numerators(s.data(), n, top);
-          weighted_values_any(s.data(), vb, vst, n, hd, total, o);
         }
     }
   }
