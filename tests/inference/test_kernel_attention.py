@@ -105,3 +105,24 @@ def test_training_forwards_keep_sdpa(lib):
         loss = model(tokens).float().logsumexp(-1).mean()
         loss.backward()  # SDPA has a backward; the kernel would have none
     assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
+
+
+def test_pick_logprobs_matches_log_softmax(lib):
+    from llamalit.inference.kernels.logprobs import pick_logprobs
+
+    g = torch.Generator().manual_seed(5)
+    logits = torch.randn(300, 517, generator=g) * 4  # a vocab that is not a multiple of 16
+    targets = torch.randint(0, 517, (300,), generator=g)
+    targets[:40] = logits[:40].argmax(-1)  # some rows hit
+    logits[7, 3] = logits[7, 9] = logits[7].max() + 1  # a tie: argmax takes the first
+    targets[7], targets[8] = 9, int(logits[8].argmax())
+    logits[8, 0] = float("nan")  # a broken row: NaN, never a hit
+    logp, hit = pick_logprobs(logits, targets)
+    want = torch.log_softmax(logits.double(), -1).gather(1, targets[:, None])[:, 0]
+    ok = torch.arange(300) != 8
+    assert (logp[ok].double() - want[ok]).abs().max() < 1e-5
+    assert torch.equal(hit[ok], (logits.argmax(-1) == targets)[ok]) and int(hit[:40].sum()) == 38 and not hit[7]  # rows 7, 8: tie, NaN
+    assert torch.isnan(logp[8]) and not hit[8]
+    assert pick_logprobs(logits.double(), targets) is None and pick_logprobs(logits, targets, enabled=False) is None
+    with pytest.raises(ValueError, match=r"ids in 0\.\.516"):
+        pick_logprobs(logits, torch.full((300,), 517))

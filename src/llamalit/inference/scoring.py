@@ -26,6 +26,7 @@ from itertools import accumulate
 import torch
 
 from llamalit.inference.kernels.attention import kernel_attention
+from llamalit.inference.kernels.logprobs import pick_logprobs
 from llamalit.model.llama import KVCache, Llama
 
 
@@ -195,9 +196,13 @@ def _score_groups(model: Llama, requests: Sequence[tuple[Sequence[int], Sequence
                 offsets.append(offsets[-1] + len(f))
             index = torch.tensor([offsets[fwd] + p for i in order for fwd, p in batch.picks[i]], device=device)
             logits = model.output(torch.cat(batch.flat).index_select(0, index))
-        logprobs = torch.log_softmax(logits.float(), dim=-1)
-        picked = logprobs.gather(1, targets[:, None])[:, 0]
-        missed = (logprobs.argmax(-1) != targets).float()
+        fused = pick_logprobs(logits, targets)  # fp32 on the CPU: two passes, no log-softmax tensor
+        if fused is not None:
+            picked, missed = fused[0], (~fused[1]).float()
+        else:
+            logprobs = torch.log_softmax(logits.float(), dim=-1)
+            picked = logprobs.gather(1, targets[:, None])[:, 0]
+            missed = (logprobs.argmax(-1) != targets).float()
         wide = torch.float32 if device.type == "mps" else torch.float64
         sums = torch.zeros(len(order), dtype=wide, device=device).index_add_(0, owner, picked.to(wide))
         misses = torch.zeros(len(order), device=device).index_add_(0, owner, missed)

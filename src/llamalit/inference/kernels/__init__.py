@@ -33,7 +33,7 @@ log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("decode_cpu.cpp")
 PANEL = 64  # rows per packed panel; PANEL in decode_cpu.cpp
-ABI_VERSION = 7  # llk_abi_version() in decode_cpu.cpp
+ABI_VERSION = 8  # llk_abi_version() in decode_cpu.cpp
 ENV_SWITCH = "LLAMALIT_DECODE_KERNEL"
 SCREEN_SWITCH = "LLAMALIT_DECODE_SCREEN"  # 0: greedy steps read the whole fp32 head (no int8 screen)
 _FLAGS = ["-O3", "-march=native", "-fopenmp-simd", "-fno-math-errno", "-shared", "-fPIC", "-std=c++17"]
@@ -171,6 +171,8 @@ def load_decode_kernel() -> ctypes.CDLL | None:
     lib.llk_attention.argtypes = [_vp, *[_i64] * 3, _vp, *[_i64] * 3, _vp, *[_i64] * 3, _vp, *[_i64] * 3, _vp,
                                   *[_i64] * 6, ctypes.c_float, ctypes.c_int]
     lib.llk_attention.restype = None
+    lib.llk_pick_logprobs.argtypes = [_vp, _i64, _i64, _vp, _vp, _vp, ctypes.c_int]
+    lib.llk_pick_logprobs.restype = None
     return lib
 
 

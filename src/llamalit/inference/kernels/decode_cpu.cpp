@@ -452,7 +452,7 @@ void swiglu(const float* h1, const float* h3, int64_t n, float* g) {
 
 extern "C" {
 
-int llk_abi_version() { return 7; }
+int llk_abi_version() { return 8; }
 
 // Ask for transparent huge pages over [p, p + bytes) (p 2 MiB aligned, not yet touched): 4 KiB pages
 // cost a TLB miss and a restart of the hardware prefetcher every 4 KiB of a weight stream. 0 on success; -1 where
@@ -538,6 +538,32 @@ void llk_attention(const float* q, int64_t qsb, int64_t qst, int64_t qsh, const 
           }
         }
     }
+  }
+}
+
+// Scoring's last step, fp32, one row of logits (rows, vocab) at a time: logp[r] = logits[r, target[r]] -
+// logsumexp(logits[r]) and hit[r] = 1 when target[r] is the row's first maximum (torch.argmax's pick), without
+// writing log-softmax's (rows, vocab) output. A row holding NaN gets NaN and hit 0.
+void llk_pick_logprobs(const float* logits, int64_t rows, int64_t vocab, const int64_t* target, float* logp,
+                       uint8_t* hit, int threads) {
+#ifdef _OPENMP
+#pragma omp parallel for num_threads(team_size(threads)) if (threads > 1 && rows > 64) schedule(static)
+#endif
+  for (int64_t r = 0; r < rows; ++r) {
+    const float* x = logits + r * vocab;
+    float top = -INFINITY;
+#pragma omp simd reduction(max : top)
+    for (int64_t j = 0; j < vocab; ++j) top = std::max(top, x[j]);
+    int64_t first = 0;
+    while (first < vocab && !(x[first] == top)) ++first;
+    vec total = {};
+    int64_t j = 0;
+    for (; j + 16 <= vocab; j += 16) total += vexp(load(x + j) - top);
+    float sum = hsum(total);
+    for (; j < vocab; ++j) sum += std::exp(x[j] - top);
+    const float lse = top + std::log(sum);
+    logp[r] = x[target[r]] - lse;
+    hit[r] = lse == lse && first == target[r] ? 1 : 0;
   }
 }
 
