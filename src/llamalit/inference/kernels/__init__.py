@@ -10,6 +10,10 @@ sha256 beside it: a cached library is loaded only from a directory only this use
 sha256 is the recorded one (:func:`build_decode_kernel`). No compiler, or a failed build: :func:`load_decode_kernel`
 logs why once and returns None, and decoding keeps the PyTorch path. ``LLAMALIT_DECODE_KERNEL=0``
 turns the kernel off.
+
+The same library serves the harness's scoring on the CPU: attention for small heads (``llk_attention``,
+:mod:`llamalit.inference.kernels.attention`) and the targets' log-probabilities (``llk_pick_logprobs``,
+:mod:`llamalit.inference.kernels.logprobs`); the switch turns those off too.
 """
 
 from __future__ import annotations
