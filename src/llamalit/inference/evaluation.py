@@ -61,7 +61,9 @@ def generate_left_padded(model: Llama, prompts: Sequence[Sequence[int]], steps: 
     after ``eos_id``, which is not returned).
 
     The prompts are left-padded into one KV-cached batch; each row attends only to its own tokens at its own
-    RoPE positions, so greedy results are those of generating each prompt alone. ``stopped`` (needs
+    RoPE positions, so greedy results are those of generating each prompt alone. Steps run on the compiled CPU
+    kernel when :func:`~llamalit.inference.decode.decode_weights` picks it (fp32 on the CPU), else on the fused
+    PyTorch step, else (LoRA-wrapped layers) on the model's forward. ``stopped`` (needs
     ``eos_id``): every ``check_every`` steps it gets each row's tokens so far and says which rows are done
     (say, a stop string appeared); those rows get no more tokens, and the batch ends once all are done.
     """

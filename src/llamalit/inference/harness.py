@@ -11,9 +11,9 @@ Every checkpoint llamalit loads works (run and HF directories, LoRA adapters app
   warning); ``truncate=False`` makes that an error. A continuation that cannot fit at all is always an error.
 - ``loglikelihood_rolling``: the text without BOS, in disjoint windows of the model's context (the harness's
   ``get_rolling_token_windows``), the first conditioned on BOS.
-- ``generate_until``: :func:`llamalit.inference.evaluation.generate_left_padded` (one KV-cached left-padded batch),
-  stop strings checked as it goes, ``max_gen_toks``, greedy or sampled (``do_sample``, ``temperature``,
-  ``top_k``, ``top_p``).
+- ``generate_until``: :func:`llamalit.inference.evaluation.generate_left_padded` (one KV-cached left-padded batch;
+  fp32 on the CPU, the compiled decode step), stop strings checked as it goes, ``max_gen_toks``, greedy or sampled
+  (``do_sample``, ``temperature``, ``top_k``, ``top_p``).
 
 Text is encoded as Hugging Face's Llama tokenizer does: ``<s>`` and ``</s>`` in a string are BOS and EOS, and a
 BOS goes in front unless the string already holds one (so a task can ask for our instruct form: the prompt,
