@@ -42,9 +42,9 @@ def test_queue_bound_raises_queue_full(served_model):
     """Not started: nothing is admitted, so the queue fills: one per slot, then max_queue more, then QueueFull."""
     engine = Engine(served_model[1], slots=2, max_queue=1)
     params = SamplingParams(max_tokens=4, temperature=0.0)
-    for _ in range(2):
+    for _ in range(3):
         engine.submit([1, 5], params, EOS)
-    with pytest.raises(QueueFull, match="max_queue=1"):
+    with pytest.raises(QueueFull, match=r"all 2 slots are taken and 1 request\(s\) wait \(max_queue=1\)"):
         engine.submit([1, 5], params, EOS)
     engine.close()
 

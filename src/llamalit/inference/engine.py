@@ -6,7 +6,8 @@ slot, between two decode steps of the others), then runs one decode step for eve
 slot batch on CUDA, :class:`~llamalit.inference.decode.StaticDecoder`). Each request samples with its own settings and
 generator (:func:`~llamalit.inference.generate.sample_next`), so its tokens are those of ``generate()`` run alone.
 A slot is freed when its request reaches ``max_tokens`` or EOS, or is cancelled (a stop string, a client
-that went away). Past ``max_queue`` waiting requests, :meth:`Engine.submit` raises :class:`QueueFull`.
+that went away). Once every slot is taken and ``max_queue`` more requests wait, :meth:`Engine.submit` raises
+:class:`QueueFull` (requests waiting for a slot that is free count as taking it: the loop admits them next).
 """
 
 from __future__ import annotations
@@ -136,9 +137,12 @@ class Engine:
         with self._cond:
             if self._closed:
                 raise RuntimeError("the engine is closed")
-            if len(self.waiting) >= self.max_queue and len(self.active) + len(self.waiting) >= self.slots:
-                raise QueueFull(f"server busy: all {self.slots} slots are generating and {len(self.waiting)} "
-                                f"requests wait (max_queue={self.max_queue}); retry later")
+            # slots + max_queue requests in all: one per slot, max_queue more (not yet admitted ones may hold a
+            # free slot: the loop thread admits between decode steps, later under load)
+            if len(self.active) + len(self.waiting) >= self.slots + self.max_queue:
+                raise QueueFull(f"server busy: all {self.slots} slots are taken and "
+                                f"{len(self.active) + len(self.waiting) - self.slots} request(s) wait "
+                                f"(max_queue={self.max_queue}); retry later")
             self.waiting.append(req)
             self._cond.notify_all()
         return req
