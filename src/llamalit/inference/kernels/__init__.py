@@ -395,10 +395,9 @@ class DecodeKernel:
 
     def _checked(self, tok: torch.Tensor, pos: int, caches: list, rope_pos: torch.Tensor | None = None,
                  first_key: torch.Tensor | None = None) -> tuple[tuple, int, ctypes.Array, list] | None:
-        """(the caches' binding, batch, the ids as a C array, the addresses of ``rope_pos`` and ``first_key``
-        as int64 arrays (0 when not given) and the tensors behind them) for a step at ``pos``, or None when the
-        caches do not fit; a position or id out of range, or a batch the caches do not hold, is a
-        ValueError."""
+        """(the caches' binding, batch, the ids as a C array, [``rope_pos``, ``first_key``] as contiguous CPU
+        int64 tensors or None) for a step at ``pos``, or None when the caches do not fit; a position, id or
+        per-row value out of range, or a batch the caches do not hold, is a ValueError."""
         if not 0 <= pos < self.max_seq_len:
             raise ValueError(f"position {pos} is outside 0..{self.max_seq_len - 1}")
         bind = self._bind(caches)

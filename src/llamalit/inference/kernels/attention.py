@@ -52,10 +52,6 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Ten
     return out.transpose(1, 2)
 
 
-def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor | None:
-    return attention(q, k, v, mask)
-
-
 @contextmanager
 def kernel_attention(model: nn.Module, enabled: bool | None = None) -> Iterator[bool]:
     """Within the block, ``model``'s attention layers (``attend_impl``) use :func:`attention` when the model is
@@ -71,7 +67,7 @@ def kernel_attention(model: nn.Module, enabled: bool | None = None) -> Iterator[
     try:
         if use:
             for m in layers:
-                m.attend_impl = _attend
+                m.attend_impl = attention
         yield use
     finally:
         for m, impl in zip(layers, before):
