@@ -51,8 +51,7 @@ def test_completions_plain_and_streamed_are_generate(client, served_model):
     assert res.usage.completion_tokens <= 24
     chunks = list(client.completions.create(model="tiny260k", prompt="once upon a time", max_tokens=24,
                                             temperature=0, stream=True))
-    assert "".join(c.choices[0].text for c in chunks) == want
-    assert sum(1 for c in chunks if c.choices[0].text) >= 2  # pieces as decoded (a backlog is sent as one)
+    assert "".join(c.choices[0].text for c in chunks) == want  # piece by piece: test_stream_pieces.py
     assert chunks[-1].choices[0].finish_reason == res.choices[0].finish_reason
 
 
