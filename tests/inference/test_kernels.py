@@ -12,6 +12,7 @@ import torch
 
 from llamalit.inference import kernels
 from llamalit.inference.decode import decode_step, decode_weights
+from llamalit.inference.engine import _SlotCache
 from llamalit.inference.generate import generate
 from llamalit.inference.kernels import build_decode_kernel, gemv, load_decode_kernel, pack_rows
 from llamalit.model.llama import Llama, ModelConfig
@@ -212,6 +213,41 @@ def test_left_padded_rows_match_the_torch_step(lib, n_heads: int, n_kv_heads: in
         fast.kernel.step(tokens[:, 2], 2, caches, first_key=torch.tensor([0, 3, 0]))
     with pytest.raises(ValueError, match=r"rope_pos must be \(3,\) values in 0\.\.63"):
         fast.kernel.step(tokens[:, 2], 2, caches, rope_pos=torch.tensor([0, 64, 1]))
+
+
+@pytest.mark.parametrize("n_heads, n_kv_heads, dim", [(4, 2, 32), (2, 2, 96)], ids=["hd8-gqa", "hd48"])
+def test_rows_at_positions_of_their_own_match_the_torch_step(lib, n_heads: int, n_kv_heads: int, dim: int) -> None:
+    """``pos`` per row (the serving engine's slots, each at its own length) gives the PyTorch static step's
+    logits and cache columns; a position out of range, or a first key past a row's position, is an error."""
+    model = _model(n_heads, n_kv_heads, True, dim)
+    fast, torch_path = decode_weights(model, kernel=True), decode_weights(model, kernel=False)
+    lengths = torch.tensor([3, 9, 6])  # each row's prompt length: its first decode column
+    tokens = torch.randint(0, 97, (3, 14), generator=torch.Generator().manual_seed(5))
+    positions = torch.arange(model.cfg.max_seq_len)
+    outs, kept = {}, {}
+    for name in ("kernel", "torch"):
+        caches = model.new_caches(3)
+        with torch.no_grad():
+            for b in range(3):  # each row's prompt alone into its row, as the engine's prefill writes it
+                rows = [_SlotCache(c.k[b:b + 1], c.v[b:b + 1]) for c in caches]
+                model.hidden(tokens[b:b + 1, :int(lengths[b])], 0, rows)
+            steps = []
+            for step in range(4):
+                pos, tok = lengths + step, tokens[torch.arange(3), lengths + step]
+                if name == "kernel":
+                    steps.append(fast.kernel.step(tok, pos, caches))
+                else:
+                    steps.append(torch_path.static_step(tok, pos, caches, positions))
+        outs[name], kept[name] = torch.stack(steps, dim=1), caches
+    tol = 2e-5 * float(outs["torch"].abs().max())
+    torch.testing.assert_close(outs["kernel"], outs["torch"], atol=tol, rtol=1e-5)
+    for a, b in zip(kept["kernel"], kept["torch"]):
+        torch.testing.assert_close(a.k[:, :, :13], b.k[:, :, :13], atol=1e-5, rtol=1e-5)
+    caches = model.new_caches(3)
+    with pytest.raises(ValueError, match=r"pos must be \(3,\) values in 0\.\.63"):
+        fast.kernel.step(tokens[:, 0], torch.tensor([1, 64, 2]), caches)
+    with pytest.raises(ValueError, match="first_key must not pass each row's pos"):
+        fast.kernel.step(tokens[:, 0], torch.tensor([1, 5, 2]), caches, first_key=torch.tensor([0, 0, 3]))
 
 
 def test_kernel_rejects_bad_tokens_and_unfit_caches(lib) -> None:

@@ -37,7 +37,7 @@ log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("decode_cpu.cpp")
 PANEL = 64  # rows per packed panel; PANEL in decode_cpu.cpp
-ABI_VERSION = 8  # llk_abi_version() in decode_cpu.cpp
+ABI_VERSION = 9  # llk_abi_version() in decode_cpu.cpp
 ENV_SWITCH = "LLAMALIT_DECODE_KERNEL"
 SCREEN_SWITCH = "LLAMALIT_DECODE_SCREEN"  # 0: greedy steps read the whole fp32 head (no int8 screen)
 _FLAGS = ["-O3", "-march=native", "-fopenmp-simd", "-fno-math-errno", "-shared", "-fPIC", "-std=c++17"]
@@ -166,7 +166,7 @@ def load_decode_kernel() -> ctypes.CDLL | None:
     lib.llk_gemv.restype = None
     # plain addresses (ints): the per-token call converts no ctypes objects
     _vp = ctypes.c_void_p
-    lib.llk_step.argtypes = [_vp, _vp, _i64, _i64, _vp, _vp, _vp, ctypes.c_int, _vp, _vp, _vp]
+    lib.llk_step.argtypes = [_vp, _vp, _i64, _i64, _vp, _vp, _vp, ctypes.c_int, _vp, _vp, _vp, _vp]
     lib.llk_step.restype = _i64
     lib.llk_exp.argtypes = [_vp, _i64, _vp]
     lib.llk_exp.restype = None
@@ -380,10 +380,12 @@ class DecodeKernel:
         """True when the caches are float32, contiguous, on the CPU and shaped for this model."""
         return self._bind(caches) is not None
 
-    def step(self, tok: torch.Tensor, pos: int, caches: list, rope_pos: torch.Tensor | None = None,
+    def step(self, tok: torch.Tensor, pos: int | torch.Tensor, caches: list, rope_pos: torch.Tensor | None = None,
              first_key: torch.Tensor | None = None) -> torch.Tensor:
         """Logits (B, vocab) for token ids ``tok`` (B,) at ``pos``; k and v of ``pos`` go into ``caches``.
 
+        ``pos``: one cache column for every row, or (B,) a column per row (continuous batching: each row is
+        also at that RoPE position and sees columns ``0..pos[b]``).
         Left-padded rows: ``rope_pos`` (B,) is each row's RoPE position (default ``pos``) and ``first_key``
         (B,) the first cache column it attends to (default 0): row b sees columns ``first_key[b]..pos``."""
         logits = self.try_step(tok, pos, caches, rope_pos, first_key)
@@ -393,11 +395,16 @@ class DecodeKernel:
                              f"{self.max_seq_len}, {self.head_dim})")
         return logits
 
-    def _checked(self, tok: torch.Tensor, pos: int, caches: list, rope_pos: torch.Tensor | None = None,
-                 first_key: torch.Tensor | None = None) -> tuple[tuple, int, ctypes.Array, list] | None:
-        """(the caches' binding, batch, the ids as a C array, [``rope_pos``, ``first_key``] as contiguous CPU
-        int64 tensors or None) for a step at ``pos``, or None when the caches do not fit; a position, id or
-        per-row value out of range, or a batch the caches do not hold, is a ValueError."""
+    def _checked(self, tok: torch.Tensor, pos: int | torch.Tensor, caches: list, rope_pos: torch.Tensor | None = None,
+                 first_key: torch.Tensor | None = None) -> tuple[tuple, int, ctypes.Array, int, list] | None:
+        """(the caches' binding, batch, the ids as a C array, the highest position, [``rope_pos``, ``first_key``,
+        per-row ``pos``] as contiguous CPU int64 tensors or None) for a step at ``pos``, or None when the caches
+        do not fit; a position, id or per-row value out of range, or a batch the caches do not hold, is a
+        ValueError."""
+        row_pos = None
+        if isinstance(pos, torch.Tensor):
+            row_pos = self._rows("pos", pos, tok.shape[0], self.max_seq_len - 1)
+            pos = int(row_pos.max()) if len(row_pos) else 0
         if not 0 <= pos < self.max_seq_len:
             raise ValueError(f"position {pos} is outside 0..{self.max_seq_len - 1}")
         bind = self._bind(caches)
@@ -408,44 +415,47 @@ class DecodeKernel:
             raise ValueError(f"token ids must be in 0..{self.vocab - 1}, got {ids}")
         if bind[0] != len(ids):
             raise ValueError(f"caches hold batch {bind[0]}, tokens have {len(ids)} rows")
-        rows = []
-        for name, t, hi in (("rope_pos", rope_pos, self.max_seq_len - 1), ("first_key", first_key, pos)):
-            if t is None:
-                rows.append(None)
-                continue
-            t = t.to("cpu", torch.int64).contiguous()
-            if t.shape != (len(ids),) or (len(ids) and not 0 <= int(t.min()) <= int(t.max()) <= hi):
-                raise ValueError(f"{name} must be ({len(ids)},) values in 0..{hi}, got {t.tolist()}")
-            rows.append(t)
-        return bind, len(ids), (_i64 * len(ids))(*ids), rows
+        rows = [None if t is None else self._rows(name, t, len(ids), hi)
+                for name, t, hi in (("rope_pos", rope_pos, self.max_seq_len - 1), ("first_key", first_key, pos))]
+        if row_pos is not None and rows[1] is not None and bool((rows[1] > row_pos).any()):
+            raise ValueError(f"first_key must not pass each row's pos, got {rows[1].tolist()} > {row_pos.tolist()}")
+        return bind, len(ids), (_i64 * len(ids))(*ids), pos, [*rows, row_pos]
 
-    def try_step(self, tok: torch.Tensor, pos: int, caches: list, rope_pos: torch.Tensor | None = None,
-                 first_key: torch.Tensor | None = None) -> torch.Tensor | None:
+    @staticmethod
+    def _rows(name: str, t: torch.Tensor, batch: int, hi: int) -> torch.Tensor:
+        """``t`` as a contiguous CPU int64 (batch,) tensor of values in 0..hi; else a ValueError naming it."""
+        t = t.to("cpu", torch.int64).contiguous()
+        if t.shape != (batch,) or (batch and not 0 <= int(t.min()) <= int(t.max()) <= hi):
+            raise ValueError(f"{name} must be ({batch},) values in 0..{hi}, got {t.tolist()}")
+        return t
+
+    def try_step(self, tok: torch.Tensor, pos: int | torch.Tensor, caches: list,
+                 rope_pos: torch.Tensor | None = None, first_key: torch.Tensor | None = None) -> torch.Tensor | None:
         """:meth:`step`, or None (nothing done) when the caches do not fit (:meth:`accepts`)."""
         checked = self._checked(tok, pos, caches, rope_pos, first_key)
         if checked is None:
             return None
-        bind, batch, ids_c, rows = checked
+        bind, batch, ids_c, top, rows = checked
         logits = torch.empty(batch, self.vocab)
-        self.lib.llk_step(self._model_addr, ctypes.addressof(ids_c), batch, pos, bind[3], bind[4],
+        self.lib.llk_step(self._model_addr, ctypes.addressof(ids_c), batch, top, bind[3], bind[4],
                           logits.data_ptr(), self.threads or torch.get_num_threads(), None, *_addresses(rows))
         return logits
 
-    def greedy(self, tok: torch.Tensor, pos: int, caches: list, out: torch.Tensor,
+    def greedy(self, tok: torch.Tensor, pos: int | torch.Tensor, caches: list, out: torch.Tensor,
                rope_pos: torch.Tensor | None = None, first_key: torch.Tensor | None = None) -> bool:
         """Greedy next ids into ``out`` (B,) int64 (may be ``tok`` itself): the argmax of :meth:`step`'s logits,
         without making them (screened by the int8 head when :attr:`screen`). False (nothing done) when the
-        caches do not fit (:meth:`accepts`). ``rope_pos``, ``first_key``: as in :meth:`step`."""
+        caches do not fit (:meth:`accepts`). ``pos``, ``rope_pos``, ``first_key``: as in :meth:`step`."""
         checked = self._checked(tok, pos, caches, rope_pos, first_key)
         if checked is None:
             return False
-        bind, batch, ids_c, rows = checked
+        bind, batch, ids_c, top, rows = checked
         if out.dtype != torch.int64 or out.shape != (batch,) or not out.is_contiguous() or out.device.type != "cpu":
             raise ValueError(f"greedy: out must be a contiguous CPU int64 tensor of shape ({batch},)")
         scratch = self._scratch
         if scratch is None or scratch.shape[0] != batch:
             scratch = self._scratch = torch.empty(batch, self.vocab)
-        self.exact_rows = self.lib.llk_step(self._model_addr, ctypes.addressof(ids_c), batch, pos, bind[3], bind[4],
+        self.exact_rows = self.lib.llk_step(self._model_addr, ctypes.addressof(ids_c), batch, top, bind[3], bind[4],
                                             scratch.data_ptr(), self.threads or torch.get_num_threads(),
                                             out.data_ptr(), *_addresses(rows))
         return True

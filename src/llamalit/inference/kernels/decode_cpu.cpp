@@ -452,7 +452,7 @@ void swiglu(const float* h1, const float* h3, int64_t n, float* g) {
 
 extern "C" {
 
-int llk_abi_version() { return 8; }
+int llk_abi_version() { return 9; }
 
 // Ask for transparent huge pages over [p, p + bytes) (p 2 MiB aligned, not yet touched): 4 KiB pages
 // cost a TLB miss and a restart of the hardware prefetcher every 4 KiB of a weight stream. 0 on success; -1 where
@@ -593,6 +593,9 @@ void llk_gemv(const float* x, int64_t batch, int64_t n, const float* wp, int64_t
 // Left-padded rows: `rope_pos` (batch,) gives each row's RoPE position (null: `pos` for all) and
 // `first_key` (batch,) the first cache column a row attends to (null: 0), so row b sees columns
 // first_key[b]..pos.
+// Rows at positions of their own (continuous batching): `row_pos` (batch,) non-null gives row b's cache
+// column, which is also its RoPE position unless `rope_pos` is given; row b then sees first_key[b]..row_pos[b],
+// and `pos` must be at least every row_pos[b] (it sizes the score buffer).
 // With `greedy` (batch,) non-null: writes there the argmax of each row's logits instead (exactly those of
 // the logits mode; screened by the int8 head when the model has one: greedy_row), `logits` is scratch,
 // and the return value is the number of fp32 head rows read (0 in logits mode). `greedy` may be `tok`.
@@ -602,7 +605,7 @@ void llk_gemv(const float* x, int64_t batch, int64_t n, const float* wp, int64_t
 // buffer (a few hundred floats) instead of a barrier. Five barriers a layer.
 int64_t llk_step(const LlkModel* m, const int64_t* tok, int64_t batch, int64_t pos, float* const* k_cache,
                  float* const* v_cache, float* logits, int threads, int64_t* greedy, const int64_t* rope_pos,
-                 const int64_t* first_key) {
+                 const int64_t* first_key, const int64_t* row_pos) {
   const int64_t dim = m->dim, hd = m->head_dim, nh = m->n_heads, nkv = m->n_kv_heads;
   const int64_t n_qkv = (nh + 2 * nkv) * hd, half = hd / 2, seq = m->max_seq_len, hidden = m->hidden;
   const int64_t group = nh / nkv;
@@ -634,7 +637,8 @@ int64_t llk_step(const LlkModel* m, const int64_t* tok, int64_t batch, int64_t p
       for (int64_t job = t; job < batch * nkv; job += nt) {  // one kv head and its query heads
         const int64_t b = job / nkv, kh = job % nkv;
         float* q = &qkv[b * n_qkv];
-        const int64_t rp = rope_pos != nullptr ? rope_pos[b] : pos, first = first_key != nullptr ? first_key[b] : 0;
+        const int64_t col = row_pos != nullptr ? row_pos[b] : pos;
+        const int64_t rp = rope_pos != nullptr ? rope_pos[b] : col, first = first_key != nullptr ? first_key[b] : 0;
         const float* cos = m->cos + rp * half;
         const float* sin = m->sin + rp * half;
         for (int64_t h = -1; h < group; ++h) {  // RoPE on adjacent pairs: the k head, then its q heads
@@ -647,10 +651,10 @@ int64_t llk_step(const LlkModel* m, const int64_t* tok, int64_t batch, int64_t p
         }
         float* kc = k_cache[l] + (b * nkv + kh) * seq * hd;
         float* vc = v_cache[l] + (b * nkv + kh) * seq * hd;
-        std::copy_n(q + (nh + kh) * hd, hd, kc + pos * hd);
-        std::copy_n(q + (nh + nkv + kh) * hd, hd, vc + pos * hd);
-        for (int64_t h = kh * group; h < (kh + 1) * group; ++h)  // softmax(q k^T / sqrt(hd)) v, first..pos
-          attend(q + h * hd, kc + first * hd, vc + first * hd, pos + 1 - first, hd, scale, scores.data(),
+        std::copy_n(q + (nh + kh) * hd, hd, kc + col * hd);
+        std::copy_n(q + (nh + nkv + kh) * hd, hd, vc + col * hd);
+        for (int64_t h = kh * group; h < (kh + 1) * group; ++h)  // softmax(q k^T / sqrt(hd)) v, first..col
+          attend(q + h * hd, kc + first * hd, vc + first * hd, col + 1 - first, hd, scale, scores.data(),
                  &att[(b * nh + h) * hd]);
       }
       LLK_BARRIER
