@@ -17,11 +17,34 @@ SETTINGS = [dict(temperature=0.0), dict(temperature=1.0, seed=3), dict(temperatu
 PROMPTS = [[1, 5, 9, 33], [1, 7], [1, 100, 200, 250, 44, 12, 9], [1, 3, 3], [1, 8, 8, 8, 8, 8, 8, 8, 8], [1, 60]]
 
 
-def test_batched_tokens_equal_generate_alone(served_model):
+@pytest.fixture(params=["kernel", "torch"])
+def decode_path(request, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Both CPU decode steps, forced as LLAMALIT_DECODE_KERNEL forces them (generate() takes the same one)."""
+    if request.param == "kernel":
+        request.getfixturevalue("lib")  # skips where the kernel cannot be built
+    monkeypatch.setenv("LLAMALIT_DECODE_KERNEL", "1" if request.param == "kernel" else "0")
+    return request.param
+
+
+def attentive_model() -> Llama:
+    """A random model whose every weight is large enough that a token's keys, values and RoPE position all
+    change what it samples (the served fixture's scaled embeddings drown attention out)."""
+    torch.manual_seed(0)
+    model = Llama(ModelConfig(dim=32, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=300, multiple_of=8,
+                              max_seq_len=128)).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(1.0 if p.ndim == 1 else 0.0, 0.3)
+    return model
+
+
+def test_batched_tokens_equal_generate_alone(decode_path):
     """Six requests of different lengths, settings and budgets through 3 slots: some wait, then join the
-    running batch as others finish; each one's tokens are generate()'s for that request alone."""
-    _, model, _ = served_model
+    running batch as others finish; each one's tokens are generate()'s for that request alone, on the
+    compiled CPU step (each slot at its own cache column) and on the PyTorch one."""
+    model = attentive_model()
     engine = Engine(model, slots=3, max_queue=8).start()
+    assert (engine.weights.kernel is not None) == (decode_path == "kernel")
     try:
         budgets = [30 + 13 * i for i in range(len(PROMPTS))]
         first = [engine.submit(p, SamplingParams(max_tokens=n, **s), EOS)

@@ -3,7 +3,8 @@
 A background thread admits waiting requests into free slots (each prompt's prefill runs alone into its
 slot, between two decode steps of the others), then runs one decode step for every active slot at once:
 :meth:`~llamalit.inference.decode.DecodeWeights.static_step` with one RoPE position per row (a CUDA graph of the whole
-slot batch on CUDA, :class:`~llamalit.inference.decode.StaticDecoder`). Each request samples with its own settings and
+slot batch on CUDA, :class:`~llamalit.inference.decode.StaticDecoder`; fp32 on the CPU, the compiled step of
+:mod:`llamalit.inference.kernels` where ``generate()`` takes it, each row at its own cache column). Each request samples with its own settings and
 generator (:func:`~llamalit.inference.generate.sample_next`), so its tokens are those of ``generate()`` run alone.
 A slot is freed when its request reaches ``max_tokens`` or EOS, or is cancelled (a stop string, a client
 that went away). Once every slot is taken and ``max_queue`` more requests wait, :meth:`Engine.submit` raises
@@ -85,13 +86,15 @@ class Engine:
         self.model = model.eval()
         self.device = model.output.weight.device
         self.slots, self.max_queue = slots, max_queue
-        self.weights = decode_weights(model, kernel=False)
+        graph = self.device.type == "cuda" if graph is None else graph
+        # fp32 on the CPU: the compiled step where generate() takes it (the same probe and switch)
+        self.weights = decode_weights(model, kernel=None if self.device.type == "cpu" and not graph else False)
         if self.weights is None:
             raise ValueError("the engine needs plain nn.Linear projections: merge LoRA adapters first "
                              "(llamalit.lora.merge_lora)")
         self.caches = model.new_caches(slots)
+        self._row_views: dict[int, list[_SlotCache]] = {}  # the first n slots' rows, the same objects each step
         self.positions = torch.arange(model.cfg.max_seq_len, device=self.device)
-        graph = self.device.type == "cuda" if graph is None else graph
         self.static = StaticDecoder(self.weights, self.caches, slots, self.device, graph=True) if graph else None
         self.active: dict[int, Request] = {}
         self.waiting: collections.deque[Request] = collections.deque()
@@ -209,6 +212,8 @@ class Engine:
         tok_t = torch.tensor(tok, dtype=torch.long, device=self.device)
         if self.static is not None:
             logits = self.static.step(tok_t, pos)
+        elif self.weights.kernel is not None:  # each row at its own column, attending to its own keys
+            logits = self.weights.kernel.step(tok_t, torch.tensor(pos), self._first_rows(rows))
         else:
             keys = max(pos) + 1  # eager: attend over the keys some row can see, not the whole context
             views = [_SlotCache(c.k[:rows, :, :keys], c.v[:rows, :, :keys]) for c in self.caches]
@@ -220,6 +225,13 @@ class Engine:
         for r in reqs:
             r.pos += 1
             self._take(r, logits[r.slot:r.slot + 1], picked[r.slot])
+
+    def _first_rows(self, n: int) -> list[_SlotCache]:
+        """Views of the caches' first ``n`` rows (contiguous), kept so the kernel's binding is reused."""
+        views = self._row_views.get(n)
+        if views is None:
+            views = self._row_views[n] = [_SlotCache(c.k[:n], c.v[:n]) for c in self.caches]
+        return views
 
     @staticmethod
     def _hold_eos(reqs: list[Request], logits: torch.Tensor, row: bool = True) -> None:
