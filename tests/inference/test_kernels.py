@@ -45,7 +45,7 @@ def test_pack_rows_layout() -> None:
     assert not packed[1, :, 6:].any()  # rows past 70 are zero padding
 
 
-@pytest.mark.parametrize("rows, n, batch", [(1, 1, 1), (70, 33, 3), (200, 288, 1), (1100, 1000, 2)])
+@pytest.mark.parametrize("rows, n, batch", [(1, 1, 1), (70, 33, 3), (200, 288, 1), (1100, 1000, 2), (48, 97, 11)])
 def test_gemv_matches_float64(lib, rows: int, n: int, batch: int) -> None:
     g = torch.Generator().manual_seed(rows)
     w, x = torch.randn(rows, n, generator=g), torch.randn(batch, n, generator=g)
@@ -55,6 +55,18 @@ def test_gemv_matches_float64(lib, rows: int, n: int, batch: int) -> None:
     assert got.shape == (batch, rows)
     assert ((got.double() - exact).abs() <= 1e-6 * scale + 1e-7).all()  # fp32 rounding only
     torch.testing.assert_close(got, x @ w.T, rtol=1e-5, atol=1e-5 * float(scale.max()))
+
+
+@pytest.mark.parametrize("rows", [16, 32, 48, 64, 70, 200])  # strips of 1-4 vectors: batch blocks of 8, 4, 2
+def test_gemv_row_of_a_batch_equals_the_row_alone(lib, rows: int) -> None:
+    """Batch rows go through the weights in blocks (one load for several rows); each row must still come out
+    bit for bit as it does alone, so a request's tokens do not depend on who shares its decode step."""
+    g = torch.Generator().manual_seed(rows)
+    w, x = torch.randn(rows, 101, generator=g), torch.randn(11, 101, generator=g)
+    packed = pack_rows(w)
+    together = gemv(x, packed, rows)
+    for b in range(11):
+        assert torch.equal(together[b], gemv(x[b:b + 1], packed, rows)[0]), b
 
 
 def test_gemv_threads_agree(lib) -> None:

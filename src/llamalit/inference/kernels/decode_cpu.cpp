@@ -55,31 +55,59 @@ constexpr int64_t NTA_AHEAD = 512;
 
 constexpr int64_t STRIP = 16;  // rows of one vector: the unit the threads split a product into
 
-// y[b, r] (+)= sum_i W[r, i] x[b, i] for rows [r0, r0 + 16 C) of one packed panel `w` (n x PANEL).
+// Accumulator vectors a product keeps in registers: 16 of the 32 zmm with AVX-512; with AVX2 (two ymm a
+// vec, 16 ymm in all) 4.
+#if defined(__AVX512F__)
+constexpr int ACC_VECS = 16;
+#else
+constexpr int ACC_VECS = 4;
+#endif
+
+// y[b, r] (+)= sum_i W[r, i] x[b, i] for rows [r0, r0 + 16 C) of one packed panel `w` (n x PANEL) and the
+// RB batch rows b0..b0 + RB: each weight vector loaded once for all RB of them. Every batch row sums in
+// the same order whatever RB is, so a row's result does not depend on the batch around it.
+template <bool NTA, int C, int RB>
+void gemv_rows(const float* x, int64_t n, const float* w0, int64_t rows, float* y, bool accumulate,
+               int64_t row0, int64_t b0) {
+  const float* xb[RB];
+  for (int r = 0; r < RB; ++r) xb[r] = x + (b0 + r) * n;
+  vec a[RB][C] = {}, c[RB][C] = {};
+  const float* w = w0;
+  int64_t i = 0;
+  for (; i + 2 <= n; i += 2, w += 2 * PANEL) {  // two inputs a step: 2 C independent sums a row
+    if (NTA && b0 == 0)
+      for (int k = 0; k < 2 * PANEL; k += 16) __builtin_prefetch(w + NTA_AHEAD + k, 0, 0);
+    for (int k = 0; k < C; ++k) {
+      const vec wk = load(w + 16 * k);
+      for (int r = 0; r < RB; ++r) a[r][k] += wk * xb[r][i];
+    }
+    for (int k = 0; k < C; ++k) {
+      const vec wk = load(w + PANEL + 16 * k);
+      for (int r = 0; r < RB; ++r) c[r][k] += wk * xb[r][i + 1];
+    }
+  }
+  if (i < n)
+    for (int k = 0; k < C; ++k) {
+      const vec wk = load(w + 16 * k);
+      for (int r = 0; r < RB; ++r) a[r][k] += wk * xb[r][i];
+    }
+  const int64_t m = std::min<int64_t>(16 * C, rows - row0);
+  for (int r = 0; r < RB; ++r) {
+    vec sums[C];
+    for (int k = 0; k < C; ++k) sums[k] = a[r][k] + c[r][k];
+    const float* s = reinterpret_cast<const float*>(sums);
+    float* yb = y + (b0 + r) * rows + row0;
+    for (int64_t k = 0; k < m; ++k) yb[k] = accumulate ? yb[k] + s[k] : s[k];
+  }
+}
+
 template <bool NTA, int C>
 void gemv_strip(const float* x, int64_t batch, int64_t n, const float* w0, int64_t rows, float* y,
                 bool accumulate, int64_t row0) {
-  for (int64_t b = 0; b < batch; ++b) {  // rows after the first re-read the panel from L1/L2
-    const float* w = w0;
-    const float* xb = x + b * n;
-    vec a[C] = {}, c[C] = {};
-    int64_t i = 0;
-    for (; i + 2 <= n; i += 2, w += 2 * PANEL) {  // two inputs a step: 2 C independent sums
-      if (NTA && b == 0)
-        for (int k = 0; k < 2 * PANEL; k += 16) __builtin_prefetch(w + NTA_AHEAD + k, 0, 0);
-      const float x0 = xb[i], x1 = xb[i + 1];
-      for (int k = 0; k < C; ++k) a[k] += load(w + 16 * k) * x0;
-      for (int k = 0; k < C; ++k) c[k] += load(w + PANEL + 16 * k) * x1;
-    }
-    if (i < n)
-      for (int k = 0; k < C; ++k) a[k] += load(w + 16 * k) * xb[i];
-    vec sums[C];
-    for (int k = 0; k < C; ++k) sums[k] = a[k] + c[k];
-    const float* s = reinterpret_cast<const float*>(sums);
-    float* yb = y + b * rows + row0;
-    const int64_t m = std::min<int64_t>(16 * C, rows - row0);
-    for (int64_t k = 0; k < m; ++k) yb[k] = accumulate ? yb[k] + s[k] : s[k];
-  }
+  constexpr int RB = ACC_VECS / (2 * C) > 1 ? ACC_VECS / (2 * C) : 1;
+  int64_t b = 0;
+  for (; b + RB <= batch; b += RB) gemv_rows<NTA, C, RB>(x, n, w0, rows, y, accumulate, row0, b);
+  for (; b < batch; ++b) gemv_rows<NTA, C, 1>(x, n, w0, rows, y, accumulate, row0, b);
 }
 
 // The strips s0..s1 (16 rows each) of a packed W: whole panels at full width, partial ones narrower.
