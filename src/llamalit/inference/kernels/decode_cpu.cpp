@@ -63,32 +63,59 @@ constexpr int ACC_VECS = 16;
 constexpr int ACC_VECS = 4;
 #endif
 
-// y[b, r] (+)= sum_i W[r, i] x[b, i] for rows [r0, r0 + 16 C) of one packed panel `w` (n x PANEL) and the
-// RB batch rows b0..b0 + RB: each weight vector loaded once for all RB of them. Every batch row sums in
-// the same order whatever RB is, so a row's result does not depend on the batch around it.
-template <bool NTA, int C, int RB>
-void gemv_rows(const float* x, int64_t n, const float* w0, int64_t rows, float* y, bool accumulate,
-               int64_t row0, int64_t b0) {
+// The output head's int8 copy (greedy decoding): the same panel layout as the fp32 head, one byte a
+// weight, and one scale per row (w ~ scale * q, |q| <= 127). y[b, r] = scale[r] * sum_i q[r, i] x[b, i],
+// accumulated in fp32: a screen for the argmax (llk_step's greedy mode) reading a quarter of the bytes.
+// 16 int8 -> 16 floats (GCC scalarises __builtin_convertvector across sizes, so by intrinsics where present)
+inline vec load_q(const int8_t* p) {
+#if defined(__AVX512F__)
+  return (vec)_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
+#elif defined(__AVX2__)
+  const __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+  const __m256 lo = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(b));
+  const __m256 hi = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_unpackhi_epi64(b, b)));
+  vec out;
+  std::memcpy(&out, &lo, 32);
+  std::memcpy(reinterpret_cast<char*>(&out) + 32, &hi, 32);
+  return out;
+#else
+  float f[16];
+  for (int k = 0; k < 16; ++k) f[k] = p[k];
+  return load(f);
+#endif
+}
+
+inline vec load_w(const float* p) { return load(p); }
+inline vec load_w(const int8_t* p) { return load_q(p); }
+
+// Rows [row0, row0 + 16 C) of one packed panel `w` (n x PANEL) times the RB batch rows b0..b0 + RB of x, each
+// weight vector loaded once for all RB of them. fp32 W: y[b, r] (+)= sum_i W[r, i] x[b, i]; int8 Q (`scale`
+// non-null): y[b, r] = scale[r] * sum_i Q[r, i] x[b, i]. Every batch row sums in the same order whatever RB
+// is, so a row's result does not depend on the batch around it.
+template <typename W, bool NTA, int C, int RB>
+void product_rows(const float* x, int64_t n, const W* w0, const float* scale, int64_t rows, float* y,
+                  bool accumulate, int64_t row0, int64_t b0) {
   const float* xb[RB];
   for (int r = 0; r < RB; ++r) xb[r] = x + (b0 + r) * n;
   vec a[RB][C] = {}, c[RB][C] = {};
-  const float* w = w0;
+  const W* w = w0;
   int64_t i = 0;
   for (; i + 2 <= n; i += 2, w += 2 * PANEL) {  // two inputs a step: 2 C independent sums a row
-    if (NTA && b0 == 0)
-      for (int k = 0; k < 2 * PANEL; k += 16) __builtin_prefetch(w + NTA_AHEAD + k, 0, 0);
+    if (NTA && b0 == 0)  // each 64-byte line of the next two inputs' weights, NTA_AHEAD floats' bytes ahead
+      for (int64_t off = 0; off < 2 * PANEL * static_cast<int64_t>(sizeof(W)); off += 64)
+        __builtin_prefetch(reinterpret_cast<const char*>(w) + NTA_AHEAD * sizeof(float) + off, 0, 0);
     for (int k = 0; k < C; ++k) {
-      const vec wk = load(w + 16 * k);
+      const vec wk = load_w(w + 16 * k);
       for (int r = 0; r < RB; ++r) a[r][k] += wk * xb[r][i];
     }
     for (int k = 0; k < C; ++k) {
-      const vec wk = load(w + PANEL + 16 * k);
+      const vec wk = load_w(w + PANEL + 16 * k);
       for (int r = 0; r < RB; ++r) c[r][k] += wk * xb[r][i + 1];
     }
   }
   if (i < n)
     for (int k = 0; k < C; ++k) {
-      const vec wk = load(w + 16 * k);
+      const vec wk = load_w(w + 16 * k);
       for (int r = 0; r < RB; ++r) a[r][k] += wk * xb[r][i];
     }
   const int64_t m = std::min<int64_t>(16 * C, rows - row0);
@@ -97,33 +124,37 @@ void gemv_rows(const float* x, int64_t n, const float* w0, int64_t rows, float* 
     for (int k = 0; k < C; ++k) sums[k] = a[r][k] + c[r][k];
     const float* s = reinterpret_cast<const float*>(sums);
     float* yb = y + (b0 + r) * rows + row0;
-    for (int64_t k = 0; k < m; ++k) yb[k] = accumulate ? yb[k] + s[k] : s[k];
+    if (scale != nullptr)
+      for (int64_t k = 0; k < m; ++k) yb[k] = s[k] * scale[row0 + k];
+    else
+      for (int64_t k = 0; k < m; ++k) yb[k] = accumulate ? yb[k] + s[k] : s[k];
   }
 }
 
-template <bool NTA, int C>
-void gemv_strip(const float* x, int64_t batch, int64_t n, const float* w0, int64_t rows, float* y,
-                bool accumulate, int64_t row0) {
+// One strip of C vectors (16 C rows) for every batch row, in blocks that fill ACC_VECS accumulators.
+template <typename W, bool NTA, int C>
+void product_strip(const float* x, int64_t batch, int64_t n, const W* w0, const float* scale, int64_t rows,
+                   float* y, bool accumulate, int64_t row0) {
   constexpr int RB = ACC_VECS / (2 * C) > 1 ? ACC_VECS / (2 * C) : 1;
   int64_t b = 0;
-  for (; b + RB <= batch; b += RB) gemv_rows<NTA, C, RB>(x, n, w0, rows, y, accumulate, row0, b);
-  for (; b < batch; ++b) gemv_rows<NTA, C, 1>(x, n, w0, rows, y, accumulate, row0, b);
+  for (; b + RB <= batch; b += RB) product_rows<W, NTA, C, RB>(x, n, w0, scale, rows, y, accumulate, row0, b);
+  for (; b < batch; ++b) product_rows<W, NTA, C, 1>(x, n, w0, scale, rows, y, accumulate, row0, b);
 }
 
 // The strips s0..s1 (16 rows each) of a packed W: whole panels at full width, partial ones narrower.
-template <bool NTA>
-void gemv_strips(const float* x, int64_t batch, int64_t n, const float* wp, int64_t rows, float* y,
-                 bool accumulate, int64_t s0, int64_t s1) {
+template <typename W, bool NTA>
+void product_strips(const float* x, int64_t batch, int64_t n, const W* wp, const float* scale, int64_t rows,
+                    float* y, bool accumulate, int64_t s0, int64_t s1) {
   constexpr int64_t per = PANEL / STRIP;
   for (int64_t s = s0; s < s1;) {
     const int64_t p = s / per, c0 = s - p * per, c1 = std::min(s1 - p * per, per);
-    const float* w = wp + p * n * PANEL + c0 * STRIP;
+    const W* w = wp + p * n * PANEL + c0 * STRIP;
     const int64_t row0 = p * PANEL + c0 * STRIP;
     switch (c1 - c0) {
-      case 4: gemv_strip<NTA, 4>(x, batch, n, w, rows, y, accumulate, row0); break;
-      case 3: gemv_strip<NTA, 3>(x, batch, n, w, rows, y, accumulate, row0); break;
-      case 2: gemv_strip<NTA, 2>(x, batch, n, w, rows, y, accumulate, row0); break;
-      default: gemv_strip<NTA, 1>(x, batch, n, w, rows, y, accumulate, row0); break;
+      case 4: product_strip<W, NTA, 4>(x, batch, n, w, scale, rows, y, accumulate, row0); break;
+      case 3: product_strip<W, NTA, 3>(x, batch, n, w, scale, rows, y, accumulate, row0); break;
+      case 2: product_strip<W, NTA, 2>(x, batch, n, w, scale, rows, y, accumulate, row0); break;
+      default: product_strip<W, NTA, 1>(x, batch, n, w, scale, rows, y, accumulate, row0); break;
     }
     s = p * per + c1;
   }
@@ -134,7 +165,16 @@ void gemv_part(const float* x, int64_t batch, int64_t n, const float* wp, int64_
                bool accumulate, int t, int nt, bool nta = false) {
   const int64_t strips = (rows + STRIP - 1) / STRIP;
   const int64_t s0 = strips * t / nt, s1 = strips * (t + 1) / nt;
-  (nta ? gemv_strips<true> : gemv_strips<false>)(x, batch, n, wp, rows, y, accumulate, s0, s1);
+  (nta ? product_strips<float, true> : product_strips<float, false>)(x, batch, n, wp, nullptr, rows, y,
+                                                                      accumulate, s0, s1);
+}
+
+// This thread's share (t of nt) of the screen y = scale * (Q x), split in 16-row strips like gemv_part.
+template <bool NTA>
+void screen_part(const float* x, int64_t batch, int64_t n, const int8_t* wq, const float* scale, int64_t rows,
+                 float* y, int t, int nt) {
+  const int64_t strips = (rows + STRIP - 1) / STRIP;
+  product_strips<int8_t, NTA>(x, batch, n, wq, scale, rows, y, false, strips * t / nt, strips * (t + 1) / nt);
 }
 
 // Team size for `threads` asked: OpenMP's dynamic adjustment gives fewer while the machine is busy
@@ -159,77 +199,6 @@ void gemv(const float* x, int64_t batch, int64_t n, const float* wp, int64_t row
 #else
   gemv_part(x, batch, n, wp, rows, y, accumulate, 0, 1);
 #endif
-}
-
-// The output head's int8 copy (greedy decoding): the same panel layout as the fp32 head, one byte a
-// weight, and one scale per row (w ~ scale * q, |q| <= 127). y[b, r] = scale[r] * sum_i q[r, i] x[b, i],
-// accumulated in fp32: a screen for the argmax (llk_step's greedy mode) reading a quarter of the bytes.
-// 16 int8 -> 16 floats (GCC scalarises __builtin_convertvector across sizes, so by intrinsics where present)
-inline vec load_q(const int8_t* p) {
-#if defined(__AVX512F__)
-  return (vec)_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
-#elif defined(__AVX2__)
-  const __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
-  const __m256 lo = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(b));
-  const __m256 hi = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_unpackhi_epi64(b, b)));
-  vec out;
-  std::memcpy(&out, &lo, 32);
-  std::memcpy(reinterpret_cast<char*>(&out) + 32, &hi, 32);
-  return out;
-#else
-  float f[16];
-  for (int k = 0; k < 16; ++k) f[k] = p[k];
-  return load(f);
-#endif
-}
-
-template <bool NTA, int C>
-void screen_strip(const float* x, int64_t batch, int64_t n, const int8_t* w0, const float* scale,
-                  int64_t rows, float* y, int64_t row0) {
-  for (int64_t b = 0; b < batch; ++b) {
-    const int8_t* w = w0;
-    const float* xb = x + b * n;
-    vec a[C] = {}, c[C] = {};
-    int64_t i = 0;
-    for (; i + 2 <= n; i += 2, w += 2 * PANEL) {
-      if (NTA && b == 0) {  // one 64-byte line per input
-        __builtin_prefetch(w + 4 * NTA_AHEAD, 0, 0);
-        __builtin_prefetch(w + 4 * NTA_AHEAD + PANEL, 0, 0);
-      }
-      const float x0 = xb[i], x1 = xb[i + 1];
-      for (int k = 0; k < C; ++k) a[k] += load_q(w + 16 * k) * x0;
-      for (int k = 0; k < C; ++k) c[k] += load_q(w + PANEL + 16 * k) * x1;
-    }
-    if (i < n)
-      for (int k = 0; k < C; ++k) a[k] += load_q(w + 16 * k) * xb[i];
-    vec sums[C];
-    for (int k = 0; k < C; ++k) sums[k] = a[k] + c[k];
-    const float* s = reinterpret_cast<const float*>(sums);
-    float* yb = y + b * rows + row0;
-    const int64_t m = std::min<int64_t>(16 * C, rows - row0);
-    for (int64_t k = 0; k < m; ++k) yb[k] = s[k] * scale[row0 + k];
-  }
-}
-
-// This thread's share (t of nt) of the screen y = scale * (Q x), split in 16-row strips like gemv_part.
-template <bool NTA>
-void screen_part(const float* x, int64_t batch, int64_t n, const int8_t* wq, const float* scale, int64_t rows,
-                 float* y, int t, int nt) {
-  constexpr int64_t per = PANEL / STRIP;
-  const int64_t strips = (rows + STRIP - 1) / STRIP;
-  const int64_t s1 = strips * (t + 1) / nt;
-  for (int64_t s = strips * t / nt; s < s1;) {
-    const int64_t p = s / per, c0 = s - p * per, c1 = std::min(s1 - p * per, per);
-    const int8_t* w = wq + p * n * PANEL + c0 * STRIP;
-    const int64_t row0 = p * PANEL + c0 * STRIP;
-    switch (c1 - c0) {
-      case 4: screen_strip<NTA, 4>(x, batch, n, w, scale, rows, y, row0); break;
-      case 3: screen_strip<NTA, 3>(x, batch, n, w, scale, rows, y, row0); break;
-      case 2: screen_strip<NTA, 2>(x, batch, n, w, scale, rows, y, row0); break;
-      default: screen_strip<NTA, 1>(x, batch, n, w, scale, rows, y, row0); break;
-    }
-    s = p * per + c1;
-  }
 }
 
 // torch.argmax's answer on y[0..n): the first NaN if any, else the first maximum.
@@ -276,8 +245,8 @@ int64_t greedy_row(const LlkModel& m, const float* xb, float* approx, int64_t* e
         const int64_t p = s / per, row0 = s * STRIP, m16 = std::min<int64_t>(STRIP, vocab - row0);
         bool pass[STRIP];
         for (int64_t k = 0; k < m16; ++k) pass[k] = approx[row0 + k] + m.output_scale[row0 + k] * lc >= floor;
-        gemv_strip<false, 1>(xb, 1, n, m.output + p * n * PANEL + (s - p * per) * STRIP, vocab, approx, false,
-                             row0);
+        product_strip<float, false, 1>(xb, 1, n, m.output + p * n * PANEL + (s - p * per) * STRIP, nullptr,
+                                       vocab, approx, false, row0);
         for (int64_t k = 0; k < m16 && best != -2; ++k) {
           const float v = approx[row0 + k];
           if (v != v) best = -2;
@@ -289,7 +258,8 @@ int64_t greedy_row(const LlkModel& m, const float* xb, float* approx, int64_t* e
       if (best >= 0) return best;
     }
   }
-  gemv_strips<false>(xb, 1, n, m.output, vocab, approx, false, 0, (vocab + STRIP - 1) / STRIP);
+  product_strips<float, false>(xb, 1, n, m.output, nullptr, vocab, approx, false, 0,
+                               (vocab + STRIP - 1) / STRIP);
   *exact_rows += vocab;
   return argmax(approx, vocab);
 }
