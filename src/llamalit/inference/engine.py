@@ -2,10 +2,11 @@
 
 A background thread admits waiting requests into free slots (each prompt's prefill runs alone into its
 slot, between two decode steps of the others), then runs one decode step for every active slot at once:
-:meth:`~llamalit.inference.decode.DecodeWeights.static_step` with one RoPE position per row (a CUDA graph of the whole
-slot batch on CUDA, :class:`~llamalit.inference.decode.StaticDecoder`; fp32 on the CPU, the compiled step of
-:mod:`llamalit.inference.kernels` where ``generate()`` takes it, each row at its own cache column). Each request samples with its own settings and
-generator (:func:`~llamalit.inference.generate.sample_next`), so its tokens are those of ``generate()`` run alone.
+:meth:`~llamalit.inference.decode.DecodeWeights.static_step` with one RoPE position per row (a CUDA graph of the
+whole slot batch on CUDA, :class:`~llamalit.inference.decode.StaticDecoder`), or, fp32 on the CPU wherever
+``generate()`` takes it, the compiled step of :mod:`llamalit.inference.kernels` with each row at its own cache
+column. Each request samples with its own settings and generator
+(:func:`~llamalit.inference.generate.sample_next`), so its tokens are those of ``generate()`` run alone.
 A slot is freed when its request reaches ``max_tokens`` or EOS, or is cancelled (a stop string, a client
 that went away). Once every slot is taken and ``max_queue`` more requests wait, :meth:`Engine.submit` raises
 :class:`QueueFull` (requests waiting for a slot that is free count as taking it: the loop admits them next).

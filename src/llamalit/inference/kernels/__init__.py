@@ -9,7 +9,9 @@ built with the system C++ compiler (``$CXX``, else ``c++``; ``-O3 -march=native 
 sha256 beside it: a cached library is loaded only from a directory only this user can write and only when its
 sha256 is the recorded one (:func:`build_decode_kernel`). No compiler, or a failed build: :func:`load_decode_kernel`
 logs why once and returns None, and decoding keeps the PyTorch path. ``LLAMALIT_DECODE_KERNEL=0``
-turns the kernel off.
+turns the kernel off. A step's rows may sit at one position (``generate()``), at one column with their own RoPE
+positions and first keys (left-padded batches: the harness), or each at a column of its own (the serving engine's
+slots); batched products load each weight vector once for a block of rows.
 
 The same library serves the harness's scoring on the CPU: attention for small heads (``llk_attention``,
 :mod:`llamalit.inference.kernels.attention`) and the targets' log-probabilities (``llk_pick_logprobs``,
