@@ -6,6 +6,7 @@ import threading
 
 import pytest
 import torch
+from attentive_llamas import attentive_llama
 
 from llamalit.generate import generate
 from llamalit.inference.engine import Engine, QueueFull, SamplingParams, tokens
@@ -26,23 +27,12 @@ def decode_path(request, monkeypatch: pytest.MonkeyPatch) -> str:
     return request.param
 
 
-def attentive_model() -> Llama:
-    """A random model whose every weight is large enough that a token's keys, values and RoPE position all
-    change what it samples (the served fixture's scaled embeddings drown attention out)."""
-    torch.manual_seed(0)
-    model = Llama(ModelConfig(dim=32, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=300, multiple_of=8,
-                              max_seq_len=128)).eval()
-    with torch.no_grad():
-        for p in model.parameters():
-            p.normal_(1.0 if p.ndim == 1 else 0.0, 0.3)
-    return model
-
-
 def test_batched_tokens_equal_generate_alone(decode_path):
     """Six requests of different lengths, settings and budgets through 3 slots: some wait, then join the
     running batch as others finish; each one's tokens are generate()'s for that request alone, on the
     compiled CPU step (each slot at its own cache column) and on the PyTorch one."""
-    model = attentive_model()
+    model = attentive_llama(dim=32, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=300, multiple_of=8,
+                            max_seq_len=128)
     engine = Engine(model, slots=3, max_queue=8).start()
     assert (engine.weights.kernel is not None) == (decode_path == "kernel")
     try:

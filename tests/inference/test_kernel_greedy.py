@@ -4,23 +4,18 @@ from __future__ import annotations
 
 import pytest
 import torch
+from attentive_llamas import attentive_llama
 
 from llamalit.inference import kernels
 from llamalit.inference.decode import decode_weights
 from llamalit.inference.generate import generate
 from llamalit.inference.kernels import DecodeKernel, quantize_rows
-from llamalit.model.llama import Llama, ModelConfig
+from llamalit.model.llama import Llama
 
 
 def _model(vocab: int = 611, tie: bool = False, seed: int = 0) -> Llama:
-    cfg = ModelConfig(dim=48, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=vocab, multiple_of=16,
-                      max_seq_len=64, tie_embeddings=tie)
-    torch.manual_seed(seed)
-    model = Llama(cfg).eval()
-    with torch.no_grad():
-        for p in model.parameters():
-            p.normal_(1.0 if p.ndim == 1 else 0.0, 0.3)
-    return model
+    return attentive_llama(seed, dim=48, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=vocab, multiple_of=16,
+                           max_seq_len=64, tie_embeddings=tie)
 
 
 def _kernel(lib, model: Llama, screen: bool) -> DecodeKernel:

@@ -9,13 +9,14 @@ import time
 
 import pytest
 import torch
+from attentive_llamas import attentive_llama
 
 from llamalit.inference import kernels
 from llamalit.inference.decode import decode_step, decode_weights
 from llamalit.inference.engine import _SlotCache
 from llamalit.inference.generate import generate
 from llamalit.inference.kernels import build_decode_kernel, gemv, load_decode_kernel, pack_rows
-from llamalit.model.llama import Llama, ModelConfig
+from llamalit.model.llama import Llama
 
 
 @pytest.fixture
@@ -27,14 +28,8 @@ def fresh_loader():
 
 
 def _model(n_heads: int = 4, n_kv_heads: int = 2, tie: bool = True, dim: int = 32) -> Llama:
-    cfg = ModelConfig(dim=dim, n_layers=2, n_heads=n_heads, n_kv_heads=n_kv_heads, vocab_size=97,
-                      multiple_of=8, max_seq_len=64, tie_embeddings=tie)
-    torch.manual_seed(0)
-    model = Llama(cfg).eval()
-    with torch.no_grad():
-        for p in model.parameters():
-            p.normal_(1.0 if p.ndim == 1 else 0.0, 0.3)  # norm weights too: every input matters
-    return model
+    return attentive_llama(dim=dim, n_layers=2, n_heads=n_heads, n_kv_heads=n_kv_heads, vocab_size=97,
+                           multiple_of=8, max_seq_len=64, tie_embeddings=tie)
 
 
 def test_pack_rows_layout() -> None:

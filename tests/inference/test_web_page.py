@@ -80,14 +80,19 @@ def test_page_streams_a_reply_and_stops(browser, live_server, tmp_path):
     _until(lambda: "context" in browser.find_element(By.ID, "model").text)
     _set(browser, "temperature", 0.8)
     _set(browser, "max_tokens", 60)
-    browser.find_element(By.ID, "prompt").send_keys("once upon a time the little cat")
-    browser.find_element(By.ID, "send").click()
-    reply = _until(lambda: browser.find_elements(By.CSS_SELECTOR, ".msg.assistant"))[-1]
-    _until(lambda: reply.text.strip())
-    _until(lambda: "chunks" in browser.find_element(By.ID, "stats").text)
-    stats = browser.find_element(By.ID, "stats").text
-    # streamed: one chunk or more (the server sends a backlog as one; piece by piece: test_stream_pieces.py)
-    assert int(stats.split()[0]) >= 1 and ("length" in stats or "stop" in stats), stats
+    # the server sends a backlog as one chunk, so a loaded machine can finish a short reply before its first
+    # chunk goes out: cleared and asked again, at most three times (piece by piece without timing:
+    # test_stream_pieces.py)
+    for _ in range(3):
+        browser.find_element(By.ID, "reset").click()
+        browser.find_element(By.ID, "prompt").send_keys("once upon a time the little cat")
+        browser.find_element(By.ID, "send").click()
+        _until(lambda: (r := browser.find_elements(By.CSS_SELECTOR, ".msg.assistant")) and r[-1].text.strip())
+        _until(lambda: "chunks" in browser.find_element(By.ID, "stats").text)
+        stats = browser.find_element(By.ID, "stats").text
+        if int(stats.split()[0]) >= 2:
+            break
+    assert int(stats.split()[0]) >= 2, stats  # the reply came in streamed pieces
     assert browser.find_element(By.ID, "error").text == ""
     shot = tmp_path / "serve_page.png"
     browser.save_screenshot(str(shot))
